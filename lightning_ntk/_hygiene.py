@@ -1,0 +1,41 @@
+"""Mode hygiene for extra computations on a model that is being trained.
+
+A monitor's measurement must leave training exactly as it found it: the same
+train/eval flags on every submodule, the same RNG streams (dropout masks, data
+shuffling), untouched ``.grad`` buffers and BatchNorm running statistics (eval mode).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, List
+
+import torch
+from torch import nn
+
+
+def _cuda_devices(module: nn.Module) -> List[int]:
+    devices = {p.device.index for p in module.parameters() if p.device.type == "cuda"}
+    return sorted(d if d is not None else torch.cuda.current_device() for d in devices)
+
+
+@contextlib.contextmanager
+def measurement_mode(module: nn.Module, train: bool = False, grad: bool = True) -> Iterator[nn.Module]:
+    """Run a measurement on ``module``: eval mode (unless ``train``), RNG forked, modes restored.
+
+    Gradients are enabled inside (``grad=True``) so measurements can differentiate; use
+    ``torch.autograd.grad`` there, never ``.backward()``, so ``.grad`` stays untouched.
+    """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "a measurement that needs gradients was requested under torch.inference_mode (e.g. from a validation "
+            "hook); run it from a training hook or pass inference_mode=False to the Trainer"
+        )
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        with torch.random.fork_rng(devices=_cuda_devices(module)):
+            module.train(train)
+            with torch.set_grad_enabled(grad):
+                yield module
+    finally:
+        for m, mode in modes:
+            m.training = mode

@@ -1,0 +1,14 @@
+"""Lightning callbacks ("monitors"): each records one quantity into the run file.
+
+Every class here subclasses the ``Callback`` of each installed Lightning namespace, so
+one object works with both ``pytorch_lightning.Trainer`` and ``lightning.pytorch.Trainer``.
+"""
+from ._base import Monitor as _MonitorLogic
+from ._lightning import adapter as _adapter
+from .probe_metrics import ProbeMetricsMonitor as _ProbeMetricsLogic
+
+#: Base class of every monitor, usable as a callback (subclass it for a new quantity).
+Monitor = _adapter(_MonitorLogic, "Monitor")
+ProbeMetricsMonitor = _adapter(_ProbeMetricsLogic, "ProbeMetricsMonitor", base=Monitor)
+
+__all__ = ["Monitor", "ProbeMetricsMonitor"]

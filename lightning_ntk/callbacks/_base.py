@@ -1,0 +1,362 @@
+"""The base monitor: schedule + probe + store + mode hygiene, shared by every quantity.
+
+A quantity's monitor subclasses :class:`Monitor` and supplies
+
+* ``quantity`` - the run-file group (``ntk``, ``sharpness``, ...);
+* :meth:`Monitor.fields` - the table's row schema, given the probe and the model;
+* :meth:`Monitor.measure` - one snapshot: the row (arrays) and the scalars to log;
+* optionally :meth:`Monitor.config` and :meth:`Monitor.extra_state`.
+
+The base does the rest: validates arguments in ``__init__``, opens the shared run file in
+``on_fit_start`` (rank 0 only), draws the probe and declares the table in
+``on_train_start``, takes the step-0 snapshot, switches the file to SWMR at the first
+batch, runs the schedule, wraps every measurement in :func:`measurement_mode` (eval mode,
+RNG forked, ``.grad`` untouched, modes restored), flushes after each snapshot, logs scalars
+to the Trainer's loggers, and keeps what resume needs in ``state_dict``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._hygiene import measurement_mode
+from ..probe import Probe, ProbeSet
+from ..schedule import LogSpacedSteps, Schedule, ScheduleLike, as_schedule
+from ..store import Field, RunStore, Table, wall_time
+from ._lightning import loggers_of
+
+log = logging.getLogger(__name__)
+
+ProbeLike = Union[Probe, ProbeSet, Tuple[torch.Tensor, torch.Tensor], None]
+ForwardFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+#: Probe inputs are stored in the file by default when they take at most this many bytes.
+_STORE_INPUTS_MAX_BYTES = 16 * 1024 * 1024
+
+
+def _default_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return module(x)
+
+
+def model_summary(module: nn.Module) -> Dict[str, Any]:
+    """Class, parameter counts and top-level layers of a model (stored as ``/`` attr ``model``)."""
+    params = {id(p): p for p in module.parameters()}.values()
+    layers = []
+    for name, child in module.named_children():
+        n = sum(p.numel() for p in child.parameters())
+        layers.append([name, type(child).__name__, int(n)])
+    return {
+        "class": type(module).__qualname__,
+        "module": type(module).__module__,
+        "parameters": int(sum(p.numel() for p in params)),
+        "trainable": int(sum(p.numel() for p in params if p.requires_grad)),
+        "layers": layers[:200],
+    }
+
+
+class Monitor:
+    """Base of lightning_ntk's monitors (see the module docstring).
+
+    Args:
+        path: the run file (HDF5). Monitors given the same path share one file.
+        name: distinguishes two monitors of one kind (group ``<quantity>_<name>``,
+            distinct ``state_key``).
+        schedule: when to snapshot: a :class:`~lightning_ntk.schedule.Schedule`, an int
+            (every n steps) or a list of steps. Default: the monitor's own.
+        probe: a :class:`~lightning_ntk.probe.Probe` (drawn from the Trainer's data),
+            a :class:`~lightning_ntk.probe.ProbeSet`, or a pair of tensors ``(x, y)``.
+        overwrite: replace an existing file at ``path`` (default: refuse, unless resuming).
+        on_error: ``"raise"``, or ``"warn"``: a failing measurement warns once, disables
+            this monitor and lets training go on.
+        forward_fn: ``forward_fn(pl_module, x) -> outputs``; default ``pl_module(x)``.
+        batch_size: examples per forward pass on the probe.
+        log_scalars: send scalars to the Trainer's loggers.
+        fsync: force each snapshot to disk (``os.fsync``), not just to the OS cache.
+    """
+
+    quantity: str = "monitor"
+    needs_probe: bool = True
+    default_probe_size: Optional[int] = 256
+
+    def __init__(self, path: Union[str, "os.PathLike[str]"], *, name: Optional[str] = None,
+                 schedule: ScheduleLike = None, probe: ProbeLike = None, overwrite: bool = False,
+                 on_error: str = "warn", forward_fn: Optional[ForwardFn] = None, batch_size: int = 256,
+                 log_scalars: bool = True, fsync: bool = True):
+        if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+            raise TypeError(f"{type(self).__name__}: path must be a file path (str or os.PathLike), got {path!r}")
+        if name is not None and (not isinstance(name, str) or not name or "/" in name):
+            raise ValueError(f"{type(self).__name__}: name must be a non-empty string without '/', got {name!r}")
+        if on_error not in ("warn", "raise"):
+            raise ValueError(f"{type(self).__name__}: on_error must be 'warn' or 'raise', got {on_error!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"{type(self).__name__}: batch_size must be a positive integer, got {batch_size!r}")
+        if forward_fn is not None and not callable(forward_fn):
+            raise TypeError(f"{type(self).__name__}: forward_fn must be callable (pl_module, x) -> outputs")
+        self.path = os.fspath(path)
+        self.name = name
+        self.schedule: Schedule = as_schedule(schedule, self.default_schedule())
+        self.probe = self._as_probe(probe) if self.needs_probe else None
+        self.overwrite = bool(overwrite)
+        self.on_error = on_error
+        self.forward_fn: ForwardFn = forward_fn or _default_forward
+        self.batch_size = batch_size
+        self.log_scalars = bool(log_scalars)
+        self.fsync = bool(fsync)
+        # Run-time state (not pickled into spawn workers: see __getstate__).
+        self._store: Optional[RunStore] = None
+        self._table: Optional[Table] = None
+        self._probe_set: Optional[ProbeSet] = None
+        self._probe_on_device: Optional[ProbeSet] = None
+        self._writer = False
+        self._resuming = False
+        self._disabled = False
+        self._rows = 0
+        self._last_step: Optional[int] = None
+        self._loaded_state: Optional[Dict[str, Any]] = None
+
+    # ---------------------------------------------------------------- to override
+    def default_schedule(self) -> Schedule:
+        return LogSpacedSteps()
+
+    def fields(self, probe: Optional[ProbeSet], pl_module: nn.Module) -> List[Field]:
+        """Row schema of this monitor's table, besides ``step``, ``epoch``, ``wall_time``."""
+        raise NotImplementedError
+
+    def coords(self, probe: Optional[ProbeSet]) -> Dict[str, Any]:
+        """Coordinate values of per-row axes (by axis name)."""
+        coords: Dict[str, Any] = {}
+        if probe is not None:
+            coords["probe_example"] = probe.index
+        return coords
+
+    def measure(self, trainer: Any, pl_module: nn.Module, probe: Optional[ProbeSet]) -> Tuple[Dict[str, Any], Dict[str, float]]:
+        """One snapshot, under measurement mode: (row for the table, scalars to log)."""
+        raise NotImplementedError
+
+    def config(self) -> Dict[str, Any]:
+        """Settings recorded in the run file's ``config`` attribute."""
+        return {
+            "class": type(self).__name__, "group": self.group, "schedule": self.schedule.to_config(),
+            "probe": self.probe.to_config() if isinstance(self.probe, Probe) else
+            ({"name": self.probe.name, "size": len(self.probe), "source": self.probe.source} if self.probe else None),
+            "batch_size": self.batch_size, "model_mode": "eval",
+        }
+
+    def extra_state(self) -> Dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        pass
+
+    # ---------------------------------------------------------------- helpers
+    def _as_probe(self, probe: ProbeLike) -> Union[Probe, ProbeSet]:
+        if probe is None:
+            return Probe(size=self.default_probe_size)
+        if isinstance(probe, (Probe, ProbeSet)):
+            return probe
+        if isinstance(probe, (tuple, list)) and len(probe) == 2:
+            return ProbeSet.from_tensors(probe[0], probe[1], name="given")
+        raise TypeError(
+            f"{type(self).__name__}: probe must be a lightning_ntk.Probe, a ProbeSet or a pair of tensors (x, y); "
+            f"got {type(probe).__name__}"
+        )
+
+    @property
+    def group(self) -> str:
+        """The run-file group of this monitor's table."""
+        return self.quantity if self.name is None else f"{self.quantity}_{self.name}"
+
+    @property
+    def state_key(self) -> str:
+        return f"{type(self).__name__}[{self.group}]"
+
+    @property
+    def table(self) -> Optional[Table]:
+        return self._table
+
+    @property
+    def probe_set(self) -> Optional[ProbeSet]:
+        """The drawn probe (available from ``on_train_start``)."""
+        return self._probe_set
+
+    def _probe_for(self, pl_module: nn.Module) -> Optional[ProbeSet]:
+        if self._probe_set is None:
+            return None
+        device = _module_device(pl_module)
+        if self._probe_on_device is None or self._probe_on_device.x.device != device:
+            self._probe_on_device = self._probe_set.to(device)
+        return self._probe_on_device
+
+    def forward(self, pl_module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The model's outputs on ``x`` (in chunks of ``batch_size``)."""
+        outs = [self.forward_fn(pl_module, x[i:i + self.batch_size]) for i in range(0, x.shape[0], self.batch_size)]
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = self.__dict__.copy()
+        for key in ("_store", "_table", "_probe_on_device"):
+            state[key] = None
+        return state
+
+    # ---------------------------------------------------------------- Lightning hooks
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if str(stage) not in ("fit", "TrainerFn.FITTING"):
+            return
+        self._writer = bool(trainer.is_global_zero)
+        self._resuming = getattr(trainer, "ckpt_path", None) is not None
+        if self._writer:
+            RunStore.check_path(self.path, overwrite=self.overwrite, resume=self._resuming)
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self._disabled = False
+        if self._writer:
+            self._store = RunStore.acquire(self.path, owner=self.state_key, overwrite=self.overwrite,
+                                           resume=self._resuming, fsync=self.fsync)
+            try:
+                self._store.set_config(self.state_key, self.config())
+                self._store.set_model_summary(model_summary(pl_module))
+            except Exception:
+                self._release()
+                raise
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.needs_probe:
+            probe = self.probe.draw(trainer) if isinstance(self.probe, Probe) else self.probe
+            loaded = (self._loaded_state or {}).get("probe_index")
+            if loaded is not None and not np.array_equal(np.asarray(loaded), probe.index):
+                raise RuntimeError(
+                    f"{type(self).__name__}: the probe drawn on resume differs from the checkpoint's (the dataset or "
+                    "the probe settings changed); resume with the same data and settings"
+                )
+            self._probe_set = probe
+        if self._writer:
+            self._declare(pl_module)
+        if self._last_step is None and self.schedule.due_at_step(trainer.global_step):
+            self._snapshot(trainer, pl_module, epoch=float(trainer.current_epoch))
+
+    def _declare(self, pl_module: nn.Module) -> None:
+        assert self._store is not None
+        probe = self._probe_set
+        if probe is not None:
+            group = f"probe/{probe.name}"
+            dims = ("probe_example",)
+            coords = {"probe_example": probe.index}
+            self._store.write_static(group, "index", probe.index, dims, coords=coords)
+            self._store.write_static(group, "y", probe.y.cpu().numpy(),
+                                     dims + tuple(f"y_dim{i}" for i in range(1, probe.y.ndim)), coords=coords)
+            store_inputs = self.probe.store_inputs if isinstance(self.probe, Probe) else None
+            nbytes = probe.x.numel() * probe.x.element_size()
+            if store_inputs or (store_inputs is None and nbytes <= _STORE_INPUTS_MAX_BYTES):
+                self._store.write_static(group, "x", probe.x.cpu().numpy(),
+                                         dims + tuple(f"x_dim{i}" for i in range(1, probe.x.ndim)), coords=coords)
+        with measurement_mode(pl_module, grad=False):
+            fields = [Field("step", (), "int64"), Field("epoch", (), "float64"), Field("wall_time", (), "float64"),
+                      *self.fields(probe, pl_module)]
+        rows = self._rows if self._loaded_state is not None else None
+        self._table = self._store.declare_table(self.group, fields, key="step", coords=self.coords(probe),
+                                                attrs={"probe": probe.name if probe is not None else ""},
+                                                rows=rows)
+        self._rows = self._table.n_committed
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self._store is not None and not self._store.swmr:
+            self._store.start_swmr()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self._last_step or not self.schedule.due_at_step(step):
+            return
+        self._snapshot(trainer, pl_module, epoch=_fractional_epoch(trainer, batch_idx))
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.global_step != self._last_step and self.schedule.due_at_epoch_end(trainer.current_epoch):
+            self._snapshot(trainer, pl_module, epoch=float(trainer.current_epoch + 1))
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.schedule.final and trainer.global_step != self._last_step:
+            self._snapshot(trainer, pl_module, epoch=float(trainer.current_epoch))
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._release()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self._store is not None:
+            store, self._store = self._store, None
+            store.release(self.state_key)
+        self._table = None
+
+    def state_dict(self) -> Dict[str, Any]:
+        if self._store is not None:
+            self._store.flush()
+        return {
+            "rows": self._rows, "last_step": self._last_step, "group": self.group,
+            "probe_index": None if self._probe_set is None else self._probe_set.index.tolist(),
+            "extra": self.extra_state(),
+        }
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self._loaded_state = dict(state_dict)
+        self._rows = int(state_dict.get("rows", 0))
+        self._last_step = state_dict.get("last_step")
+        self.load_extra_state(state_dict.get("extra", {}))
+
+    # ---------------------------------------------------------------- snapshot
+    def _snapshot(self, trainer: Any, pl_module: nn.Module, epoch: float) -> None:
+        if self._disabled:
+            return
+        step = int(trainer.global_step)
+        started = time.perf_counter()
+        try:
+            with measurement_mode(pl_module):
+                row, scalars = self.measure(trainer, pl_module, self._probe_for(pl_module))
+            if self._writer and self._table is not None:
+                self._table.append(dict(row, step=step, epoch=epoch, wall_time=wall_time()))
+                self._store.flush()
+        except Exception as exc:
+            if self.on_error == "raise":
+                raise
+            self._disabled = True
+            warnings.warn(
+                f"{type(self).__name__} ({self.group}) failed at step {step} and is disabled for the rest of this "
+                f"run: {type(exc).__name__}: {exc}. Pass on_error='raise' to stop training instead.",
+                RuntimeWarning, stacklevel=2,
+            )
+            return
+        self._rows += 1
+        self._last_step = step
+        log.debug("%s snapshot at step %d took %.3fs", self.group, step, time.perf_counter() - started)
+        if self.log_scalars and scalars:
+            self._log(trainer, scalars, step)
+
+    def _log(self, trainer: Any, scalars: Mapping[str, float], step: int) -> None:
+        metrics = {f"{self.group}/{k}": float(v) for k, v in scalars.items()}
+        if self._writer:
+            for logger in loggers_of(trainer):
+                logger.log_metrics(metrics, step=step)
+        callback_metrics = getattr(trainer, "callback_metrics", None)
+        if isinstance(callback_metrics, dict):
+            for key, value in metrics.items():
+                callback_metrics[key] = torch.tensor(value)
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _fractional_epoch(trainer: Any, batch_idx: int) -> float:
+    batches = getattr(trainer, "num_training_batches", None)
+    if isinstance(batches, (int, float)) and np.isfinite(batches) and batches > 0:
+        return float(trainer.current_epoch + min(batch_idx + 1, batches) / batches)
+    return float(trainer.current_epoch)

@@ -1,0 +1,124 @@
+"""The demo: a small CNN trained on scikit-learn's digits with every monitor on.
+
+``lightning-ntk demo`` (or ``./dev demo``) trains it, writes ``runs/demo.h5`` and prints a
+summary. The data ships inside scikit-learn (1797 real 8×8 images, 10 classes): nothing is
+downloaded. The pieces (data, model) are reused by the tests and benchmarks.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from .callbacks._lightning import default_namespace
+
+
+def digits_tensors(dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+    """All 1797 digits as (N, 1, 8, 8) images scaled to [0, 1] and (N,) int64 labels."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.images / 16.0, dtype=dtype).unsqueeze(1)
+    y = torch.tensor(data.target, dtype=torch.int64)
+    return x, y
+
+
+def digits_split(n_train: int = 1440, seed: int = 0) -> Tuple[TensorDataset, TensorDataset]:
+    """A seeded, stratified train/validation split of the digits."""
+    from .probe import stratified_indices
+
+    x, y = digits_tensors()
+    train_idx = stratified_indices(y.numpy(), n_train, seed=seed)
+    val_idx = np.setdiff1d(np.arange(len(y)), train_idx)
+    return TensorDataset(x[train_idx], y[train_idx]), TensorDataset(x[val_idx], y[val_idx])
+
+
+class DigitsCNN(nn.Module):
+    """Two 3×3 conv layers (padding 1, ReLU, 2×2 max-pool after the second) and two Linear."""
+
+    def __init__(self, width: int = 16, hidden: int = 64, num_classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * 16, hidden), nn.ReLU(),
+                                  nn.Linear(hidden, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def make_lightning_module(model: nn.Module, lr: float = 0.05, momentum: float = 0.9, namespace: Any = None):
+    """Wrap ``model`` in a LightningModule (cross-entropy, SGD) of the given Lightning namespace."""
+    L = namespace or default_namespace()
+
+    class DigitsClassifier(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+            self.lr = lr
+            self.momentum = momentum
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.model(x)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            loss = nn.functional.cross_entropy(self(x), y)
+            self.log("train_loss", loss, on_step=False, on_epoch=True)
+            return loss
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            x, y = batch
+            logits = self(x)
+            self.log("val_loss", nn.functional.cross_entropy(logits, y))
+            self.log("val_acc", (logits.argmax(1) == y).float().mean())
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+
+    return DigitsClassifier()
+
+
+def demo_monitors(path: str, overwrite: bool = True) -> List[Any]:
+    """Every monitor the package has, configured for the demo, sharing ``path``."""
+    from . import callbacks
+    from .schedule import EveryNEpochs
+
+    monitors: List[Any] = [callbacks.ProbeMetricsMonitor(path, schedule=EveryNEpochs(1), overwrite=overwrite)]
+    return monitors
+
+
+def run_demo(path: str = "runs/demo.h5", epochs: int = 12, seed: int = 0, batch_size: int = 64,
+             report: Optional[str] = None, quiet: bool = False) -> Dict[str, Any]:
+    """Train the demo and write ``path``; returns a summary dict (also printed)."""
+    L = default_namespace()
+    torch.manual_seed(seed)
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    train, val = digits_split(seed=seed)
+    module = make_lightning_module(DigitsCNN(), namespace=L)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    monitors = demo_monitors(path)
+    trainer = L.Trainer(max_epochs=epochs, callbacks=monitors, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=not quiet, enable_model_summary=False, accelerator="cpu",
+                        devices=1, deterministic=True)
+    started = time.perf_counter()
+    trainer.fit(module, DataLoader(train, batch_size=batch_size, shuffle=True),
+                DataLoader(val, batch_size=256))
+    elapsed = time.perf_counter() - started
+    from .store import open_run
+
+    with open_run(path) as run:
+        summary = {"path": os.path.abspath(path), "seconds": elapsed, "tables": {t: len(run[t]) for t in run.tables},
+                   "val_acc": float(trainer.callback_metrics.get("val_acc", float("nan")))}
+        if not quiet:
+            print(run.summary())
+            print(f"\ntrained {epochs} epochs in {elapsed:.1f}s; validation accuracy {summary['val_acc']:.3f}")
+            print(f"run file: {summary['path']}")
+    return summary

@@ -1,0 +1,500 @@
+"""Streaming writer of a run file (format v1).
+
+One :class:`RunStore` per file and process, shared by every monitor that names the same
+path (``RunStore.acquire``). The store owns the h5py file; monitors declare their tables
+(one group each), append rows, and call :meth:`RunStore.flush` after each snapshot.
+
+Life cycle::
+
+    acquire(path)        opens or creates the file (refuses an existing one unless
+                         ``overwrite`` or ``resume``), writes the root attributes
+    declare_table(...)   before SWMR: creates the group (or, on resume, checks it and
+                         truncates rows written after the checkpoint)
+    write_static(...)    before SWMR: fixed arrays such as the probe's dataset indices
+    start_swmr()         no new objects after this; readers may follow the file live
+    Table.append(row)    buffered in memory
+    flush()              buffered rows written (key field last), h5 flush, fsync
+    release(owner)       the last owner closes the file
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+
+import h5py
+import numpy as np
+
+from ._recover import is_locked_by_crashed_writer, recover_crashed_file, remove_lock, write_lock
+from ._schema import FORMAT_NAME, FORMAT_VERSION, NETCDF_DIM_ONLY, Field, chunk_shape
+
+log = logging.getLogger(__name__)
+
+#: Files are written in the HDF5 1.10 format (or newer where a feature needs it): the
+#: oldest format that supports SWMR, readable by every HDF5 >= 1.10.
+LIBVER = ("v110", "latest")
+_CHUNK_CACHE_BYTES = 32 * 1024 * 1024
+
+
+class StoreError(RuntimeError):
+    """A run file cannot be created, opened or written as asked."""
+
+
+class SchemaError(StoreError):
+    """A table or static array does not match what the file already holds."""
+
+
+def _versions() -> Dict[str, str]:
+    import torch
+
+    from .._version import __version__
+
+    versions = {"lightning_ntk": __version__, "torch": torch.__version__, "h5py": h5py.__version__,
+                "hdf5": h5py.version.hdf5_version, "numpy": np.__version__}
+    for module in ("lightning", "pytorch_lightning"):
+        try:
+            versions[module] = __import__(module).__version__
+        except Exception:  # pragma: no cover - depends on the environment
+            pass
+    return versions
+
+
+def _utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _json_attr(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    if len(text.encode()) > 60_000:
+        raise StoreError(f"attribute of {len(text)} characters is too large for an HDF5 attribute (limit 64 KiB)")
+    return text
+
+
+class Table:
+    """An append-only table: one group, datasets sharing the row axis.
+
+    Rows are buffered by :meth:`append` and written by the store's :meth:`RunStore.flush`;
+    the key field is written last, so a reader that sees ``key >= 0`` sees a complete row.
+    """
+
+    def __init__(self, store: "RunStore", group: h5py.Group, fields: Sequence[Field], key: str, row_dim: str):
+        self._store = store
+        self._group = group
+        self.name = group.name.lstrip("/")
+        self.fields: Dict[str, Field] = {f.name: f for f in fields}
+        self.key = key
+        self.row_dim = row_dim
+        self._buffer: List[Dict[str, np.ndarray]] = []
+        self._committed = int(group[key].shape[0])
+
+    @property
+    def n_committed(self) -> int:
+        """Rows in the file (written and flushed)."""
+        return self._committed
+
+    @property
+    def n_rows(self) -> int:
+        """Rows in the file plus rows buffered for the next flush."""
+        return self._committed + len(self._buffer)
+
+    def append(self, row: Optional[Mapping[str, Any]] = None, **values: Any) -> None:
+        """Buffer one row. Every field must be given, with its declared row shape."""
+        data = dict(row or {}, **values)
+        unknown = set(data) - set(self.fields)
+        if unknown:
+            raise KeyError(f"table {self.name!r} has no field(s) {sorted(unknown)}; fields: {sorted(self.fields)}")
+        missing = set(self.fields) - set(data)
+        if missing:
+            raise KeyError(f"row for table {self.name!r} is missing field(s) {sorted(missing)}")
+        checked: Dict[str, np.ndarray] = {}
+        for name, spec in self.fields.items():
+            value = data[name]
+            if hasattr(value, "detach"):
+                value = value.detach().cpu().numpy()
+            array = np.asarray(value)
+            if array.shape != spec.shape:
+                raise ValueError(
+                    f"table {self.name!r}, field {name!r}: a row has shape {spec.shape}, got {array.shape}"
+                )
+            checked[name] = array.astype(spec.dtype, copy=False)
+        key_value = int(checked[self.key]) if checked[self.key].shape == () else None
+        if key_value is not None and key_value < 0:
+            raise ValueError(f"table {self.name!r}: key {self.key!r} must be >= 0 (negative marks incomplete rows)")
+        self._buffer.append(checked)
+
+    def _write_buffer(self) -> None:
+        if not self._buffer:
+            return
+        n0 = self._committed
+        n1 = n0 + len(self._buffer)
+        datasets = [self._group[name] for name in self.fields]
+        for ds in datasets:
+            ds.resize(n1, axis=0)
+        if self.row_dim != self.key and self.row_dim in self._group:
+            self._group[self.row_dim].resize(n1, axis=0)
+        for name in self.fields:
+            if name == self.key:
+                continue
+            self._group[name][n0:n1] = np.stack([row[name] for row in self._buffer])
+        # The key goes last: until it is written the row reads as incomplete (-1).
+        self._group[self.key][n0:n1] = np.stack([row[self.key] for row in self._buffer])
+        self._buffer.clear()
+        self._committed = n1
+
+    def truncate(self, n_rows: int) -> None:
+        """Drop rows past ``n_rows`` (used on resume, before SWMR starts)."""
+        if self._store.swmr:
+            raise StoreError("rows cannot be truncated after the file switched to SWMR mode")
+        self._buffer.clear()
+        if n_rows >= self._committed:
+            return
+        for name in list(self.fields) + ([self.row_dim] if self.row_dim != self.key and self.row_dim in self._group else []):
+            self._group[name].resize(n_rows, axis=0)
+        self._committed = n_rows
+
+    def complete_rows(self) -> int:
+        """Rows whose key was written (leading run of ``key >= 0``)."""
+        keys = self._group[self.key][: self._committed]
+        bad = np.flatnonzero(keys < 0)
+        return int(bad[0]) if bad.size else int(keys.shape[0])
+
+
+class RunStore:
+    """The run file of one training run, shared by the monitors that name its path."""
+
+    _registry: Dict[str, "RunStore"] = {}
+    _registry_lock = threading.Lock()
+
+    def __init__(self, path: str, file: h5py.File, *, fsync: bool = True):
+        self.path = path
+        self.file = file
+        self.fsync = fsync
+        self.tables: Dict[str, Table] = {}
+        self._owners: List[str] = []
+        self._lock = threading.RLock()
+        self.swmr = False
+
+    # ------------------------------------------------------------------ open / close
+    @classmethod
+    def acquire(cls, path: "os.PathLike[str] | str", *, owner: str, overwrite: bool = False, resume: bool = False,
+                fsync: bool = True) -> "RunStore":
+        """Open (or join) the run file at ``path`` on behalf of ``owner``.
+
+        A file that exists and is not already open in this process is refused unless
+        ``overwrite`` (it is replaced) or ``resume`` (it is appended to after truncation).
+        """
+        real = os.path.realpath(os.fspath(path))
+        with cls._registry_lock:
+            store = cls._registry.get(real)
+            if store is None:
+                store = cls(real, cls._open_file(real, overwrite=overwrite, resume=resume), fsync=fsync)
+                cls._registry[real] = store
+            if owner in store._owners:
+                raise StoreError(
+                    f"two monitors writing {real} share the name {owner!r}; give each a distinct `name=`"
+                )
+            store._owners.append(owner)
+            return store
+
+    @classmethod
+    def is_open(cls, path: "os.PathLike[str] | str") -> bool:
+        return os.path.realpath(os.fspath(path)) in cls._registry
+
+    @staticmethod
+    def check_path(path: "os.PathLike[str] | str", *, overwrite: bool, resume: bool) -> None:
+        """Raise a clear error now if ``path`` cannot become this run's file."""
+        real = os.path.realpath(os.fspath(path))
+        if RunStore.is_open(real):
+            return
+        if os.path.isdir(real):
+            raise StoreError(f"run file path {real} is a directory; pass a file path such as {os.path.join(real, 'run.h5')}")
+        if os.path.exists(real) and not (overwrite or resume):
+            raise FileExistsError(
+                f"run file {real} already exists. Pass overwrite=True to replace it, resume training from a "
+                "checkpoint to append to it, or choose another path="
+            )
+        parent = os.path.dirname(real) or "."
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the directory {parent} for run file {real}: {exc.strerror}") from exc
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise StoreError(f"cannot write run file {real}: directory {parent} is not writable; choose another path=")
+        if os.path.exists(real) and not os.access(real, os.W_OK):
+            raise StoreError(f"cannot write run file {real}: the file is read-only; choose another path=")
+
+    @classmethod
+    def _open_file(cls, real: str, *, overwrite: bool, resume: bool) -> h5py.File:
+        cls.check_path(real, overwrite=overwrite, resume=resume)
+        exists = os.path.exists(real)
+        if exists and overwrite and not resume:
+            os.remove(real)
+            exists = False
+        try:
+            if exists:
+                if is_locked_by_crashed_writer(real):
+                    log.warning("run file %s was left open by a process that died; recovering it", real)
+                    recover_crashed_file(real)
+                file = h5py.File(real, "r+", libver=LIBVER, rdcc_nbytes=_CHUNK_CACHE_BYTES)
+                _check_is_run_file(file, real)
+                history = json.loads(file.attrs.get("history", "[]"))
+                history.append({"event": "resumed", "utc": _utc_now()})
+                file.attrs["history"] = _json_attr(history)
+                file.attrs["versions"] = _json_attr(_versions())
+            else:
+                file = h5py.File(real, "w", libver=LIBVER, rdcc_nbytes=_CHUNK_CACHE_BYTES)
+                file.attrs["format"] = FORMAT_NAME
+                file.attrs["format_version"] = FORMAT_VERSION
+                file.attrs["created_utc"] = _utc_now()
+                file.attrs["versions"] = _json_attr(_versions())
+                file.attrs["config"] = _json_attr({})
+                file.attrs["model"] = _json_attr({})
+                file.attrs["history"] = _json_attr([{"event": "created", "utc": _utc_now()}])
+        except OSError as exc:
+            raise StoreError(f"cannot open run file {real}: {exc}") from exc
+        write_lock(real)
+        return file
+
+    def release(self, owner: str) -> None:
+        """Give up ``owner``'s share; the last owner flushes and closes the file."""
+        with self._registry_lock:
+            if owner in self._owners:
+                self._owners.remove(owner)
+            if self._owners:
+                return
+            self._registry.pop(self.path, None)
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            if not self.file.id.valid:
+                return
+            try:
+                self.flush()
+            finally:
+                self.file.close()
+                remove_lock(self.path)
+
+    @property
+    def closed(self) -> bool:
+        return not self.file.id.valid
+
+    # ------------------------------------------------------------------ schema
+    def _require_schema_phase(self, what: str) -> None:
+        if self.swmr:
+            raise StoreError(
+                f"cannot {what} after the run file switched to SWMR mode (first training batch): "
+                "declare every table and static array in setup/on_train_start"
+            )
+
+    def set_config(self, owner: str, config: Mapping[str, Any]) -> None:
+        """Record ``owner``'s settings in the root ``config`` attribute (JSON)."""
+        self._require_schema_phase("record a monitor's config")
+        with self._lock:
+            merged = json.loads(self.file.attrs.get("config", "{}"))
+            merged[owner] = config
+            self.file.attrs["config"] = _json_attr(merged)
+
+    def set_model_summary(self, summary: Mapping[str, Any]) -> None:
+        self._require_schema_phase("record the model summary")
+        with self._lock:
+            self.file.attrs["model"] = _json_attr(summary)
+
+    def declare_table(self, group: str, fields: Sequence[Field], *, key: str = "step", row_dim: Optional[str] = None,
+                      coords: Optional[Mapping[str, Any]] = None, attrs: Optional[Mapping[str, Any]] = None,
+                      rows: Optional[int] = None) -> Table:
+        """Create the table ``group`` (or check it against the file, on resume).
+
+        ``key`` names the field written last in each row (an int field, scalar per row);
+        ``row_dim`` names the row axis (default: the key, which then is its coordinate).
+        ``coords`` gives values for per-row axes (by dim name); other axes get a
+        dimension-only scale. ``rows`` (on resume) truncates the table to that many rows.
+        """
+        self._require_schema_phase(f"declare table {group!r}")
+        row_dim = row_dim or key
+        fields = list(fields)
+        names = [f.name for f in fields]
+        if len(set(names)) != len(names):
+            raise SchemaError(f"table {group!r} declares a field twice: {names}")
+        if key not in names:
+            raise SchemaError(f"table {group!r}: key field {key!r} is not among its fields {names}")
+        key_field = next(f for f in fields if f.name == key)
+        if key_field.shape != () or np.dtype(key_field.dtype).kind not in "iu":
+            raise SchemaError(f"table {group!r}: key field {key!r} must be a scalar integer field")
+        if row_dim != key and row_dim in names:
+            raise SchemaError(f"table {group!r}: row axis {row_dim!r} may not also be a field name")
+        coords = dict(coords or {})
+        with self._lock:
+            if group in self.tables:
+                raise SchemaError(f"table {group!r} is declared twice in {self.path}")
+            if group in self.file:
+                table = self._check_existing_table(group, fields, key, row_dim)
+                if rows is not None:
+                    present = table.complete_rows()
+                    if rows > present:
+                        log.warning("table %s in %s holds %d complete rows, the checkpoint expected %d; "
+                                    "keeping the %d present", group, self.path, present, rows, present)
+                    table.truncate(min(rows, present))
+                else:
+                    table.truncate(table.complete_rows())
+            else:
+                table = self._create_table(group, fields, key, row_dim, coords, attrs or {})
+            self.tables[group] = table
+            return table
+
+    def _create_table(self, group: str, fields: List[Field], key: str, row_dim: str,
+                      coords: Mapping[str, Any], attrs: Mapping[str, Any]) -> Table:
+        grp = self.file.require_group(group)
+        grp.attrs["key"] = key
+        grp.attrs["row_dim"] = row_dim
+        grp.attrs["fields"] = _json_attr([f.to_json() for f in fields])
+        for name, value in attrs.items():
+            grp.attrs[name] = value if isinstance(value, (int, float, str)) else _json_attr(value)
+        dim_lengths: Dict[str, int] = {}
+        for f in fields:
+            for dim, length in zip(f.dims, f.shape):
+                if dim in (row_dim, key) or dim in names_of(fields):
+                    raise SchemaError(f"table {group!r}: axis name {dim!r} of field {f.name!r} clashes with a field or the row axis")
+                if dim_lengths.setdefault(dim, length) != length:
+                    raise SchemaError(f"table {group!r}: axis {dim!r} has length {dim_lengths[dim]} in one field and {length} in {f.name!r}")
+        for f in fields:
+            dtype = np.dtype(f.dtype)
+            chunks = chunk_shape(f.shape, dtype.itemsize)
+            ds = grp.create_dataset(f.name, shape=(0,) + f.shape, maxshape=(None,) + f.shape, dtype=dtype,
+                                    chunks=chunks, fillvalue=f.fill_value, compression="gzip",
+                                    compression_opts=4, shuffle=dtype.itemsize > 1)
+            for attr, value in f.attrs.items():
+                ds.attrs[attr] = value
+        # Row axis scale.
+        if row_dim == key:
+            grp[key].make_scale(row_dim)
+        else:
+            scale = grp.create_dataset(row_dim, shape=(0,), maxshape=(None,), dtype="i4", chunks=(16384,))
+            scale.make_scale(NETCDF_DIM_ONLY)
+        # Per-row axes: coordinates when given, dimension-only scales otherwise.
+        for dim, length in dim_lengths.items():
+            if dim in coords:
+                values = np.asarray(coords[dim])
+                if values.shape != (length,):
+                    raise SchemaError(f"table {group!r}: coordinate {dim!r} has shape {values.shape}, the axis has length {length}")
+                grp.create_dataset(dim, data=values).make_scale(dim)
+            else:
+                grp.create_dataset(dim, shape=(length,), dtype="i4").make_scale(NETCDF_DIM_ONLY)
+        for f in fields:
+            ds = grp[f.name]
+            if f.name != row_dim:
+                ds.dims[0].attach_scale(grp[row_dim])
+            for axis, dim in enumerate(f.dims, start=1):
+                ds.dims[axis].attach_scale(grp[dim])
+        return Table(self, grp, fields, key, row_dim)
+
+    def _check_existing_table(self, group: str, fields: List[Field], key: str, row_dim: str) -> Table:
+        grp = self.file[group]
+        stored = {d["name"]: d for d in json.loads(grp.attrs.get("fields", "[]"))}
+        wanted = {f.name: f.to_json() for f in fields}
+        if stored != wanted or grp.attrs.get("key") != key:
+            raise SchemaError(
+                f"table {group!r} in {self.path} was written with different fields or shapes "
+                f"(file: {sorted(stored)}, now: {sorted(wanted)}). Resume with the same monitor settings, "
+                "or write to a new path="
+            )
+        return Table(self, grp, fields, key, row_dim)
+
+    def write_static(self, group: str, name: str, data: Any, dims: Sequence[str],
+                     coords: Optional[Mapping[str, Any]] = None, attrs: Optional[Mapping[str, Any]] = None) -> None:
+        """Write a fixed array (e.g. a probe's dataset indices) with named axes.
+
+        On resume the array must equal the one in the file (a probe is fixed for a run).
+        """
+        self._require_schema_phase(f"write {group}/{name}")
+        if hasattr(data, "detach"):
+            data = data.detach().cpu().numpy()
+        array = np.asarray(data)
+        if array.dtype.kind not in "biuf":
+            raise SchemaError(f"{group}/{name}: only numeric arrays can be stored, got dtype {array.dtype}")
+        if len(dims) != array.ndim:
+            raise SchemaError(f"{group}/{name}: {len(dims)} dim names for a {array.ndim}-d array")
+        coords = dict(coords or {})
+        with self._lock:
+            grp = self.file.require_group(group)
+            if name in grp:
+                existing = grp[name][()]
+                if existing.shape != array.shape or not np.array_equal(existing, array, equal_nan=array.dtype.kind == "f"):
+                    raise SchemaError(
+                        f"{group}/{name} in {self.path} differs from the value of this run (a probe set is fixed "
+                        "for the life of a run file). Resume with the same settings or write to a new path="
+                    )
+                return
+            for dim, length in zip(dims, array.shape):
+                if dim in grp:
+                    if grp[dim].shape != (length,):
+                        raise SchemaError(f"{group}: axis {dim!r} already has length {grp[dim].shape[0]}, not {length}")
+                    continue
+                if dim in coords:
+                    grp.create_dataset(dim, data=np.asarray(coords[dim])).make_scale(dim)
+                else:
+                    grp.create_dataset(dim, shape=(length,), dtype="i4").make_scale(NETCDF_DIM_ONLY)
+            chunks = chunk_shape(array.shape[1:], array.dtype.itemsize) if array.ndim else None
+            if chunks is not None:
+                chunks = (min(chunks[0], max(1, array.shape[0])),) + chunks[1:]
+            ds = grp.create_dataset(name, data=array, chunks=chunks if array.size else None,
+                                    compression="gzip" if array.size else None,
+                                    shuffle=bool(array.size) and array.dtype.itemsize > 1)
+            for axis, dim in enumerate(dims):
+                if dim != name:
+                    ds.dims[axis].attach_scale(grp[dim])
+            for attr, value in (attrs or {}).items():
+                ds.attrs[attr] = value if isinstance(value, (int, float, str)) else _json_attr(value)
+
+    # ------------------------------------------------------------------ streaming
+    def start_swmr(self) -> None:
+        """Switch to single-writer/multiple-reader mode (idempotent)."""
+        with self._lock:
+            if self.swmr:
+                return
+            self.flush()
+            self.file.swmr_mode = True
+            self.swmr = True
+
+    def flush(self) -> None:
+        """Write buffered rows (key last), flush HDF5, and fsync when durable."""
+        with self._lock:
+            if not self.file.id.valid:
+                return
+            for table in self.tables.values():
+                table._write_buffer()
+            self.file.flush()
+            if self.fsync:
+                try:
+                    os.fsync(self.file.id.get_vfd_handle())
+                except (OSError, ValueError, TypeError, AttributeError) as exc:  # pragma: no cover - driver-specific
+                    if getattr(exc, "errno", None) not in (None, errno.EINVAL):
+                        raise
+
+
+def names_of(fields: Iterable[Field]) -> List[str]:
+    return [f.name for f in fields]
+
+
+def _check_is_run_file(file: h5py.File, path: str) -> None:
+    fmt = file.attrs.get("format")
+    if isinstance(fmt, bytes):
+        fmt = fmt.decode()
+    if fmt != FORMAT_NAME:
+        raise StoreError(f"{path} is an HDF5 file but not a lightning_ntk run file (no format={FORMAT_NAME!r} attribute)")
+    version = int(file.attrs.get("format_version", -1))
+    if version > FORMAT_VERSION:
+        raise StoreError(
+            f"{path} has run-file format version {version}, newer than this lightning_ntk understands "
+            f"({FORMAT_VERSION}); upgrade lightning_ntk"
+        )
+
+
+def wall_time() -> float:
+    """Seconds since the epoch, as stored in every table's ``wall_time`` field."""
+    return time.time()
