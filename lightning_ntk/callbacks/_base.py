@@ -210,23 +210,15 @@ class Monitor:
         if str(stage) not in ("fit", "TrainerFn.FITTING"):
             return
         self._writer = bool(trainer.is_global_zero)
-        self._resuming = getattr(trainer, "ckpt_path", None) is not None
-        if self._writer:
-            RunStore.check_path(self.path, overwrite=self.overwrite, resume=self._resuming)
+        if self._writer:  # fail fast on an unusable location; existence is checked once resume is known
+            RunStore.check_path(self.path, overwrite=self.overwrite, resume=True, check_exists=False)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self._disabled = False
-        if self._writer:
-            self._store = RunStore.acquire(self.path, owner=self.state_key, overwrite=self.overwrite,
-                                           resume=self._resuming, fsync=self.fsync)
-            try:
-                self._store.set_config(self.state_key, self.config())
-                self._store.set_model_summary(model_summary(pl_module))
-            except Exception:
-                self._release()
-                raise
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        # Every strategy has restored checkpoints (and called load_state_dict) by now.
+        self._resuming = self._loaded_state is not None
         if self.needs_probe:
             probe = self.probe.draw(trainer) if isinstance(self.probe, Probe) else self.probe
             loaded = (self._loaded_state or {}).get("probe_index")
@@ -237,7 +229,15 @@ class Monitor:
                 )
             self._probe_set = probe
         if self._writer:
-            self._declare(pl_module)
+            self._store = RunStore.acquire(self.path, owner=self.state_key, overwrite=self.overwrite,
+                                           resume=self._resuming, fsync=self.fsync)
+            try:
+                self._store.set_config(self.state_key, self.config())
+                self._store.set_model_summary(model_summary(pl_module))
+                self._declare(pl_module)
+            except Exception:
+                self._release()
+                raise
         if self._last_step is None and self.schedule.due_at_step(trainer.global_step):
             self._snapshot(trainer, pl_module, epoch=float(trainer.current_epoch))
 

@@ -206,14 +206,18 @@ class RunStore:
         return os.path.realpath(os.fspath(path)) in cls._registry
 
     @staticmethod
-    def check_path(path: "os.PathLike[str] | str", *, overwrite: bool, resume: bool) -> None:
-        """Raise a clear error now if ``path`` cannot become this run's file."""
+    def check_path(path: "os.PathLike[str] | str", *, overwrite: bool, resume: bool, check_exists: bool = True) -> None:
+        """Raise a clear error now if ``path`` cannot become this run's file.
+
+        ``check_exists=False`` checks only that the location is writable (used in ``setup``,
+        before Lightning has told whether the run resumes).
+        """
         real = os.path.realpath(os.fspath(path))
         if RunStore.is_open(real):
             return
         if os.path.isdir(real):
             raise StoreError(f"run file path {real} is a directory; pass a file path such as {os.path.join(real, 'run.h5')}")
-        if os.path.exists(real) and not (overwrite or resume):
+        if check_exists and os.path.exists(real) and not (overwrite or resume):
             raise FileExistsError(
                 f"run file {real} already exists. Pass overwrite=True to replace it, resume training from a "
                 "checkpoint to append to it, or choose another path="

@@ -1,0 +1,236 @@
+"""The base monitor and ProbeMetricsMonitor, with both Lightning namespaces."""
+import csv
+import glob
+import os
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lightning_ntk as ln
+from lightning_ntk.callbacks import Monitor, ProbeMetricsMonitor
+from lightning_ntk.probe import BatchLayoutError, Probe, ProbeSet
+from lightning_ntk.schedule import EveryNEpochs, EveryNSteps, StepList
+from lightning_ntk.store import StoreError, open_run
+
+from .models import blob_data, loader, make_module, tiny_net, trainer
+
+
+def _fit(L, callbacks, *, seed=0, net_kwargs=None, epochs=2, data=None, **trainer_kwargs):
+    torch.manual_seed(seed)
+    module = make_module(L, tiny_net(**(net_kwargs or {})))
+    data = data if data is not None else blob_data()
+    t = trainer(L, callbacks, max_epochs=epochs, **trainer_kwargs)
+    t.fit(module, loader(data))
+    return module, t
+
+
+def test_callback_is_accepted_by_both_trainers(L, run_path):
+    monitor = ProbeMetricsMonitor(run_path, schedule=EveryNSteps(3), probe=Probe(size=30), on_error="raise")
+    assert isinstance(monitor, L.Callback) and isinstance(monitor, Monitor)
+    _, t = _fit(L, [monitor])
+    assert t.global_step == 12
+    with open_run(run_path) as run:
+        view = run["probe_metrics"]
+        np.testing.assert_array_equal(view["step"], [0, 3, 6, 9, 12])
+        assert view["logits"].shape == (5, 30, 3) and view["example_loss"].shape == (5, 30)
+        assert np.all(np.diff(view["epoch"]) > 0)
+        assert view["loss"][-1] < view["loss"][0]
+        probe = run.probe("train_30")
+        assert probe["x"].shape == (30, 6) and len(np.unique(probe["index"])) == 30
+        # Stratified: 96 examples in 3 equal classes -> 10 of each.
+        assert np.bincount(probe["y"]).tolist() == [10, 10, 10]
+        assert run.config["ProbeMetricsMonitor[probe_metrics]"]["schedule"]["n"] == 3
+        assert run.model["trainable"] == sum(p.numel() for p in tiny_net().parameters())
+
+
+def test_values_equal_an_independent_computation(L, run_path):
+    """The stored loss, accuracy, logits and grad norm at the last step, recomputed by hand."""
+    data = blob_data()
+    x, y = data.tensors
+    monitor = ProbeMetricsMonitor(run_path, schedule=EveryNEpochs(1), probe=(x[:20], y[:20]), on_error="raise")
+    module, _ = _fit(L, [monitor])
+    module.eval()
+    net = module.net
+    logits = net(x[:20])
+    loss = nn.functional.cross_entropy(logits, y[:20])
+    grads = torch.autograd.grad(loss, list(net.parameters()))
+    with open_run(run_path) as run:
+        view = run["probe_metrics"]
+        np.testing.assert_allclose(view["logits"][-1], logits.detach().numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(view["loss"][-1], loss.item(), rtol=1e-5)
+        np.testing.assert_allclose(view["accuracy"][-1], (logits.argmax(1) == y[:20]).float().mean().item())
+        np.testing.assert_allclose(view["grad_norm"][-1], torch.sqrt(sum((g ** 2).sum() for g in grads)).item(),
+                                   rtol=1e-5)
+        np.testing.assert_array_equal(run.probe("given")["index"], np.arange(20))
+
+
+def test_monitors_do_not_change_the_training_trajectory(L, tmp_path):
+    """Dropout + BatchNorm + shuffling: weights after training equal those without monitors."""
+    net_kwargs = dict(dropout=0.3, batchnorm=True)
+    plain, _ = _fit(L, [], net_kwargs=net_kwargs)
+    monitors = [ProbeMetricsMonitor(str(tmp_path / "a.h5"), schedule=1, on_error="raise", probe=Probe(size=40)),
+                ProbeMetricsMonitor(str(tmp_path / "a.h5"), name="val", schedule=2, on_error="raise",
+                                    probe=Probe(size=20, seed=3, name="other"))]
+    monitored, _ = _fit(L, monitors, net_kwargs=net_kwargs)
+    for (name, a), (_, b) in zip(plain.state_dict().items(), monitored.state_dict().items()):
+        assert torch.equal(a, b), name
+    with open_run(tmp_path / "a.h5") as run:
+        assert set(run.tables) == {"probe_metrics", "probe_metrics_val"}
+        assert len(run["probe_metrics"]) == 13 and len(run["probe_metrics_val"]) == 7
+
+
+def test_scalars_reach_the_users_logger(L, tmp_path):
+    logger = L.loggers.CSVLogger(str(tmp_path), name="logs")
+    path = str(tmp_path / "run.h5")
+    _fit(L, [ProbeMetricsMonitor(path, schedule=4, on_error="raise", probe=Probe(size=30))], logger=logger,
+         log_every_n_steps=1)
+    (metrics,) = glob.glob(str(tmp_path / "logs" / "*" / "metrics.csv"))
+    with open(metrics) as handle:
+        rows = [r for r in csv.DictReader(handle) if r.get("probe_metrics/loss")]
+    with open_run(path) as run:
+        stored = run.scalars("probe_metrics")
+    logged = {int(r["step"]): float(r["probe_metrics/loss"]) for r in rows}
+    assert sorted(logged) == list(stored.index)
+    np.testing.assert_allclose([logged[s] for s in stored.index], stored["loss"].values, rtol=1e-6)
+
+
+def test_resume_from_mid_training_checkpoint(L, tmp_path):
+    """Crash after a mid-epoch checkpoint, resume: steps strictly increasing, none lost, values equal."""
+    data = blob_data()
+    reference_path = str(tmp_path / "reference.h5")
+    _fit(L, [ProbeMetricsMonitor(reference_path, schedule=2, on_error="raise", probe=Probe(size=30))], epochs=3,
+         data=data)
+
+    path = str(tmp_path / "run.h5")
+    ckpt_dir = tmp_path / "ckpt"
+    checkpoint = L.callbacks.ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=5, save_top_k=-1,
+                                             filename="{step}")
+    _fit(L, [ProbeMetricsMonitor(path, schedule=2, on_error="raise", probe=Probe(size=30)), checkpoint],
+         epochs=3, data=data, enable_checkpointing=True)
+    # Resume from the step-10 checkpoint (mid-epoch 2): rows for steps 12.. were written after it.
+    torch.manual_seed(123)  # a different RNG state: the resumed run must not depend on it for the file's steps
+    module = make_module(L, tiny_net())
+    t = trainer(L, [ProbeMetricsMonitor(path, schedule=2, on_error="raise", probe=Probe(size=30))], max_epochs=3)
+    t.fit(module, loader(data), ckpt_path=str(ckpt_dir / "step=10.ckpt"))
+    with open_run(path) as run, open_run(reference_path) as ref:
+        steps = run["probe_metrics"]["step"]
+        assert np.all(np.diff(steps) > 0)
+        np.testing.assert_array_equal(steps, ref["probe_metrics"]["step"])
+        assert [h["event"] for h in run.history] == ["created", "resumed"]
+        # Rows up to the checkpoint are the original ones, bit for bit.
+        upto = int(np.searchsorted(steps, 10, side="right"))
+        np.testing.assert_array_equal(run["probe_metrics"]["logits"][:upto], ref["probe_metrics"]["logits"][:upto])
+
+
+def test_existing_path_is_refused(L, run_path):
+    open(run_path, "wb").close()
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        _fit(L, [ProbeMetricsMonitor(run_path, probe=Probe(size=10))])
+    _fit(L, [ProbeMetricsMonitor(run_path, probe=Probe(size=10), overwrite=True, schedule=50)])
+    with open_run(run_path) as run:
+        assert len(run["probe_metrics"]) == 2  # step 0 and the final step
+
+
+def test_unwritable_path_is_refused(L, tmp_path):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("x")
+    with pytest.raises(StoreError, match="cannot create the directory"):
+        _fit(L, [ProbeMetricsMonitor(str(blocker / "run.h5"))])
+
+
+def test_probe_larger_than_dataset_is_refused(L, run_path):
+    with pytest.raises(ValueError, match="asks for 500 examples but the train dataset has only 96"):
+        _fit(L, [ProbeMetricsMonitor(run_path, probe=Probe(size=500))])
+
+
+def test_unknown_batch_layout_is_refused(L, run_path):
+    class Weird(torch.utils.data.Dataset):
+        def __len__(self):
+            return 32
+
+        def __getitem__(self, i):
+            return {"pixels": torch.randn(6), "answer": i % 3}
+
+    with pytest.raises(BatchLayoutError, match=r"keys \['answer', 'pixels'\]"):
+        monitor = ProbeMetricsMonitor(run_path, probe=Probe(size=10))
+        t = trainer(L, [monitor], max_epochs=1)
+        t.fit(make_module(L), torch.utils.data.DataLoader(Weird(), batch_size=8))
+
+
+def test_two_monitors_of_one_kind_need_names(L, run_path):
+    a = ProbeMetricsMonitor(run_path, probe=Probe(size=10))
+    b = ProbeMetricsMonitor(run_path, probe=Probe(size=10))
+    with pytest.raises(Exception, match="state_key|distinct"):
+        _fit(L, [a, b])
+
+
+def test_failing_measurement_warns_and_training_continues(L, run_path):
+    def broken_loss(outputs, targets):
+        raise FloatingPointError("boom")
+
+    with pytest.warns(RuntimeWarning, match="boom.*on_error='raise'"):
+        _, t = _fit(L, [ProbeMetricsMonitor(run_path, loss_fn=broken_loss, probe=Probe(size=10))])
+    assert t.global_step == 12
+    with pytest.raises(FloatingPointError):
+        _fit(L, [ProbeMetricsMonitor(run_path, loss_fn=broken_loss, probe=Probe(size=10), on_error="raise",
+                                     overwrite=True)])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(path=3), "path must be a file path"),
+    (dict(path="r.h5", name="a/b"), "name must be"),
+    (dict(path="r.h5", on_error="ignore"), "on_error must be"),
+    (dict(path="r.h5", batch_size=0), "batch_size must be"),
+    (dict(path="r.h5", schedule="often"), "schedule must be"),
+    (dict(path="r.h5", probe="train"), "probe must be"),
+    (dict(path="r.h5", loss_fn=3), "loss_fn must be callable"),
+])
+def test_bad_arguments_are_named(kwargs, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        ProbeMetricsMonitor(**kwargs)
+
+
+def test_accumulation_snapshots_once_per_optimizer_step(L, run_path):
+    _, t = _fit(L, [ProbeMetricsMonitor(run_path, schedule=1, on_error="raise", probe=Probe(size=10))],
+                accumulate_grad_batches=2)
+    with open_run(run_path) as run:
+        np.testing.assert_array_equal(run["probe_metrics"]["step"], np.arange(t.global_step + 1))
+
+
+def test_lightning_cli_yaml_config(L, tmp_path, monkeypatch):
+    pytest.importorskip("jsonargparse")
+    monkeypatch.chdir(tmp_path)  # the CLI saves its config.yaml in the working directory
+    monkeypatch.setattr("sys.argv", ["lightning-cli-test"])
+    path = tmp_path / "cli.h5"
+    config = tmp_path / "config.yaml"
+    config.write_text(textwrap.dedent(f"""
+        trainer:
+          max_epochs: 1
+          logger: false
+          enable_checkpointing: false
+          enable_progress_bar: false
+          accelerator: cpu
+          callbacks:
+            - class_path: lightning_ntk.callbacks.ProbeMetricsMonitor
+              init_args:
+                path: {path}
+                schedule:
+                  class_path: lightning_ntk.schedule.EveryNSteps
+                  init_args:
+                    n: 2
+                probe:
+                  class_path: lightning_ntk.probe.Probe
+                  init_args:
+                    size: 12
+    """))
+    from .cli_models import cli_datamodule_class, cli_module_class
+
+    cli_module = L.cli if hasattr(L, "cli") else __import__(f"{L.__name__}.cli", fromlist=["LightningCLI"])
+    cli_module.LightningCLI(cli_module_class(L), cli_datamodule_class(L), args=["fit", "--config", str(config)],
+                            save_config_kwargs={"overwrite": True}, seed_everything_default=0)
+    with open_run(path) as run:
+        np.testing.assert_array_equal(run["probe_metrics"]["step"], [0, 2, 4, 6])
+        assert len(run.probe("train_12")["index"]) == 12
