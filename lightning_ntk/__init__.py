@@ -4,6 +4,11 @@ The functional core (this namespace) is plain PyTorch/NumPy; the Lightning callb
 in :mod:`lightning_ntk.callbacks`.
 """
 from ._version import __version__
+from .codes import (RELU_MODULE_TYPES, ActivationCodes, CodeChange, activation_codes, cluster_accuracy, code_change,
+                    hamming_distances, kmeans_accuracy, knn_accuracy, logistic_accuracy, redundancy_ratio)
+from .forgetting import (CartographyRegions, ForgettingRanking, ForgettingTracker, PresentationOutcomes,
+                         cartography_regions, presentation_outcomes)
+from .forgetting import rank as forgetting_rank
 from .probe import BatchLayoutError, Probe, ProbeSet, draw_probe
 from .schedule import EveryNEpochs, EveryNSteps, LogSpacedSteps, Schedule, StepList
 from .spectral import (Eigenpairs, KernelDistanceTrajectory, KernelRegressionScores, KernelRegressionSweep,
@@ -12,6 +17,7 @@ from .spectral import (Eigenpairs, KernelDistanceTrajectory, KernelRegressionSco
                        kernel_regression_sweep, kernel_target_alignment, kernel_trace, kernel_velocity, nngp_kernel,
                        nystrom_extension, output_energy, residual_energy, subspace_overlap, target_energy,
                        top_eigenpairs)
+from .representations import FewShotResult, extract_features, few_shot_accuracy, linear_probe_accuracy
 from .store import Field, Run, RunFormatError, RunStore, open_run
 
 __all__ = [
@@ -25,4 +31,11 @@ __all__ = [
     "kernel_matrix", "kernel_regression", "kernel_regression_scores", "kernel_regression_sweep",
     "kernel_target_alignment", "kernel_trace", "kernel_velocity", "nngp_kernel", "nystrom_extension",
     "output_energy", "residual_energy", "subspace_overlap", "target_energy", "top_eigenpairs",
+    # forgetting and cartography
+    "CartographyRegions", "ForgettingRanking", "ForgettingTracker", "PresentationOutcomes", "cartography_regions",
+    "forgetting_rank", "presentation_outcomes",
+    # activation codes and representation probes
+    "RELU_MODULE_TYPES", "ActivationCodes", "CodeChange", "activation_codes", "cluster_accuracy", "code_change",
+    "hamming_distances", "kmeans_accuracy", "knn_accuracy", "logistic_accuracy", "redundancy_ratio",
+    "FewShotResult", "extract_features", "few_shot_accuracy", "linear_probe_accuracy",
 ]
