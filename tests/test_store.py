@@ -241,3 +241,56 @@ def test_file_of_a_killed_writer_opens_and_resumes(run_path):
     xr = pytest.importorskip("xarray")
     with xr.open_dataset(run_path, group="ntk", engine="h5netcdf") as ds:
         np.testing.assert_array_equal(ds["step"].values, np.arange(5))
+
+
+def test_extend_appends_blocks_of_rows(run_path):
+    store = RunStore.acquire(run_path, owner="m")
+    table = store.declare_table("events", [Field("step", (), "int64"), Field("index", (), "int64"),
+                                           Field("correct", (), "bool")], row_dim="event")
+    store.start_swmr()
+    table.extend({"step": [0, 0, 0], "index": [5, 1, 2], "correct": [True, False, True]})
+    table.append(step=1, index=7, correct=False)
+    table.extend({"step": [2, 2], "index": [3, 4], "correct": [False, False]})
+    assert table.n_rows == 6 and table.n_committed == 0
+    store.flush()
+    with pytest.raises(ValueError, match="same number of rows"):
+        table.extend({"step": [3], "index": [1, 2], "correct": [True]})
+    store.release("m")
+    with open_run(run_path) as run:
+        view = run["events"]
+        assert view.row_dim == "event" and len(view) == 6
+        np.testing.assert_array_equal(view["index"], [5, 1, 2, 7, 3, 4])
+        np.testing.assert_array_equal(view["step"], [0, 0, 0, 1, 2, 2])
+    xr = pytest.importorskip("xarray")
+    with xr.open_dataset(run_path, group="events", engine="h5netcdf") as ds:
+        assert ds["index"].dims == ("event",)
+
+
+def test_fixed_table_rewrites_and_detects_interrupted_rewrite(run_path):
+    store = RunStore.acquire(run_path, owner="m")
+    fields = [Field("count", (), "int64"), Field("confidence", (), "float32")]
+    table = store.declare_fixed_table("forgetting/examples", fields, 4, row_dim="example",
+                                      coords={"example": np.array([10, 11, 12, 13])})
+    store.start_swmr()
+    table.write({"count": [0, 1, 2, 3], "confidence": [0.5] * 4}, step=10)
+    store.flush()
+    table.write({"count": [4, 4, 4, 4], "confidence": [0.25] * 4}, step=20)
+    store.flush()
+    assert table.written_step == 20
+    with pytest.raises(ValueError, match="expected shape"):
+        table.write({"count": [1], "confidence": [1.0]}, step=30)
+    # A rewrite interrupted after the marker was cleared reads as empty, not as mixed data.
+    store.file["forgetting/examples/written_step"][0] = -1
+    store.release("m")
+    with open_run(run_path) as run:
+        assert "forgetting/examples" in run.tables
+        view = run["forgetting/examples"]
+        assert view.is_fixed and view.written_step is None and len(view) == 0
+    with h5py.File(run_path, "r+") as f:
+        f["forgetting/examples/written_step"][0] = 20
+    with open_run(run_path) as run:
+        view = run["forgetting/examples"]
+        assert view.written_step == 20 and len(view) == 4
+        np.testing.assert_array_equal(view["count"], [4, 4, 4, 4])
+        ds = run.to_xarray("forgetting/examples")
+        np.testing.assert_array_equal(ds["example"].values, [10, 11, 12, 13])

@@ -20,6 +20,7 @@ import logging
 import os
 import time
 import warnings
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -30,6 +31,7 @@ from .._hygiene import measurement_mode
 from ..probe import Probe, ProbeSet
 from ..schedule import LogSpacedSteps, Schedule, ScheduleLike, as_schedule
 from ..store import Field, RunStore, Table, wall_time
+from ..store._writer import FixedTable
 from ._lightning import loggers_of
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,19 @@ _STORE_INPUTS_MAX_BYTES = 16 * 1024 * 1024
 
 def _default_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module(x)
+
+
+@dataclass
+class TableSpec:
+    """A table a monitor writes: an append table, or a fixed one when ``n_rows`` is set."""
+
+    group: str
+    fields: List[Field]
+    key: str = "step"
+    row_dim: Optional[str] = None
+    coords: Dict[str, Any] = field(default_factory=dict)
+    attrs: Dict[str, Any] = field(default_factory=dict)
+    n_rows: Optional[int] = None
 
 
 def model_summary(module: nn.Module) -> Dict[str, Any]:
@@ -111,13 +126,13 @@ class Monitor:
         self.fsync = bool(fsync)
         # Run-time state (not pickled into spawn workers: see __getstate__).
         self._store: Optional[RunStore] = None
-        self._table: Optional[Table] = None
+        self._tables: Dict[str, Union[Table, FixedTable]] = {}
         self._probe_set: Optional[ProbeSet] = None
         self._probe_on_device: Optional[ProbeSet] = None
         self._writer = False
         self._resuming = False
         self._disabled = False
-        self._rows = 0
+        self._rows: Dict[str, int] = {}
         self._last_step: Optional[int] = None
         self._loaded_state: Optional[Dict[str, Any]] = None
 
@@ -126,8 +141,15 @@ class Monitor:
         return LogSpacedSteps()
 
     def fields(self, probe: Optional[ProbeSet], pl_module: nn.Module) -> List[Field]:
-        """Row schema of this monitor's table, besides ``step``, ``epoch``, ``wall_time``."""
+        """Row schema of this monitor's snapshot table, besides ``step``, ``epoch``, ``wall_time``."""
         raise NotImplementedError
+
+    def table_specs(self, probe: Optional[ProbeSet], pl_module: nn.Module) -> List[TableSpec]:
+        """Every table this monitor writes. Default: one snapshot table at :attr:`group`."""
+        fields = [Field("step", (), "int64"), Field("epoch", (), "float64"), Field("wall_time", (), "float64"),
+                  *self.fields(probe, pl_module)]
+        return [TableSpec(self.group, fields, coords=self.coords(probe),
+                          attrs={"probe": probe.name if probe is not None else ""})]
 
     def coords(self, probe: Optional[ProbeSet]) -> Dict[str, Any]:
         """Coordinate values of per-row axes (by axis name)."""
@@ -179,7 +201,9 @@ class Monitor:
 
     @property
     def table(self) -> Optional[Table]:
-        return self._table
+        """The snapshot table (rank 0, during training)."""
+        table = self._tables.get(self.group)
+        return table if isinstance(table, Table) else None
 
     @property
     def probe_set(self) -> Optional[ProbeSet]:
@@ -201,8 +225,9 @@ class Monitor:
 
     def __getstate__(self) -> Dict[str, Any]:
         state = self.__dict__.copy()
-        for key in ("_store", "_table", "_probe_on_device"):
+        for key in ("_store", "_probe_on_device"):
             state[key] = None
+        state["_tables"] = {}
         return state
 
     # ---------------------------------------------------------------- Lightning hooks
@@ -257,13 +282,18 @@ class Monitor:
                 self._store.write_static(group, "x", probe.x.cpu().numpy(),
                                          dims + tuple(f"x_dim{i}" for i in range(1, probe.x.ndim)), coords=coords)
         with measurement_mode(pl_module, grad=False):
-            fields = [Field("step", (), "int64"), Field("epoch", (), "float64"), Field("wall_time", (), "float64"),
-                      *self.fields(probe, pl_module)]
-        rows = self._rows if self._loaded_state is not None else None
-        self._table = self._store.declare_table(self.group, fields, key="step", coords=self.coords(probe),
-                                                attrs={"probe": probe.name if probe is not None else ""},
-                                                rows=rows)
-        self._rows = self._table.n_committed
+            specs = self.table_specs(probe, pl_module)
+        resuming = self._loaded_state is not None
+        for spec in specs:
+            if spec.n_rows is not None:
+                table: Union[Table, FixedTable] = self._store.declare_fixed_table(
+                    spec.group, spec.fields, spec.n_rows, row_dim=spec.row_dim or "row", coords=spec.coords,
+                    attrs=spec.attrs)
+            else:
+                table = self._store.declare_table(spec.group, spec.fields, key=spec.key, row_dim=spec.row_dim,
+                                                  coords=spec.coords, attrs=spec.attrs,
+                                                  rows=self._rows.get(spec.group, 0) if resuming else None)
+            self._tables[spec.group] = table
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self._store is not None and not self._store.swmr:
@@ -293,20 +323,22 @@ class Monitor:
         if self._store is not None:
             store, self._store = self._store, None
             store.release(self.state_key)
-        self._table = None
+        self._tables = {}
 
     def state_dict(self) -> Dict[str, Any]:
         if self._store is not None:
             self._store.flush()
+            self._rows = {g: t.n_committed for g, t in self._tables.items() if isinstance(t, Table)}
         return {
-            "rows": self._rows, "last_step": self._last_step, "group": self.group,
+            "rows": dict(self._rows), "last_step": self._last_step, "group": self.group,
             "probe_index": None if self._probe_set is None else self._probe_set.index.tolist(),
             "extra": self.extra_state(),
         }
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         self._loaded_state = dict(state_dict)
-        self._rows = int(state_dict.get("rows", 0))
+        rows = state_dict.get("rows", {})
+        self._rows = {self.group: int(rows)} if isinstance(rows, int) else {str(k): int(v) for k, v in rows.items()}
         self._last_step = state_dict.get("last_step")
         self.load_extra_state(state_dict.get("extra", {}))
 
@@ -319,8 +351,9 @@ class Monitor:
         try:
             with measurement_mode(pl_module):
                 row, scalars = self.measure(trainer, pl_module, self._probe_for(pl_module))
-            if self._writer and self._table is not None:
-                self._table.append(dict(row, step=step, epoch=epoch, wall_time=wall_time()))
+            table = self.table
+            if self._writer and table is not None:
+                table.append(dict(row, step=step, epoch=epoch, wall_time=wall_time()))
                 self._store.flush()
         except Exception as exc:
             if self.on_error == "raise":
@@ -332,7 +365,6 @@ class Monitor:
                 RuntimeWarning, stacklevel=2,
             )
             return
-        self._rows += 1
         self._last_step = step
         log.debug("%s snapshot at step %d took %.3fs", self.group, step, time.perf_counter() - started)
         if self.log_scalars and scalars:

@@ -58,6 +58,19 @@ class TableView:
         return "key" in self.group.attrs
 
     @property
+    def is_fixed(self) -> bool:
+        """True for a fixed table (rewritten as a whole, e.g. a per-example summary)."""
+        return _text(self.group.attrs.get("kind", "")) == "fixed"
+
+    @property
+    def written_step(self) -> Optional[int]:
+        """For a fixed table: the step of its last complete rewrite (None if never or mid-rewrite)."""
+        if not self.is_fixed:
+            return None
+        step = int(self.group["written_step"][0])
+        return step if step >= 0 else None
+
+    @property
     def key(self) -> Optional[str]:
         return _text(self.group.attrs["key"]) if self.is_table else None
 
@@ -68,7 +81,7 @@ class TableView:
     @property
     def fields(self) -> List[str]:
         """Data fields (for a table: in declaration order), excluding pure axis scales."""
-        if self.is_table:
+        if self.is_table or self.is_fixed:
             return [f["name"] for f in json.loads(_text(self.group.attrs["fields"]))]
         return [k for k, v in self.group.items() if isinstance(v, h5py.Dataset) and not _is_scale(v)]
 
@@ -78,6 +91,8 @@ class TableView:
 
     def __len__(self) -> int:
         """Number of complete rows (tables) or length of the first axis (static groups)."""
+        if self.is_fixed:
+            return int(self.group.attrs["n_rows"]) if self.written_step is not None else 0
         if not self.is_table:
             first = self.fields[0] if self.fields else None
             return int(self.group[first].shape[0]) if first else 0
@@ -92,6 +107,8 @@ class TableView:
         if field not in self:
             raise KeyError(f"group {self.name!r} of {self._run.path} has no dataset {field!r}; it has {self.fields}")
         ds = self.group[field]
+        if self.is_fixed and field != "written_step":
+            return ds[: len(self)]
         if self.is_table and ds.ndim >= 1 and _dim_name(ds, 0) == self.row_dim:
             return ds[: len(self)]
         return ds[()]
@@ -175,7 +192,7 @@ class Run:
         names: List[str] = []
 
         def visit(name: str, obj: Any) -> None:
-            if isinstance(obj, h5py.Group) and "key" in obj.attrs:
+            if isinstance(obj, h5py.Group) and ("key" in obj.attrs or _text(obj.attrs.get("kind", "")) == "fixed"):
                 names.append(name)
 
         self.file.visititems(visit)
@@ -230,6 +247,8 @@ class Run:
         data_vars: Dict[str, Any] = {}
         coords: Dict[str, Any] = {}
         n = len(view) if view.is_table else None
+        if view.is_fixed and view.written_step is None:
+            raise ValueError(f"table {group!r} was never completely written (or a crash interrupted its rewrite)")
         for name, ds in grp.items():
             if not isinstance(ds, h5py.Dataset):
                 continue
@@ -272,8 +291,9 @@ class Run:
             lines.append(f"  probe {name!r}: {len(probe)} examples, fields {probe.fields}")
         for name in self.tables:
             view = self[name]
-            lines.append(f"  /{name}: {len(view)} rows")
-            if len(view):
+            lines.append(f"  /{name}: {len(view)} rows" + (f" (per example, as of step {view.written_step})"
+                                                               if view.is_fixed else ""))
+            if len(view) and not view.is_fixed:
                 keys = view[view.key]
                 lines.append(f"      {view.key} {int(keys[0])} .. {int(keys[-1])}")
             for field in view.fields:

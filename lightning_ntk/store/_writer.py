@@ -25,7 +25,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import h5py
 import numpy as np
@@ -89,7 +89,8 @@ class Table:
         self.fields: Dict[str, Field] = {f.name: f for f in fields}
         self.key = key
         self.row_dim = row_dim
-        self._buffer: List[Dict[str, np.ndarray]] = []
+        self._buffer: List[Dict[str, Any]] = []
+        self._buffered_rows = 0  # rows in the buffer beyond one per entry (blocks from extend)
         self._committed = int(group[key].shape[0])
 
     @property
@@ -100,7 +101,7 @@ class Table:
     @property
     def n_rows(self) -> int:
         """Rows in the file plus rows buffered for the next flush."""
-        return self._committed + len(self._buffer)
+        return self._committed + len(self._buffer) + self._buffered_rows
 
     def append(self, row: Optional[Mapping[str, Any]] = None, **values: Any) -> None:
         """Buffer one row. Every field must be given, with its declared row shape."""
@@ -127,11 +128,38 @@ class Table:
             raise ValueError(f"table {self.name!r}: key {self.key!r} must be >= 0 (negative marks incomplete rows)")
         self._buffer.append(checked)
 
+    def extend(self, columns: Mapping[str, Any]) -> None:
+        """Buffer many rows at once: each field given as an array with a leading row axis."""
+        arrays = {}
+        for name, value in columns.items():
+            if hasattr(value, "detach"):
+                value = value.detach().cpu().numpy()
+            arrays[name] = np.asarray(value)
+        unknown = set(arrays) - set(self.fields)
+        missing = set(self.fields) - set(arrays)
+        if unknown or missing:
+            raise KeyError(f"table {self.name!r}: unknown field(s) {sorted(unknown)}, missing {sorted(missing)}")
+        lengths = {a.shape[0] if a.ndim else -1 for a in arrays.values()}
+        if len(lengths) != 1 or -1 in lengths:
+            raise ValueError(f"table {self.name!r}: every column needs the same number of rows, got "
+                             f"{ {k: a.shape for k, a in arrays.items()} }")
+        (n,) = lengths
+        for name, spec in self.fields.items():
+            if arrays[name].shape[1:] != spec.shape:
+                raise ValueError(f"table {self.name!r}, field {name!r}: rows have shape {spec.shape}, "
+                                 f"got {arrays[name].shape[1:]}")
+        if n and np.any(arrays[self.key] < 0):
+            raise ValueError(f"table {self.name!r}: key {self.key!r} must be >= 0 (negative marks incomplete rows)")
+        if n:
+            self._buffer.append({"__block__": True, **{k: a.astype(self.fields[k].dtype, copy=False)
+                                                      for k, a in arrays.items()}})
+            self._buffered_rows += n - 1  # a block counts as n rows
+
     def _write_buffer(self) -> None:
         if not self._buffer:
             return
         n0 = self._committed
-        n1 = n0 + len(self._buffer)
+        n1 = self.n_rows
         datasets = [self._group[name] for name in self.fields]
         for ds in datasets:
             ds.resize(n1, axis=0)
@@ -140,17 +168,23 @@ class Table:
         for name in self.fields:
             if name == self.key:
                 continue
-            self._group[name][n0:n1] = np.stack([row[name] for row in self._buffer])
+            self._group[name][n0:n1] = self._stacked(name)
         # The key goes last: until it is written the row reads as incomplete (-1).
-        self._group[self.key][n0:n1] = np.stack([row[self.key] for row in self._buffer])
+        self._group[self.key][n0:n1] = self._stacked(self.key)
         self._buffer.clear()
+        self._buffered_rows = 0
         self._committed = n1
+
+    def _stacked(self, name: str) -> np.ndarray:
+        parts = [entry[name] if entry.get("__block__") else entry[name][None] for entry in self._buffer]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def truncate(self, n_rows: int) -> None:
         """Drop rows past ``n_rows`` (used on resume, before SWMR starts)."""
         if self._store.swmr:
             raise StoreError("rows cannot be truncated after the file switched to SWMR mode")
         self._buffer.clear()
+        self._buffered_rows = 0
         if n_rows >= self._committed:
             return
         for name in list(self.fields) + ([self.row_dim] if self.row_dim != self.key and self.row_dim in self._group else []):
@@ -164,6 +198,56 @@ class Table:
         return int(bad[0]) if bad.size else int(keys.shape[0])
 
 
+class FixedTable:
+    """A table of a fixed number of rows, rewritten as a whole (e.g. a per-example summary).
+
+    ``written_step`` (one value) is set to -1 before a rewrite and to the step after it, so
+    a reader can tell a table caught mid-rewrite (by a crash) from a complete one.
+    """
+
+    def __init__(self, store: "RunStore", group: h5py.Group, fields: Sequence[Field], n_rows: int):
+        self._store = store
+        self._group = group
+        self.name = group.name.lstrip("/")
+        self.fields: Dict[str, Field] = {f.name: f for f in fields}
+        self.n_rows = n_rows
+        self._pending: Optional[Tuple[Dict[str, np.ndarray], int]] = None
+
+    @property
+    def written_step(self) -> int:
+        return int(self._group["written_step"][0])
+
+    def write(self, columns: Mapping[str, Any], step: int) -> None:
+        """Buffer a complete rewrite (every field, ``n_rows`` rows); written at the next flush."""
+        arrays: Dict[str, np.ndarray] = {}
+        if set(columns) != set(self.fields):
+            raise KeyError(f"table {self.name!r}: a rewrite needs exactly the fields {sorted(self.fields)}, "
+                           f"got {sorted(columns)}")
+        for name, spec in self.fields.items():
+            value = columns[name]
+            if hasattr(value, "detach"):
+                value = value.detach().cpu().numpy()
+            array = np.asarray(value)
+            if array.shape != (self.n_rows,) + spec.shape:
+                raise ValueError(f"table {self.name!r}, field {name!r}: expected shape "
+                                 f"{(self.n_rows,) + spec.shape}, got {array.shape}")
+            arrays[name] = array.astype(spec.dtype, copy=False)
+        if int(step) < 0:
+            raise ValueError(f"table {self.name!r}: step must be >= 0")
+        self._pending = (arrays, int(step))
+
+    def _write_buffer(self) -> None:
+        if self._pending is None:
+            return
+        arrays, step = self._pending
+        self._group["written_step"][0] = -1
+        self._store.file.flush()
+        for name, array in arrays.items():
+            self._group[name][...] = array
+        self._group["written_step"][0] = step
+        self._pending = None
+
+
 class RunStore:
     """The run file of one training run, shared by the monitors that name its path."""
 
@@ -174,7 +258,7 @@ class RunStore:
         self.path = path
         self.file = file
         self.fsync = fsync
-        self.tables: Dict[str, Table] = {}
+        self.tables: Dict[str, Any] = {}
         self._owners: List[str] = []
         self._lock = threading.RLock()
         self.swmr = False
@@ -351,9 +435,64 @@ class RunStore:
             self.tables[group] = table
             return table
 
+    def declare_fixed_table(self, group: str, fields: Sequence[Field], n_rows: int, *, row_dim: str,
+                            coords: Optional[Mapping[str, Any]] = None,
+                            attrs: Optional[Mapping[str, Any]] = None) -> FixedTable:
+        """Create (or, on resume, check) a table of ``n_rows`` rows rewritten as a whole.
+
+        ``coords[row_dim]`` (e.g. dataset indices) labels the rows.
+        """
+        self._require_schema_phase(f"declare table {group!r}")
+        fields = list(fields)
+        coords = dict(coords or {})
+        if n_rows < 1:
+            raise SchemaError(f"table {group!r}: n_rows must be >= 1, got {n_rows}")
+        with self._lock:
+            if group in self.tables:
+                raise SchemaError(f"table {group!r} is declared twice in {self.path}")
+            if group in self.file:
+                grp = self.file[group]
+                stored = json.loads(grp.attrs.get("fields", "[]"))
+                if stored != [f.to_json() for f in fields] or int(grp.attrs.get("n_rows", -1)) != n_rows:
+                    raise SchemaError(
+                        f"table {group!r} in {self.path} was written with different fields or row count; resume "
+                        "with the same settings and data, or write to a new path="
+                    )
+            else:
+                grp = self.file.require_group(group)
+                grp.attrs["kind"] = "fixed"
+                grp.attrs["row_dim"] = row_dim
+                grp.attrs["n_rows"] = int(n_rows)
+                grp.attrs["fields"] = _json_attr([f.to_json() for f in fields])
+                for name, value in (attrs or {}).items():
+                    grp.attrs[name] = value if isinstance(value, (int, float, str)) else _json_attr(value)
+                if row_dim in coords:
+                    grp.create_dataset(row_dim, data=np.asarray(coords[row_dim])).make_scale(row_dim)
+                else:
+                    grp.create_dataset(row_dim, shape=(n_rows,), dtype="i4").make_scale(NETCDF_DIM_ONLY)
+                grp.create_dataset("version", shape=(1,), dtype="i4").make_scale(NETCDF_DIM_ONLY)
+                written = grp.create_dataset("written_step", shape=(1,), dtype="int64", fillvalue=-1)
+                written.dims[0].attach_scale(grp["version"])
+                for f in fields:
+                    dtype = np.dtype(f.dtype)
+                    chunks = chunk_shape(f.shape, dtype.itemsize)
+                    chunks = (min(chunks[0], n_rows),) + chunks[1:]
+                    ds = grp.create_dataset(f.name, shape=(n_rows,) + f.shape, dtype=dtype, chunks=chunks,
+                                            fillvalue=f.fill_value, compression="gzip", compression_opts=4,
+                                            shuffle=dtype.itemsize > 1)
+                    ds.dims[0].attach_scale(grp[row_dim])
+                    for axis, (dim, length) in enumerate(zip(f.dims, f.shape), start=1):
+                        if dim not in grp:
+                            grp.create_dataset(dim, shape=(length,), dtype="i4").make_scale(NETCDF_DIM_ONLY)
+                        ds.dims[axis].attach_scale(grp[dim])
+            table = FixedTable(self, grp, fields, n_rows)
+            self.tables[group] = table
+            return table
+
     def _create_table(self, group: str, fields: List[Field], key: str, row_dim: str,
                       coords: Mapping[str, Any], attrs: Mapping[str, Any]) -> Table:
         grp = self.file.require_group(group)
+        grp.attrs["kind"] = "append"
         grp.attrs["key"] = key
         grp.attrs["row_dim"] = row_dim
         grp.attrs["fields"] = _json_attr([f.to_json() for f in fields])
