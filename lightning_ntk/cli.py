@@ -2,10 +2,14 @@
 
     lightning-ntk demo [--out runs/demo.h5] [--epochs N]   train the digits demo
     lightning-ntk info RUN.h5                               what a run file holds
+    lightning-ntk report RUN.h5 [RUN2.h5 ...] [-o DIR]      HTML report with every figure the files feed
+    lightning-ntk watch RUN.h5 [--interval S] [--timeout S] follow a training live, print new rows
+    lightning-ntk export RUN.h5 --to csv|parquet|netcdf [-o DIR]   tables for pandas / xarray
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -13,7 +17,9 @@ from typing import List, Optional
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, epochs=args.epochs, seed=args.seed, quiet=args.quiet)
+    report = None if args.no_report else (args.report or os.path.join(os.path.dirname(args.out) or ".",
+                                                                       "demo_report"))
+    run_demo(args.out, epochs=args.epochs, seed=args.seed, quiet=args.quiet, report=report)
     return 0
 
 
@@ -31,6 +37,50 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return status
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .analysis import write_report
+    from .store import RunFormatError
+
+    out = args.out or os.path.splitext(os.path.abspath(args.runs[0]))[0] + "_report"
+    try:
+        path = write_report(args.runs, out, progress=not args.quiet, embed=not args.no_embed)
+    except (FileNotFoundError, RunFormatError, NotADirectoryError, OSError) as exc:
+        print(f"lightning-ntk report: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    from .analysis import watch
+
+    return watch(args.run, interval=args.interval, timeout=args.timeout, max_rows=args.max_rows)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .analysis import ExportError, export_run
+    from .store import RunFormatError
+
+    status = 0
+    for run in args.runs:
+        try:
+            paths = export_run(run, args.to, args.out, groups=args.group, max_width=args.max_width)
+        except (ExportError, FileNotFoundError, RunFormatError, OSError) as exc:
+            print(f"lightning-ntk export: {exc}", file=sys.stderr)
+            status = 2
+            continue
+        for path in paths:
+            print(path)
+    return status
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightning-ntk", description="Training-dynamics run files: demo and tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -39,10 +89,34 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=12)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    demo.add_argument("--report", default=None, help="directory of the HTML report (default: <out dir>/demo_report)")
+    demo.add_argument("--no-report", action="store_true", help="skip the HTML report")
     demo.set_defaults(func=_cmd_demo)
     info = sub.add_parser("info", help="print what a run file holds")
     info.add_argument("runs", nargs="+", help="run file(s)")
     info.set_defaults(func=_cmd_info)
+    report = sub.add_parser("report", help="write an HTML report with every figure the run files feed")
+    report.add_argument("runs", nargs="+", help="run file(s); several overlay in each figure")
+    report.add_argument("-o", "--out", default=None, help="output folder (default: <first run>_report beside it)")
+    report.add_argument("--no-embed", action="store_true", help="write PNG files beside the page instead of inline")
+    report.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    report.set_defaults(func=_cmd_report)
+    watch = sub.add_parser("watch", help="follow a training live: print each table's new rows as they arrive")
+    watch.add_argument("run", help="run file being written")
+    watch.add_argument("--interval", type=_positive, default=1.0, help="seconds between polls (default 1)")
+    watch.add_argument("--timeout", type=_positive, default=None,
+                       help="stop after this many seconds without a new row (default: until the writer closes the file)")
+    watch.add_argument("--max-rows", type=int, default=10, help="most rows printed per table and poll (default 10)")
+    watch.set_defaults(func=_cmd_watch)
+    export = sub.add_parser("export", help="write the tables as CSV, Parquet or netCDF files")
+    export.add_argument("runs", nargs="+", help="run file(s)")
+    export.add_argument("--to", required=True, choices=["csv", "parquet", "netcdf"], help="file format")
+    export.add_argument("-o", "--out", default=None, help="output folder (default: <run>_export beside the run)")
+    export.add_argument("--group", action="append", default=None,
+                        help="export only this group (repeatable), e.g. --group sharpness --group forgetting/examples")
+    export.add_argument("--max-width", type=int, default=16,
+                        help="vector fields with at most this many values per row become one column each (csv/parquet)")
+    export.set_defaults(func=_cmd_export)
     return parser
 
 

@@ -97,7 +97,8 @@ def demo_monitors(path: str, overwrite: bool = True) -> List[Any]:
 
 def run_demo(path: str = "runs/demo.h5", epochs: int = 12, seed: int = 0, batch_size: int = 64,
              report: Optional[str] = None, quiet: bool = False) -> Dict[str, Any]:
-    """Train the demo and write ``path``; returns a summary dict (also printed)."""
+    """Train the demo and write ``path`` (and an HTML report into the directory ``report``,
+    if given); returns a summary dict (also printed)."""
     L = default_namespace()
     torch.manual_seed(seed)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
@@ -120,5 +121,12 @@ def run_demo(path: str = "runs/demo.h5", epochs: int = 12, seed: int = 0, batch_
         if not quiet:
             print(run.summary())
             print(f"\ntrained {epochs} epochs in {elapsed:.1f}s; validation accuracy {summary['val_acc']:.3f}")
-            print(f"run file: {summary['path']}")
+    if report:
+        from .analysis import write_report
+
+        summary["report"] = os.path.abspath(write_report([path], report, progress=not quiet))
+    if not quiet:
+        print(f"run file: {summary['path']}")
+        if report:
+            print(f"report:   {summary['report']}")
     return summary

@@ -18,6 +18,13 @@ def demo_file(tmp_path_factory):
     return path
 
 
+def test_demo_writes_its_report(demo_file):
+    report = os.path.join(os.path.dirname(demo_file), "demo_report", "report.html")
+    with open(report) as handle:
+        page = handle.read()
+    assert "<img" in page and "probe_metrics" in page
+
+
 def test_demo_file_opens_in_every_reader(demo_file):
     with h5py.File(demo_file, "r") as f:
         assert f.attrs["format"] == "lightning_ntk"
