@@ -87,7 +87,17 @@ class TableView:
 
     @property
     def attrs(self) -> Dict[str, Any]:
-        return {k: _text(v) if isinstance(v, bytes) else v for k, v in self.group.attrs.items()}
+        """Group attributes; JSON-encoded lists and dicts are decoded."""
+        out: Dict[str, Any] = {}
+        for key, value in self.group.attrs.items():
+            value = _text(value) if isinstance(value, bytes) else value
+            if isinstance(value, str) and value[:1] in ("[", "{"):
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    pass
+            out[key] = value
+        return out
 
     def __len__(self) -> int:
         """Number of complete rows (tables) or length of the first axis (static groups)."""
