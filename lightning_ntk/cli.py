@@ -2,6 +2,7 @@
 
     lightning-ntk demo [--out runs/demo.h5] [--epochs N]   train the digits demo
     lightning-ntk info RUN.h5                               what a run file holds
+    lightning-ntk check RUN.h5                              verify a run file (exit 1 on errors)
     lightning-ntk report RUN.h5 [RUN2.h5 ...] [-o DIR]      HTML report with every figure the files feed
     lightning-ntk watch RUN.h5 [--interval S] [--timeout S] follow a training live, print new rows
     lightning-ntk export RUN.h5 --to csv|parquet|netcdf [-o DIR]   tables for pandas / xarray
@@ -81,6 +82,18 @@ def _positive(text: str) -> float:
     return value
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    from .store import check_run
+
+    status = 0
+    for path in args.runs:
+        report = check_run(path)
+        print(report)
+        if not report.ok:
+            status = 1
+    return status
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightning-ntk", description="Training-dynamics run files: demo and tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print what a run file holds")
     info.add_argument("runs", nargs="+", help="run file(s)")
     info.set_defaults(func=_cmd_info)
+    check = sub.add_parser("check", help="verify run file(s): format, complete rows, monotone steps, scales")
+    check.add_argument("runs", nargs="+", help="run file(s)")
+    check.set_defaults(func=_cmd_check)
     report = sub.add_parser("report", help="write an HTML report with every figure the run files feed")
     report.add_argument("runs", nargs="+", help="run file(s); several overlay in each figure")
     report.add_argument("-o", "--out", default=None, help="output folder (default: <first run>_report beside it)")

@@ -91,6 +91,11 @@ class Table:
         self.row_dim = row_dim
         self._buffer: List[Dict[str, Any]] = []
         self._buffered_rows = 0  # rows in the buffer beyond one per entry (blocks from extend)
+        # Datasets stay open: closing one flushes its chunk cache, and an error there (a full
+        # disk) would surface only as an unraisable warning instead of from flush().
+        self._ds: Dict[str, h5py.Dataset] = {name: group[name] for name in self.fields}
+        if row_dim != key and row_dim in group:
+            self._ds[row_dim] = group[row_dim]
         self._committed = int(group[key].shape[0])
 
     @property
@@ -160,17 +165,14 @@ class Table:
             return
         n0 = self._committed
         n1 = self.n_rows
-        datasets = [self._group[name] for name in self.fields]
-        for ds in datasets:
+        for ds in self._ds.values():
             ds.resize(n1, axis=0)
-        if self.row_dim != self.key and self.row_dim in self._group:
-            self._group[self.row_dim].resize(n1, axis=0)
         for name in self.fields:
             if name == self.key:
                 continue
-            self._group[name][n0:n1] = self._stacked(name)
+            self._ds[name][n0:n1] = self._stacked(name)
         # The key goes last: until it is written the row reads as incomplete (-1).
-        self._group[self.key][n0:n1] = self._stacked(self.key)
+        self._ds[self.key][n0:n1] = self._stacked(self.key)
         self._buffer.clear()
         self._buffered_rows = 0
         self._committed = n1
@@ -187,8 +189,8 @@ class Table:
         self._buffered_rows = 0
         if n_rows >= self._committed:
             return
-        for name in list(self.fields) + ([self.row_dim] if self.row_dim != self.key and self.row_dim in self._group else []):
-            self._group[name].resize(n_rows, axis=0)
+        for ds in self._ds.values():
+            ds.resize(n_rows, axis=0)
         self._committed = n_rows
 
     def complete_rows(self) -> int:
@@ -212,10 +214,11 @@ class FixedTable:
         self.fields: Dict[str, Field] = {f.name: f for f in fields}
         self.n_rows = n_rows
         self._pending: Optional[Tuple[Dict[str, np.ndarray], int]] = None
+        self._ds: Dict[str, h5py.Dataset] = {name: group[name] for name in list(self.fields) + ["written_step"]}
 
     @property
     def written_step(self) -> int:
-        return int(self._group["written_step"][0])
+        return int(self._ds["written_step"][0])
 
     def write(self, columns: Mapping[str, Any], step: int) -> None:
         """Buffer a complete rewrite (every field, ``n_rows`` rows); written at the next flush."""
@@ -240,11 +243,11 @@ class FixedTable:
         if self._pending is None:
             return
         arrays, step = self._pending
-        self._group["written_step"][0] = -1
+        self._ds["written_step"][0] = -1
         self._store.file.flush()
         for name, array in arrays.items():
-            self._group[name][...] = array
-        self._group["written_step"][0] = step
+            self._ds[name][...] = array
+        self._ds["written_step"][0] = step
         self._pending = None
 
 
@@ -262,6 +265,8 @@ class RunStore:
         self._owners: List[str] = []
         self._lock = threading.RLock()
         self.swmr = False
+        #: The first write error (full disk, I/O), if any: later flushes may fail too.
+        self.write_error: Optional[BaseException] = None
 
     # ------------------------------------------------------------------ open / close
     @classmethod
@@ -359,13 +364,24 @@ class RunStore:
         self.close()
 
     def close(self) -> None:
+        """Flush and close. After a write error, closing still releases the file (and the
+        error is logged, not raised again)."""
         with self._lock:
             if not self.file.id.valid:
                 return
             try:
                 self.flush()
+            except StoreError:
+                if self.write_error is None:
+                    raise
+                log.error("run file %s: buffered rows lost after a write error: %s", self.path, self.write_error)
+                for table in self.tables.values():
+                    getattr(table, "_buffer", []).clear()
             finally:
-                self.file.close()
+                try:
+                    self.file.close()
+                except (OSError, RuntimeError) as exc:  # pragma: no cover - depends on the failure
+                    log.error("run file %s: closing failed: %s", self.path, exc)
                 remove_lock(self.path)
 
     @property
@@ -605,19 +621,32 @@ class RunStore:
             self.swmr = True
 
     def flush(self) -> None:
-        """Write buffered rows (key last), flush HDF5, and fsync when durable."""
+        """Write buffered rows (key last), flush HDF5, and fsync when durable.
+
+        A write error (full disk, I/O error) raises :class:`StoreError` naming the file and
+        the cause; rows flushed before it stay readable.
+        """
         with self._lock:
             if not self.file.id.valid:
                 return
-            for table in self.tables.values():
-                table._write_buffer()
-            self.file.flush()
-            if self.fsync:
-                try:
-                    os.fsync(self.file.id.get_vfd_handle())
-                except (OSError, ValueError, TypeError, AttributeError) as exc:  # pragma: no cover - driver-specific
-                    if getattr(exc, "errno", None) not in (None, errno.EINVAL):
-                        raise
+            try:
+                for table in self.tables.values():
+                    table._write_buffer()
+                self.file.flush()
+                if self.fsync:
+                    try:
+                        os.fsync(self.file.id.get_vfd_handle())
+                    except (ValueError, TypeError, AttributeError):  # pragma: no cover - driver without a fd
+                        pass
+            except (OSError, RuntimeError) as exc:
+                self.write_error = exc
+                raise StoreError(f"writing run file {self.path} failed: {_cause(exc)}") from exc
+
+
+def _cause(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"{os.strerror(exc.errno)} ({errno.errorcode.get(exc.errno, exc.errno)})"
+    return str(exc)
 
 
 def names_of(fields: Iterable[Field]) -> List[str]:
