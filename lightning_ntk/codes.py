@@ -52,6 +52,7 @@ __all__ = [
     "hamming_distances",
     "knn_accuracy",
     "logistic_accuracy",
+    "kmeans_clusters",
     "kmeans_accuracy",
     "cluster_accuracy",
     "CodeChange",
@@ -204,7 +205,8 @@ def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
 def activation_codes(model: nn.Module, x: torch.Tensor, modules: Any = None, *,
                      capture: str = "modules",
                      module_types: Tuple[Type[nn.Module], ...] = RELU_MODULE_TYPES,
-                     batch_size: int = 256) -> ActivationCodes:
+                     batch_size: int = 256,
+                     forward_fn: Optional[Callable[[nn.Module, torch.Tensor], Any]] = None) -> ActivationCodes:
     """Activation codes 1[pre-activation > 0] of every example of ``x``.
 
     Runs ``model`` under ``torch.no_grad()`` in batches, in the mode the caller set
@@ -220,6 +222,8 @@ def activation_codes(model: nn.Module, x: torch.Tensor, modules: Any = None, *,
             ``"functional"`` (every ReLU-family function call during the forward pass).
         module_types: activation types captured when ``modules`` is None.
         batch_size: examples per forward pass.
+        forward_fn: ``forward_fn(model, xb)`` runs the forward pass (default ``model(xb)``),
+            for models called another way; its output is discarded.
 
     Returns:
         :class:`ActivationCodes` with the bits of every captured call concatenated in
@@ -234,6 +238,9 @@ def activation_codes(model: nn.Module, x: torch.Tensor, modules: Any = None, *,
         raise TypeError(f"x must be a torch.Tensor of inputs, got {type(x).__name__}")
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if forward_fn is not None and not callable(forward_fn):
+        raise TypeError("forward_fn must be callable (model, x) -> outputs")
+    run = (lambda xb: forward_fn(model, xb)) if forward_fn is not None else model
     device = _model_device(model, x.device)
     module_name = {id(m): n for n, m in model.named_modules()}
     targets = _resolve_modules(model, modules, module_types) if capture == "modules" else []
@@ -243,7 +250,7 @@ def activation_codes(model: nn.Module, x: torch.Tensor, modules: Any = None, *,
     n_units = 0
     for start in range(0, x.shape[0], int(batch_size)):
         xb = x[start:start + int(batch_size)].to(device)
-        calls, missed = _capture_batch(model, xb, capture, targets, module_name,
+        calls, missed = _capture_batch(model, run, xb, capture, targets, module_name,
                                        check_functional=(capture == "modules" and modules is None
                                                          and start == 0))
         if missed:
@@ -278,7 +285,7 @@ def activation_codes(model: nn.Module, x: torch.Tensor, modules: Any = None, *,
     return ActivationCodes(packed=packed, n_units=n_units, hashes=_row_hashes(packed), segments=segments)
 
 
-def _capture_batch(model: nn.Module, xb: torch.Tensor, capture: str,
+def _capture_batch(model: nn.Module, run: Callable[[torch.Tensor], Any], xb: torch.Tensor, capture: str,
                    targets: List[Tuple[str, nn.Module]], module_name: Dict[int, str],
                    check_functional: bool) -> Tuple[List[Tuple[str, torch.Tensor]], int]:
     calls: List[Tuple[str, torch.Tensor]] = []
@@ -295,9 +302,9 @@ def _capture_batch(model: nn.Module, xb: torch.Tensor, capture: str,
             with torch.no_grad():
                 if check_functional:
                     with _FunctionalRecorder(record=False) as counter:
-                        model(xb)
+                        run(xb)
                     return calls, max(counter.count - len(calls), 0)
-                model(xb)
+                run(xb)
             return calls, 0
         stack: List[str] = []
 
@@ -312,7 +319,7 @@ def _capture_batch(model: nn.Module, xb: torch.Tensor, capture: str,
             handles.append(mod.register_forward_pre_hook(push))
             handles.append(mod.register_forward_hook(pop))
         with torch.no_grad(), _FunctionalRecorder(record=True, name_stack=stack) as rec:
-            model(xb)
+            run(xb)
         return rec.calls, 0
     finally:
         for h in handles:
@@ -503,22 +510,32 @@ def cluster_accuracy(cluster_ids: Any, labels: Any, mapping: str = "hungarian") 
     return float(hit / c.shape[0])
 
 
-def kmeans_accuracy(codes: Any, y: Any, *, n_clusters: Optional[int] = None,
-                    mapping: str = "hungarian", seed: int = 0, n_init: int = 10) -> float:
-    """K-Means on the codes (bits as 0/1 features), scored by :func:`cluster_accuracy`.
+def kmeans_clusters(codes: Any, n_clusters: int, *, seed: int = 0, n_init: int = 10) -> np.ndarray:
+    """Cluster ids (N,) of scikit-learn's ``KMeans(n_clusters, n_init=n_init, random_state=seed)``
+    on the codes (bits as 0/1 float32 features).
 
-    ``n_clusters`` defaults to the number of distinct labels (He et al.); scikit-learn's
-    ``KMeans(n_clusters, n_init=n_init, random_state=seed)``.
+    Score one clustering under several mappings with :func:`cluster_accuracy`.
     """
     _require_sklearn()
     from sklearn.cluster import KMeans
 
     x = _bits_float(codes)
-    labels = _labels(y, "y", x.shape[0])
-    k = int(np.unique(labels).shape[0]) if n_clusters is None else int(n_clusters)
+    k = int(n_clusters)
     if not 1 <= k <= x.shape[0]:
-        raise ValueError(f"n_clusters must lie in [1, {x.shape[0]}], got {k}")
-    ids = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(x)
+        raise ValueError(f"n_clusters must lie in [1, {x.shape[0]}] (the number of codes), got {k}")
+    return KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(x)
+
+
+def kmeans_accuracy(codes: Any, y: Any, *, n_clusters: Optional[int] = None,
+                    mapping: str = "hungarian", seed: int = 0, n_init: int = 10) -> float:
+    """K-Means on the codes (bits as 0/1 features), scored by :func:`cluster_accuracy`.
+
+    ``n_clusters`` defaults to the number of distinct labels (He et al.); scikit-learn's
+    ``KMeans(n_clusters, n_init=n_init, random_state=seed)`` (:func:`kmeans_clusters`).
+    """
+    labels = _labels(y, "y", _packed(codes)[0].shape[0])
+    k = int(np.unique(labels).shape[0]) if n_clusters is None else int(n_clusters)
+    ids = kmeans_clusters(codes, k, seed=seed, n_init=n_init)
     return cluster_accuracy(ids, labels, mapping=mapping)
 
 

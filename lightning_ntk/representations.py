@@ -17,7 +17,7 @@ scikit-learn (an optional dependency) is imported only by the logistic probes.
 """
 from __future__ import annotations
 
-from typing import Any, List, NamedTuple, Union
+from typing import Any, Callable, List, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -35,19 +35,23 @@ def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
 
 
 def extract_features(model: nn.Module, x: torch.Tensor, layer: Union[None, str, nn.Module] = None, *,
-                     batch_size: int = 256) -> np.ndarray:
+                     batch_size: int = 256,
+                     forward_fn: Optional[Callable[[nn.Module, torch.Tensor], Any]] = None) -> np.ndarray:
     """Features of ``x`` at a layer of ``model``, as a (N, D) float array.
 
     ``layer=None``: the input of the last ``nn.Linear`` module *called* during the forward
     pass (execution order, not registration order). ``layer`` given (a module name or a
     module object): that module's output (its last call, if it runs several times).
     Features are flattened to (N, D). Runs under ``torch.no_grad()`` in the caller's
-    train/eval mode, which is left unchanged.
+    train/eval mode, which is left unchanged. ``forward_fn(model, xb)`` runs the forward
+    pass when the model is called another way (default ``model(xb)``).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor of inputs, got {type(x).__name__}")
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if forward_fn is not None and not callable(forward_fn):
+        raise TypeError("forward_fn must be callable (model, x) -> outputs")
     named = dict(model.named_modules())
     if layer is None:
         targets = [m for m in model.modules() if isinstance(m, nn.Linear)]
@@ -81,7 +85,7 @@ def extract_features(model: nn.Module, x: torch.Tensor, layer: Union[None, str, 
                     handles.append(m.register_forward_hook(
                         lambda mod, inputs, output: seen.append(output.detach())))
             with torch.no_grad():
-                model(xb)
+                model(xb) if forward_fn is None else forward_fn(model, xb)
         finally:
             for h in handles:
                 h.remove()

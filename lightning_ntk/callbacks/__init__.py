@@ -5,10 +5,14 @@ one object works with both ``pytorch_lightning.Trainer`` and ``lightning.pytorch
 """
 from ._base import Monitor as _MonitorLogic
 from ._lightning import adapter as _adapter
+from .codes import ActivationCodeMonitor as _ActivationCodeLogic
 from .probe_metrics import ProbeMetricsMonitor as _ProbeMetricsLogic
+from .representations import RepresentationMonitor as _RepresentationLogic
 
 #: Base class of every monitor, usable as a callback (subclass it for a new quantity).
 Monitor = _adapter(_MonitorLogic, "Monitor")
 ProbeMetricsMonitor = _adapter(_ProbeMetricsLogic, "ProbeMetricsMonitor", base=Monitor)
+ActivationCodeMonitor = _adapter(_ActivationCodeLogic, "ActivationCodeMonitor", base=Monitor)
+RepresentationMonitor = _adapter(_RepresentationLogic, "RepresentationMonitor", base=Monitor)
 
-__all__ = ["Monitor", "ProbeMetricsMonitor"]
+__all__ = ["ActivationCodeMonitor", "Monitor", "ProbeMetricsMonitor", "RepresentationMonitor"]

@@ -134,6 +134,8 @@ class Monitor:
         self._disabled = False
         self._rows: Dict[str, int] = {}
         self._last_step: Optional[int] = None
+        self.snapshot_step: Optional[int] = None
+        self.snapshot_epoch: Optional[float] = None
         self._loaded_state: Optional[Dict[str, Any]] = None
 
     # ---------------------------------------------------------------- to override
@@ -266,21 +268,26 @@ class Monitor:
         if self._last_step is None and self.schedule.due_at_step(trainer.global_step):
             self._snapshot(trainer, pl_module, epoch=float(trainer.current_epoch))
 
+    def _write_probe(self, probe: ProbeSet, store_inputs: Optional[bool] = None) -> None:
+        """Write ``probe`` as ``/probe/<name>``: ``index``, ``y``, and ``x`` when ``store_inputs``
+        (None: when it takes at most 16 MiB). Rank 0, before SWMR (from ``_declare``)."""
+        assert self._store is not None
+        group = f"probe/{probe.name}"
+        dims = ("probe_example",)
+        coords = {"probe_example": probe.index}
+        self._store.write_static(group, "index", probe.index, dims, coords=coords)
+        self._store.write_static(group, "y", probe.y.cpu().numpy(),
+                                 dims + tuple(f"y_dim{i}" for i in range(1, probe.y.ndim)), coords=coords)
+        nbytes = probe.x.numel() * probe.x.element_size()
+        if store_inputs or (store_inputs is None and nbytes <= _STORE_INPUTS_MAX_BYTES):
+            self._store.write_static(group, "x", probe.x.cpu().numpy(),
+                                     dims + tuple(f"x_dim{i}" for i in range(1, probe.x.ndim)), coords=coords)
+
     def _declare(self, pl_module: nn.Module) -> None:
         assert self._store is not None
         probe = self._probe_set
         if probe is not None:
-            group = f"probe/{probe.name}"
-            dims = ("probe_example",)
-            coords = {"probe_example": probe.index}
-            self._store.write_static(group, "index", probe.index, dims, coords=coords)
-            self._store.write_static(group, "y", probe.y.cpu().numpy(),
-                                     dims + tuple(f"y_dim{i}" for i in range(1, probe.y.ndim)), coords=coords)
-            store_inputs = self.probe.store_inputs if isinstance(self.probe, Probe) else None
-            nbytes = probe.x.numel() * probe.x.element_size()
-            if store_inputs or (store_inputs is None and nbytes <= _STORE_INPUTS_MAX_BYTES):
-                self._store.write_static(group, "x", probe.x.cpu().numpy(),
-                                         dims + tuple(f"x_dim{i}" for i in range(1, probe.x.ndim)), coords=coords)
+            self._write_probe(probe, self.probe.store_inputs if isinstance(self.probe, Probe) else None)
         with measurement_mode(pl_module, grad=False):
             specs = self.table_specs(probe, pl_module)
         resuming = self._loaded_state is not None
@@ -347,6 +354,8 @@ class Monitor:
         if self._disabled:
             return
         step = int(trainer.global_step)
+        # Visible to measure(): the step and fractional epoch of the snapshot being taken.
+        self.snapshot_step, self.snapshot_epoch = step, float(epoch)
         started = time.perf_counter()
         try:
             with measurement_mode(pl_module):

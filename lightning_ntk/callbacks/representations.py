@@ -1,0 +1,200 @@
+"""RepresentationMonitor: few-shot and linear probes on the frozen features of a layer.
+
+At each snapshot the features of the training and the held-out probe are read at the
+penultimate layer (the input of the last ``nn.Linear`` that runs) or at ``layer=``
+(:func:`lightning_ntk.representations.extract_features`), then probed:
+
+* few-shot n-way k-shot episodes (:func:`~lightning_ntk.representations.few_shot_accuracy`)
+  with nearest-centroid (Euclidean, as in prototypical networks, Snell et al. 2017; cosine)
+  and logistic-regression classifiers (on L2-normalised features, Tian et al. 2020): mean
+  accuracy and the half-width of its 95% interval over episodes;
+* a linear probe (:func:`~lightning_ntk.representations.linear_probe_accuracy`): logistic
+  regression on standardised features, fitted on the training probe, scored on the held-out one.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from torch import nn
+
+from ..probe import ProbeSet
+from ..representations import extract_features, few_shot_accuracy, linear_probe_accuracy
+from ..schedule import LogSpacedSteps, Schedule
+from ..store import Field
+from ._base import TableSpec
+from .codes import HeldoutLike, HeldoutProbeMonitor, _check_int, class_labels, limited_threads, require_sklearn
+
+_CLASSIFIERS = {"centroid_euclidean": "euclidean", "centroid_cosine": "cosine", "logistic": "logistic"}
+
+
+def few_shot_field(n_way: int, k_shot: int, classifier: str) -> str:
+    """Field name of a few-shot mean accuracy, e.g. ``few_shot_5way_1shot_euclidean``."""
+    return f"few_shot_{n_way}way_{k_shot}shot_{_CLASSIFIERS[classifier]}"
+
+
+class RepresentationMonitor(HeldoutProbeMonitor):
+    """Few-shot and linear-probe accuracy of a layer's features, over training.
+
+    Per snapshot, into the table ``/representations`` (see docs/format.md):
+
+    * ``n_features``: feature dimension D;
+    * for each ``(n_way, k_shot)`` of ``few_shot`` and each classifier:
+      ``few_shot_<n>way_<k>shot_<euclidean|cosine|logistic>`` (mean accuracy over
+      ``episodes`` episodes of ``n_query`` queries per class) and the same name with
+      ``_ci95`` (1.96 · std / √episodes);
+    * ``linear_probe_accuracy``: logistic regression fitted on the training probe's
+      features, scored on the held-out probe's.
+
+    Few-shot episodes are drawn from the held-out probe when there is one (examples the
+    network was not trained on), else from the training probe; the probe used is named in
+    the table attribute ``few_shot_probe``. The episodes depend only on ``seed`` and the
+    probe's labels, so every snapshot sees the same episodes. Without a held-out probe the
+    linear probe is fitted on one half of the training probe and scored on the other (the
+    fixed, seeded, stratified split of :func:`~lightning_ntk.callbacks.codes.fixed_split`).
+
+    Args:
+        heldout, seed, classifier_threads: see
+            :class:`~lightning_ntk.callbacks.codes.HeldoutProbeMonitor`.
+        layer: None (the input of the last ``nn.Linear`` called: the penultimate layer), or
+            a module name / module whose output to read.
+        few_shot: ``(n_way, k_shot)`` settings; default 5-way 1-shot and 5-way 5-shot.
+            Empty: no few-shot probes.
+        n_query: queries per class in each episode.
+        episodes: episodes per setting and snapshot.
+        classifiers: any of ``"centroid_euclidean"``, ``"centroid_cosine"``, ``"logistic"``.
+        linear_probe: also fit the linear probe.
+        schedule: default ``LogSpacedSteps(per_decade=4)``, as for
+            :class:`~lightning_ntk.callbacks.ActivationCodeMonitor`.
+        **kwargs: see :class:`~lightning_ntk.callbacks.Monitor`.
+    """
+
+    quantity = "representations"
+
+    def __init__(self, path: str, *, heldout: HeldoutLike = "auto", layer: Union[None, str, nn.Module] = None,
+                 few_shot: Sequence[Tuple[int, int]] = ((5, 1), (5, 5)), n_query: int = 15, episodes: int = 100,
+                 classifiers: Sequence[str] = tuple(_CLASSIFIERS), linear_probe: bool = True, seed: int = 0,
+                 classifier_threads: Optional[int] = 1, **kwargs: Any):
+        super().__init__(path, heldout=heldout, seed=seed, classifier_threads=classifier_threads, **kwargs)
+        owner = type(self).__name__
+        if layer is not None and not isinstance(layer, (str, nn.Module)):
+            raise TypeError(f"{owner}: layer must be None (penultimate layer), a module name or an nn.Module; "
+                            f"got {type(layer).__name__}")
+        settings = []
+        for setting in few_shot:
+            if not (isinstance(setting, (tuple, list)) and len(setting) == 2):
+                raise ValueError(f"{owner}: few_shot must hold (n_way, k_shot) pairs, got {setting!r}")
+            settings.append((_check_int(owner, "few_shot n_way", setting[0], 2),
+                             _check_int(owner, "few_shot k_shot", setting[1], 1)))
+        if len(set(settings)) != len(settings):
+            raise ValueError(f"{owner}: few_shot lists a setting twice: {settings}")
+        if isinstance(classifiers, str) or not all(isinstance(c, str) for c in classifiers):
+            raise TypeError(f"{owner}: classifiers must be a sequence of names from {tuple(_CLASSIFIERS)}")
+        unknown = [c for c in classifiers if c not in _CLASSIFIERS]
+        if unknown or (settings and not classifiers):
+            raise ValueError(f"{owner}: classifiers must be a non-empty selection of {tuple(_CLASSIFIERS)}; "
+                             f"unknown: {unknown}")
+        if not settings and not linear_probe:
+            raise ValueError(f"{owner}: nothing to measure: few_shot is empty and linear_probe is False")
+        self.layer = layer
+        self.few_shot = settings
+        self.n_query = _check_int(owner, "n_query", n_query, 1)
+        self.episodes = _check_int(owner, "episodes", episodes, 2)
+        self.classifiers = tuple(c for c in _CLASSIFIERS if c in classifiers) if settings else ()
+        self.linear_probe = bool(linear_probe)
+        needs = (["few-shot classifier 'logistic'"] if "logistic" in self.classifiers else []) + \
+            (["linear_probe"] if self.linear_probe else [])
+        if needs:
+            require_sklearn(owner, " and ".join(needs),
+                            "or pass classifiers=('centroid_euclidean', 'centroid_cosine'), linear_probe=False")
+
+    def default_schedule(self) -> Schedule:
+        return LogSpacedSteps(per_decade=4)
+
+    def config(self) -> Dict[str, Any]:
+        layer = self.layer if self.layer is None or isinstance(self.layer, str) else type(self.layer).__name__
+        return dict(super().config(), layer=layer, few_shot=[list(s) for s in self.few_shot], n_query=self.n_query,
+                    episodes=self.episodes, classifiers=list(self.classifiers), linear_probe=self.linear_probe)
+
+    def _features(self, pl_module: nn.Module, probe: ProbeSet) -> np.ndarray:
+        return extract_features(pl_module, probe.x, self.layer, batch_size=self.batch_size,
+                                forward_fn=self.forward_fn)
+
+    def _few_shot_probe(self, probe: ProbeSet) -> ProbeSet:
+        return self._heldout_set if self._heldout_set is not None else probe
+
+    def _check_probes(self, probe: ProbeSet) -> None:
+        owner = type(self).__name__
+        labels = class_labels(probe, owner, "few-shot episodes and the linear probe")
+        if self._heldout_set is not None:
+            class_labels(self._heldout_set, owner, "few-shot episodes and the linear probe")
+        target = self._few_shot_probe(probe)
+        _, counts = np.unique(class_labels(target, owner, "few-shot episodes"), return_counts=True)
+        for n_way, k_shot in self.few_shot:
+            eligible = int(np.sum(counts >= k_shot + self.n_query))
+            if eligible < n_way:
+                raise ValueError(
+                    f"{owner}: the {n_way}-way {k_shot}-shot setting with n_query={self.n_query} needs {n_way} classes "
+                    f"with at least {k_shot + self.n_query} examples each in probe {target.name!r}; it has {eligible} "
+                    f"(class sizes {sorted(counts.tolist(), reverse=True)}). Use a larger probe, or lower n_way, "
+                    "k_shot or n_query"
+                )
+        if self.linear_probe and self._heldout_set is None and len(np.unique(labels)) < 2:
+            raise ValueError(f"{owner}: the linear probe needs at least two classes in probe {probe.name!r}")
+
+    def fields(self, probe: Optional[ProbeSet], pl_module: nn.Module) -> List[Field]:
+        assert probe is not None
+        self._check_probes(probe)
+        fields = [Field("n_features", (), "int64")]
+        for n_way, k_shot in self.few_shot:
+            for classifier in self.classifiers:
+                name = few_shot_field(n_way, k_shot, classifier)
+                fields += [Field(name), Field(f"{name}_ci95")]
+        if self.linear_probe:
+            fields.append(Field("linear_probe_accuracy"))
+        return fields
+
+    def table_specs(self, probe: Optional[ProbeSet], pl_module: nn.Module) -> List[TableSpec]:
+        specs = super().table_specs(probe, pl_module)
+        assert probe is not None
+        for spec in specs:
+            spec.attrs.update(
+                layer="penultimate (input of the last nn.Linear called)" if self.layer is None else
+                (self.layer if isinstance(self.layer, str) else type(self.layer).__name__),
+                few_shot_probe=self._few_shot_probe(probe).name, n_query=self.n_query, episodes=self.episodes,
+                episode_seed=self.seed)
+        return specs
+
+    def measure(self, trainer: Any, pl_module: nn.Module,
+                probe: Optional[ProbeSet]) -> Tuple[Dict[str, Any], Dict[str, float]]:
+        assert probe is not None
+        owner = type(self).__name__
+        heldout = self._heldout_for(pl_module)
+        train_features = self._features(pl_module, probe)
+        y_train = class_labels(probe, owner, "the probes")
+        heldout_features = self._features(pl_module, heldout) if heldout is not None else None
+        row: Dict[str, Any] = {"n_features": train_features.shape[1]}
+        scalars: Dict[str, float] = {}
+        with limited_threads(self.classifier_threads):
+            if heldout is not None:
+                shot_features, shot_labels = heldout_features, class_labels(heldout, owner, "the probes")
+            else:
+                shot_features, shot_labels = train_features, y_train
+            for n_way, k_shot in self.few_shot:
+                for classifier in self.classifiers:
+                    result = few_shot_accuracy(shot_features, shot_labels, n_way=n_way, k_shot=k_shot,
+                                               n_query=self.n_query, episodes=self.episodes, classifier=classifier,
+                                               seed=self.seed)
+                    name = few_shot_field(n_way, k_shot, classifier)
+                    row[name], row[f"{name}_ci95"] = result.mean, result.ci95
+                    scalars[name] = result.mean
+            if self.linear_probe:
+                if heldout is not None:
+                    accuracy = linear_probe_accuracy(train_features, y_train, heldout_features,
+                                                     class_labels(heldout, owner, "the probes"))
+                else:
+                    fit, evaluate = self._fixed_split(y_train)
+                    accuracy = linear_probe_accuracy(train_features[fit], y_train[fit], train_features[evaluate],
+                                                     y_train[evaluate])
+                row["linear_probe_accuracy"] = scalars["linear_probe_accuracy"] = accuracy
+        return row, scalars
