@@ -83,6 +83,7 @@ def make_lightning_module(model: nn.Module, lr: float = 0.05, momentum: float = 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
+    DigitsClassifier.__qualname__ = "DigitsClassifier"
     return DigitsClassifier()
 
 
@@ -91,7 +92,11 @@ def demo_monitors(path: str, overwrite: bool = True) -> List[Any]:
     from . import callbacks
     from .schedule import EveryNEpochs
 
-    monitors: List[Any] = [callbacks.ProbeMetricsMonitor(path, schedule=EveryNEpochs(1), overwrite=overwrite)]
+    monitors: List[Any] = [
+        callbacks.ProbeMetricsMonitor(path, schedule=EveryNEpochs(1), overwrite=overwrite),
+        callbacks.ActivationCodeMonitor(path, schedule=EveryNEpochs(4), overwrite=overwrite),
+        callbacks.RepresentationMonitor(path, schedule=EveryNEpochs(4), overwrite=overwrite),
+    ]
     return monitors
 
 

@@ -306,12 +306,13 @@ class Run:
             if len(view) and not view.is_fixed:
                 keys = view[view.key]
                 lines.append(f"      {view.key} {int(keys[0])} .. {int(keys[-1])}")
+            width = max([len(f) for f in view.fields] + [16])
             for field in view.fields:
                 ds = view.group[field]
                 shape = ",".join(str(s) for s in ds.shape[1:])
                 dims = view.dims(field)[1:]
                 detail = f"({shape})  [{', '.join(dims)}]" if shape else ""
-                lines.append(f"      {field:<24} {ds.dtype}{detail}")
+                lines.append(f"      {field:<{width}}  {ds.dtype}{detail}")
         return "\n".join(lines)
 
     def close(self) -> None:
