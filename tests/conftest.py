@@ -12,6 +12,17 @@ warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
 warnings.filterwarnings("ignore", message=".*number of training batches.*")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def no_default_budget():
+    """Tests check measurements against exact schedules: the default 5% governor (which
+    would thin snapshots of these millisecond trainings) is off unless a test sets a budget."""
+    from lightning_ntk.callbacks import set_default_budget
+
+    previous = set_default_budget(None)
+    yield
+    set_default_budget(previous)
+
+
 @pytest.fixture(params=NAMESPACES)
 def L(request):
     """Each Lightning namespace in turn: the callbacks must work with both Trainers."""

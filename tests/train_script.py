@@ -26,7 +26,8 @@ def main() -> None:
     L = namespace(args.namespace)
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    monitor = ProbeMetricsMonitor(args.path, schedule=1, probe=Probe(size=30), on_error="raise", overwrite=True)
+    monitor = ProbeMetricsMonitor(args.path, schedule=1, probe=Probe(size=30), on_error="raise", overwrite=True,
+                                  budget=False)
 
     class Reporter(L.Callback):
         def _report(self, trainer):

@@ -4,6 +4,7 @@ Every class here subclasses the ``Callback`` of each installed Lightning namespa
 one object works with both ``pytorch_lightning.Trainer`` and ``lightning.pytorch.Trainer``.
 """
 from ._base import Monitor as _MonitorLogic
+from ._base import set_default_budget
 from ._lightning import adapter as _adapter
 from .codes import ActivationCodeMonitor as _ActivationCodeLogic
 from .probe_metrics import ProbeMetricsMonitor as _ProbeMetricsLogic
@@ -15,4 +16,4 @@ ProbeMetricsMonitor = _adapter(_ProbeMetricsLogic, "ProbeMetricsMonitor", base=M
 ActivationCodeMonitor = _adapter(_ActivationCodeLogic, "ActivationCodeMonitor", base=Monitor)
 RepresentationMonitor = _adapter(_RepresentationLogic, "RepresentationMonitor", base=Monitor)
 
-__all__ = ["ActivationCodeMonitor", "Monitor", "ProbeMetricsMonitor", "RepresentationMonitor"]
+__all__ = ["set_default_budget", "ActivationCodeMonitor", "Monitor", "ProbeMetricsMonitor", "RepresentationMonitor"]

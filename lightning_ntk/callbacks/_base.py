@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from .._hygiene import measurement_mode
+from ..budget import SKIP_BUDGET, SKIP_REASONS, BudgetLike, Governor, as_governor
 from ..probe import Probe, ProbeSet
 from ..schedule import LogSpacedSteps, Schedule, ScheduleLike, as_schedule
 from ..store import Field, RunStore, Table, wall_time
@@ -38,6 +40,36 @@ log = logging.getLogger(__name__)
 
 ProbeLike = Union[Probe, ProbeSet, Tuple[torch.Tensor, torch.Tensor], None]
 ForwardFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+#: Budget of the governor that monitors share by default (``budget=None``): together, the
+#: monitors of one Trainer spend at most this fraction of training time.
+DEFAULT_BUDGET = 0.05
+_trainer_governors: "weakref.WeakKeyDictionary[Any, Governor]" = weakref.WeakKeyDictionary()
+
+
+_default_budget: Optional[float] = DEFAULT_BUDGET
+
+
+def set_default_budget(budget: Optional[float]) -> Optional[float]:
+    """Set the shared budget of monitors created with ``budget=None`` (None or 0: no
+    governor by default). Returns the previous value."""
+    global _default_budget
+    if budget:
+        Governor(budget)  # validates
+    previous, _default_budget = _default_budget, (float(budget) if budget else None)
+    return previous
+
+
+def shared_governor(trainer: Any) -> Optional[Governor]:
+    """The default governor of ``trainer``'s fit, shared by its monitors (see
+    :func:`set_default_budget`; 5% unless changed)."""
+    if _default_budget is None:
+        return None
+    governor = _trainer_governors.get(trainer)
+    if governor is None or governor.budget != _default_budget:
+        governor = _trainer_governors[trainer] = Governor(_default_budget)
+    return governor
+
 
 #: Probe inputs are stored in the file by default when they take at most this many bytes.
 _STORE_INPUTS_MAX_BYTES = 16 * 1024 * 1024
@@ -94,6 +126,13 @@ class Monitor:
         batch_size: examples per forward pass on the probe.
         log_scalars: send scalars to the Trainer's loggers.
         fsync: force each snapshot to disk (``os.fsync``), not just to the OS cache.
+        budget: wall-clock budget of the snapshots, as a fraction of training time
+            (:mod:`lightning_ntk.budget`). ``None`` (default): one 5% budget shared by
+            all monitors of the Trainer; a float: this monitor's own; a
+            :class:`~lightning_ntk.budget.Governor`: shared with the monitors given the
+            same one; ``False``: every scheduled snapshot is taken. The first and the
+            final snapshots are always taken; skipped ones are recorded in
+            ``/skipped/<group>`` with the reason.
     """
 
     quantity: str = "monitor"
@@ -103,7 +142,7 @@ class Monitor:
     def __init__(self, path: Union[str, "os.PathLike[str]"], *, name: Optional[str] = None,
                  schedule: ScheduleLike = None, probe: ProbeLike = None, overwrite: bool = False,
                  on_error: str = "warn", forward_fn: Optional[ForwardFn] = None, batch_size: int = 256,
-                 log_scalars: bool = True, fsync: bool = True):
+                 log_scalars: bool = True, fsync: bool = True, budget: BudgetLike = None):
         if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
             raise TypeError(f"{type(self).__name__}: path must be a file path (str or os.PathLike), got {path!r}")
         if name is not None and (not isinstance(name, str) or not name or "/" in name):
@@ -124,6 +163,10 @@ class Monitor:
         self.batch_size = batch_size
         self.log_scalars = bool(log_scalars)
         self.fsync = bool(fsync)
+        if budget is not None and budget is not False and not isinstance(budget, Governor):
+            as_governor(budget)  # validates: a clear error now rather than at train start
+        self.budget = budget
+        self._governor: Optional[Governor] = None
         # Run-time state (not pickled into spawn workers: see __getstate__).
         self._store: Optional[RunStore] = None
         self._tables: Dict[str, Union[Table, FixedTable]] = {}
@@ -166,8 +209,10 @@ class Monitor:
 
     def config(self) -> Dict[str, Any]:
         """Settings recorded in the run file's ``config`` attribute."""
+        budget = self.budget
         return {
             "class": type(self).__name__, "group": self.group, "schedule": self.schedule.to_config(),
+            "budget": _default_budget if budget is None else (budget.budget if isinstance(budget, Governor) else budget),
             "probe": self.probe.to_config() if isinstance(self.probe, Probe) else
             ({"name": self.probe.name, "size": len(self.probe), "source": self.probe.source} if self.probe else None),
             "batch_size": self.batch_size, "model_mode": "eval",
@@ -246,6 +291,9 @@ class Monitor:
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         # Every strategy has restored checkpoints (and called load_state_dict) by now.
         self._resuming = self._loaded_state is not None
+        self._governor = shared_governor(trainer) if self.budget is None else as_governor(self.budget)
+        if self._governor is not None:
+            self._governor.start()
         if self.needs_probe:
             probe = self.probe.draw(trainer) if isinstance(self.probe, Probe) else self.probe
             loaded = (self._loaded_state or {}).get("probe_index")
@@ -290,6 +338,11 @@ class Monitor:
             self._write_probe(probe, self.probe.store_inputs if isinstance(self.probe, Probe) else None)
         with measurement_mode(pl_module, grad=False):
             specs = self.table_specs(probe, pl_module)
+        if self._governor is not None:
+            specs.append(TableSpec(f"skipped/{self.group}", [
+                Field("step", (), "int64"), Field("epoch"), Field("reason", (), "int8"),
+                Field("expected_cost"), Field("overhead")], attrs={"reasons": list(SKIP_REASONS),
+                                                                 "budget": self._governor.budget}))
         resuming = self._loaded_state is not None
         for spec in specs:
             if spec.n_rows is not None:
@@ -318,7 +371,7 @@ class Monitor:
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self.schedule.final and trainer.global_step != self._last_step:
-            self._snapshot(trainer, pl_module, epoch=float(trainer.current_epoch))
+            self._snapshot(trainer, pl_module, epoch=float(trainer.current_epoch), forced=True)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._release()
@@ -350,13 +403,32 @@ class Monitor:
         self.load_extra_state(state_dict.get("extra", {}))
 
     # ---------------------------------------------------------------- snapshot
-    def _snapshot(self, trainer: Any, pl_module: nn.Module, epoch: float) -> None:
+    def _allowed(self, trainer: Any, step: int, epoch: float, forced: bool) -> bool:
+        """The governor's decision, taken on rank 0 and broadcast (ranks must agree)."""
+        governor = self._governor
+        if governor is None:
+            return True
+        allowed = governor.allow(self.group, forced=forced or self._last_step is None)
+        strategy = getattr(trainer, "strategy", None)
+        if strategy is not None and getattr(trainer, "world_size", 1) > 1:
+            allowed = bool(strategy.broadcast(allowed, 0))
+        if not allowed:
+            table = self._tables.get(f"skipped/{self.group}")
+            if self._writer and isinstance(table, Table):
+                table.append(step=step, epoch=epoch, reason=SKIP_BUDGET,
+                             expected_cost=governor.expected_cost(self.group), overhead=governor.overhead())
+        return allowed
+
+    def _snapshot(self, trainer: Any, pl_module: nn.Module, epoch: float, forced: bool = False) -> None:
         if self._disabled:
             return
         step = int(trainer.global_step)
+        if not self._allowed(trainer, step, epoch, forced):
+            return
         # Visible to measure(): the step and fractional epoch of the snapshot being taken.
         self.snapshot_step, self.snapshot_epoch = step, float(epoch)
-        started = time.perf_counter()
+        clock = self._governor.clock if self._governor is not None else time.perf_counter
+        started = clock()
         try:
             with measurement_mode(pl_module):
                 row, scalars = self.measure(trainer, pl_module, self._probe_for(pl_module))
@@ -375,7 +447,10 @@ class Monitor:
             )
             return
         self._last_step = step
-        log.debug("%s snapshot at step %d took %.3fs", self.group, step, time.perf_counter() - started)
+        seconds = clock() - started
+        if self._governor is not None:
+            self._governor.record(self.group, seconds)
+        log.debug("%s snapshot at step %d took %.3fs", self.group, step, seconds)
         if self.log_scalars and scalars:
             self._log(trainer, scalars, step)
 

@@ -1,0 +1,133 @@
+"""The budget governor, driven by a fake clock."""
+import math
+
+import pytest
+
+from lightning_ntk.budget import Governor, as_governor
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def simulate(governor, clock, *, steps, step_time, due_every, cost, monitor="m"):
+    """Training loop: every step takes `step_time`; a snapshot is due every `due_every` steps."""
+    taken = []
+    governor.start()
+    for step in range(steps + 1):
+        if step % due_every == 0 or step == steps:
+            forced = step == 0 or step == steps
+            if governor.allow(monitor, forced=forced):
+                clock.now += cost
+                governor.record(monitor, cost)
+                taken.append(step)
+        clock.now += step_time
+    return taken
+
+
+def test_keeps_to_budget_and_never_drops_first_or_last():
+    clock = FakeClock()
+    gov = Governor(0.05, clock=clock)
+    taken = simulate(gov, clock, steps=2000, step_time=0.01, due_every=10, cost=0.2)
+    assert taken[0] == 0 and taken[-1] == 2000
+    train_time = 2000 * 0.01
+    # Discretionary snapshots stay within budget: the total may exceed it only by the
+    # forced final snapshot.
+    assert gov.spent - 0.2 <= 0.05 * train_time + 1e-9
+    # And the budget is used, not wasted: within one snapshot of it.
+    assert gov.spent >= 0.05 * train_time - 0.2
+    assert gov.skipped("m") > 0
+
+
+def test_cheap_snapshots_are_all_taken():
+    clock = FakeClock()
+    gov = Governor(0.05, clock=clock)
+    taken = simulate(gov, clock, steps=1000, step_time=0.01, due_every=100, cost=0.001)
+    assert taken == list(range(0, 1001, 100))
+    assert gov.skipped() == 0
+
+
+def test_shared_budget_covers_all_monitors():
+    clock = FakeClock()
+    gov = Governor(0.02, clock=clock)
+    gov.start()
+    spent = {"a": 0, "b": 0}
+    for step in range(5001):
+        for name, cost in (("a", 0.05), ("b", 0.3)):
+            if step % 20 == 0 and gov.allow(name, forced=step == 0):
+                clock.now += cost
+                gov.record(name, cost)
+                spent[name] += 1
+        clock.now += 0.01
+    train_time = 5001 * 0.01
+    assert gov.spent <= 0.02 * train_time + 0.3 + 0.05  # the forced first snapshots
+    assert spent["a"] > spent["b"] > 0
+    assert gov.overhead() <= 0.02 + 0.35 / train_time
+
+
+def test_overhead_accounting():
+    clock = FakeClock()
+    gov = Governor(0.1, clock=clock)
+    assert gov.overhead() == 0.0
+    gov.start()
+    gov.record("m", 1.0)
+    clock.now = 1.0  # all of the elapsed time was instrumentation
+    assert gov.training_time() == 0.0 and math.isinf(gov.overhead())
+    clock.now = 11.0
+    assert gov.training_time() == 10.0 and gov.overhead() == pytest.approx(0.1)
+    assert gov.expected_cost("m") == 1.0
+
+
+@pytest.mark.parametrize("bad", [0, -0.1, math.inf, "5%"])
+def test_bad_budgets(bad):
+    with pytest.raises(ValueError, match="budget must be a positive fraction"):
+        Governor(bad)
+
+
+def test_as_governor():
+    shared = Governor(0.03)
+    assert as_governor(shared) is shared
+    assert as_governor(0.02).budget == 0.02
+    assert as_governor(None) is None and as_governor(False) is None
+
+
+def test_monitor_keeps_to_its_budget_with_a_fake_clock(L, run_path):
+    """A real training whose clock is fake: 1 s per step, 0.5 s per snapshot, budget 10%."""
+    import numpy as np
+
+    from lightning_ntk.callbacks import ProbeMetricsMonitor
+    from lightning_ntk.probe import Probe
+    from lightning_ntk.store import open_run
+
+    from .models import blob_data, loader, make_module, tiny_net, trainer
+
+    clock = FakeClock()
+    governor = Governor(0.1, clock=clock)
+
+    class Slow(ProbeMetricsMonitor):
+        def measure(self, trainer, pl_module, probe):
+            clock.now += 0.5
+            return super().measure(trainer, pl_module, probe)
+
+    class Tick(L.Callback):
+        def on_train_batch_end(self, *args):
+            clock.now += 1.0
+
+    monitor = Slow(run_path, schedule=1, probe=Probe(size=12), budget=governor, on_error="raise")
+    t = trainer(L, [Tick(), monitor], max_epochs=5)  # Tick first: the step's time is counted before the check
+    t.fit(make_module(L, tiny_net()), loader(blob_data(n=48)))
+    steps_total = t.global_step
+    with open_run(run_path) as run:
+        taken = run["probe_metrics"]["step"]
+        skipped = run["skipped/probe_metrics"]
+        assert taken[0] == 0 and taken[-1] == steps_total  # first and last never dropped
+        assert len(taken) + len(skipped) == steps_total + 1  # every scheduled step: taken or recorded
+        assert set(skipped["step"]).isdisjoint(taken)
+        assert np.all(skipped["reason"] == 1) and run["skipped/probe_metrics"].attrs["reasons"][1] == "budget"
+    training_time = steps_total * 1.0
+    assert governor.spent - 0.5 <= 0.1 * training_time + 1e-9  # within budget but for the forced last one
+    assert len(taken) >= int(0.1 * training_time / 0.5)  # and the budget is used
