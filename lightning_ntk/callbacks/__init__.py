@@ -7,13 +7,15 @@ from ._base import Monitor as _MonitorLogic
 from ._base import set_default_budget
 from ._lightning import adapter as _adapter
 from .codes import ActivationCodeMonitor as _ActivationCodeLogic
+from .ntk import NTKMonitor as _NTKLogic
 from .probe_metrics import ProbeMetricsMonitor as _ProbeMetricsLogic
 from .representations import RepresentationMonitor as _RepresentationLogic
 
 #: Base class of every monitor, usable as a callback (subclass it for a new quantity).
 Monitor = _adapter(_MonitorLogic, "Monitor")
 ProbeMetricsMonitor = _adapter(_ProbeMetricsLogic, "ProbeMetricsMonitor", base=Monitor)
+NTKMonitor = _adapter(_NTKLogic, "NTKMonitor", base=Monitor)
 ActivationCodeMonitor = _adapter(_ActivationCodeLogic, "ActivationCodeMonitor", base=Monitor)
 RepresentationMonitor = _adapter(_RepresentationLogic, "RepresentationMonitor", base=Monitor)
 
-__all__ = ["set_default_budget", "ActivationCodeMonitor", "Monitor", "ProbeMetricsMonitor", "RepresentationMonitor"]
+__all__ = ["set_default_budget", "ActivationCodeMonitor", "Monitor", "NTKMonitor", "ProbeMetricsMonitor", "RepresentationMonitor"]

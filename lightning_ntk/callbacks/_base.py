@@ -34,6 +34,7 @@ from ..probe import Probe, ProbeSet
 from ..schedule import LogSpacedSteps, Schedule, ScheduleLike, as_schedule
 from ..store import Field, RunStore, Table, wall_time
 from ..store._writer import FixedTable
+from ._distributed import Collectives
 from ._lightning import loggers_of
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,8 @@ class Monitor:
         batch_size: examples per forward pass on the probe.
         log_scalars: send scalars to the Trainer's loggers.
         fsync: force each snapshot to disk (``os.fsync``), not just to the OS cache.
+        collective_timeout: under distributed training, seconds a monitor waits for the
+            other ranks at its own collectives before failing (never a hang).
         budget: wall-clock budget of the snapshots, as a fraction of training time
             (:mod:`lightning_ntk.budget`). ``None`` (default): one 5% budget shared by
             all monitors of the Trainer; a float: this monitor's own; a
@@ -142,7 +145,8 @@ class Monitor:
     def __init__(self, path: Union[str, "os.PathLike[str]"], *, name: Optional[str] = None,
                  schedule: ScheduleLike = None, probe: ProbeLike = None, overwrite: bool = False,
                  on_error: str = "warn", forward_fn: Optional[ForwardFn] = None, batch_size: int = 256,
-                 log_scalars: bool = True, fsync: bool = True, budget: BudgetLike = None):
+                 log_scalars: bool = True, fsync: bool = True, budget: BudgetLike = None,
+                 collective_timeout: float = 300.0):
         if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
             raise TypeError(f"{type(self).__name__}: path must be a file path (str or os.PathLike), got {path!r}")
         if name is not None and (not isinstance(name, str) or not name or "/" in name):
@@ -167,9 +171,14 @@ class Monitor:
             as_governor(budget)  # validates: a clear error now rather than at train start
         self.budget = budget
         self._governor: Optional[Governor] = None
+        if isinstance(collective_timeout, bool) or not isinstance(collective_timeout, (int, float)) or not collective_timeout > 0:
+            raise ValueError(f"{type(self).__name__}: collective_timeout must be positive seconds, got {collective_timeout!r}")
+        self.collective_timeout = float(collective_timeout)
+        self._dist = Collectives(self.collective_timeout)
         # Run-time state (not pickled into spawn workers: see __getstate__).
         self._store: Optional[RunStore] = None
         self._tables: Dict[str, Union[Table, FixedTable]] = {}
+        self._specs: List[TableSpec] = []
         self._probe_set: Optional[ProbeSet] = None
         self._probe_on_device: Optional[ProbeSet] = None
         self._writer = False
@@ -274,6 +283,7 @@ class Monitor:
         state = self.__dict__.copy()
         for key in ("_store", "_probe_on_device"):
             state[key] = None
+        state["_dist"] = Collectives(self.collective_timeout)
         state["_tables"] = {}
         return state
 
@@ -282,6 +292,7 @@ class Monitor:
         if str(stage) not in ("fit", "TrainerFn.FITTING"):
             return
         self._writer = bool(trainer.is_global_zero)
+        self._dist.setup()  # every rank, same order: creates this monitor's process group
         if self._writer:  # fail fast on an unusable location; existence is checked once resume is known
             RunStore.check_path(self.path, overwrite=self.overwrite, resume=True, check_exists=False)
 
@@ -303,6 +314,8 @@ class Monitor:
                     "the probe settings changed); resume with the same data and settings"
                 )
             self._probe_set = probe
+        # Every rank works out the schema (monitors learn their shapes here); rank 0 declares it.
+        self._specs = self._schema(pl_module)
         if self._writer:
             self._store = RunStore.acquire(self.path, owner=self.state_key, overwrite=self.overwrite,
                                            resume=self._resuming, fsync=self.fsync)
@@ -331,20 +344,24 @@ class Monitor:
             self._store.write_static(group, "x", probe.x.cpu().numpy(),
                                      dims + tuple(f"x_dim{i}" for i in range(1, probe.x.ndim)), coords=coords)
 
-    def _declare(self, pl_module: nn.Module) -> None:
-        assert self._store is not None
-        probe = self._probe_set
-        if probe is not None:
-            self._write_probe(probe, self.probe.store_inputs if isinstance(self.probe, Probe) else None)
+    def _schema(self, pl_module: nn.Module) -> List[TableSpec]:
         with measurement_mode(pl_module, grad=False):
-            specs = self.table_specs(probe, pl_module)
+            specs = self.table_specs(self._probe_set, pl_module)
         if self._governor is not None:
             specs.append(TableSpec(f"skipped/{self.group}", [
                 Field("step", (), "int64"), Field("epoch"), Field("reason", (), "int8"),
                 Field("expected_cost"), Field("overhead")], attrs={"reasons": list(SKIP_REASONS),
                                                                  "budget": self._governor.budget}))
+        return specs
+
+    def _declare(self, pl_module: nn.Module) -> None:
+        """Rank 0: write the probe and declare :attr:`_specs` in the store."""
+        assert self._store is not None
+        probe = self._probe_set
+        if probe is not None:
+            self._write_probe(probe, self.probe.store_inputs if isinstance(self.probe, Probe) else None)
         resuming = self._loaded_state is not None
-        for spec in specs:
+        for spec in self._specs:
             if spec.n_rows is not None:
                 table: Union[Table, FixedTable] = self._store.declare_fixed_table(
                     spec.group, spec.fields, spec.n_rows, row_dim=spec.row_dim or "row", coords=spec.coords,
@@ -408,10 +425,7 @@ class Monitor:
         governor = self._governor
         if governor is None:
             return True
-        allowed = governor.allow(self.group, forced=forced or self._last_step is None)
-        strategy = getattr(trainer, "strategy", None)
-        if strategy is not None and getattr(trainer, "world_size", 1) > 1:
-            allowed = bool(strategy.broadcast(allowed, 0))
+        allowed = bool(self._dist.broadcast_object(governor.allow(self.group, forced=forced or self._last_step is None)))
         if not allowed:
             table = self._tables.get(f"skipped/{self.group}")
             if self._writer and isinstance(table, Table):
@@ -429,6 +443,7 @@ class Monitor:
         self.snapshot_step, self.snapshot_epoch = step, float(epoch)
         clock = self._governor.clock if self._governor is not None else time.perf_counter
         started = clock()
+        error: Optional[BaseException] = None
         try:
             with measurement_mode(pl_module):
                 row, scalars = self.measure(trainer, pl_module, self._probe_for(pl_module))
@@ -437,8 +452,13 @@ class Monitor:
                 table.append(dict(row, step=step, epoch=epoch, wall_time=wall_time()))
                 self._store.flush()
         except Exception as exc:
+            error = exc
+        # Under DDP every rank learns whether any failed, so all raise or all disable together.
+        error = self._dist.agree_on_error(error, f"{type(self).__name__} ({self.group})")
+        if error is not None:
+            exc = error
             if self.on_error == "raise":
-                raise
+                raise exc
             self._disabled = True
             warnings.warn(
                 f"{type(self).__name__} ({self.group}) failed at step {step} and is disabled for the rest of this "

@@ -1,0 +1,291 @@
+"""NTKMonitor: the empirical NTK on a fixed probe over training, and how it moves.
+
+Per snapshot, on the probe (eval mode: BatchNorm uses its running statistics):
+
+* the kernel Θ = J Jᵀ (kind ``trace`` by default, see :func:`lightning_ntk.empirical_ntk`),
+  one sweep giving the per-layer contributions too;
+* its top-k eigenpairs (float64), eigenvector signs aligned to the previous snapshot;
+* trace, Frobenius norm, effective rank (entropy of the normalised spectrum);
+* kernel distance to the first snapshot and to the previous one, velocity per epoch
+  (Fort et al. 2020); kernel-target alignment, plain and centred (Cristianini et al.;
+  Cortes et al. 2012);
+* energy of the one-hot targets, the outputs and the residual in the top-1..k eigenvectors
+  (Kopitkov & Indelman 2020);
+* with a held-out probe: kernel regression accuracy and MSE of the current eNTK
+  (Lee et al. 2020; a closed-form proxy for Fort et al.'s trained linearised network).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import spectral
+from ..ntk import KINDS, METHODS, empirical_ntk
+from ..ntk._model import layer_name, select_parameters
+from ..probe import Probe, ProbeSet
+from ..store import Field
+from ._base import ForwardFn, Monitor
+
+#: The kernel is stored by default for these kinds up to this many probe examples.
+_STORE_KERNEL_MAX_N = 1024
+#: Effective rank from the full spectrum up to this matrix size, else from the top-k.
+_FULL_SPECTRUM_MAX_M = 2048
+#: Energies logged as scalars (the file holds the whole curve over k = 1..K).
+_LOGGED_ENERGY_K = (1, 5, 10, 20)
+
+
+class _ForwardAdapter(nn.Module):
+    """Presents ``forward_fn(module, x)`` as a module whose parameters are ``module``'s."""
+
+    def __init__(self, module: nn.Module, forward_fn: ForwardFn):
+        super().__init__()
+        self.module = module
+        self._forward_fn = forward_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward_fn(self.module, x)
+
+
+class NTKMonitor(Monitor):
+    """Empirical NTK snapshots on a probe set (group ``/ntk``).
+
+    Args:
+        kind: ``"trace"`` (default; (N, N), mean over logits), ``"pseudo"``, ``"diagonal"``
+            or ``"full"`` (N, N, C, C).
+        k: number of top eigenpairs kept (float64), default 20.
+        store_kernel: keep the kernel of each snapshot in the file. Default: on for
+            trace/pseudo up to N = 1024, off otherwise.
+        per_layer: record each layer's contribution to the trace (one extra sum, no extra
+            backward passes).
+        heldout: a held-out probe (a :class:`Probe` with ``source="val"``, a ProbeSet or a
+            pair ``(x, y)``) for kernel-regression accuracy; None: no KRR.
+        krr_eps: KRR ridge ε in K + ε·tr(K)/n·I (Lee et al. 2020).
+        method, dtype, max_memory: passed to :func:`lightning_ntk.empirical_ntk`.
+        **kwargs: see :class:`~lightning_ntk.callbacks.Monitor` (path, probe — default
+            256 stratified training examples — schedule — default log-spaced steps — ...).
+    """
+
+    quantity = "ntk"
+
+    def __init__(self, path: str, *, kind: str = "trace", k: int = 20, store_kernel: Optional[bool] = None,
+                 per_layer: bool = True, heldout: Union[Probe, ProbeSet, Tuple[torch.Tensor, torch.Tensor], None] = None,
+                 krr_eps: float = 1e-4, method: str = "auto", dtype: Optional[torch.dtype] = None,
+                 max_memory: Union[None, int, str] = None, **kwargs: Any):
+        super().__init__(path, **kwargs)
+        if kind not in KINDS:
+            raise ValueError(f"NTKMonitor: kind must be one of {sorted(KINDS)}, got {kind!r}")
+        if method not in METHODS:
+            raise ValueError(f"NTKMonitor: method must be one of {sorted(METHODS)}, got {method!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"NTKMonitor: k (eigenpairs kept) must be a positive integer, got {k!r}")
+        if not (isinstance(krr_eps, (int, float)) and krr_eps >= 0 and math.isfinite(krr_eps)):
+            raise ValueError(f"NTKMonitor: krr_eps must be a finite number >= 0, got {krr_eps!r}")
+        if dtype is not None and dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"NTKMonitor: dtype must be None, torch.float32 or torch.float64, got {dtype!r}")
+        self.kind = kind
+        self.k = k
+        self.store_kernel = store_kernel
+        self.per_layer = bool(per_layer)
+        self.heldout = None if heldout is None else self._as_probe(heldout)
+        self.krr_eps = float(krr_eps)
+        self.method = method
+        self.dtype = dtype
+        self.max_memory = max_memory
+        self._heldout_set: Optional[ProbeSet] = None
+        self._layers: List[str] = []
+        self._num_outputs = 0
+        self._k_eff = 0
+        self._store_kernel = False
+        self._kernel_init: Optional[np.ndarray] = None
+        self._kernel_prev: Optional[np.ndarray] = None
+        self._epoch_prev: Optional[float] = None
+        self._eigvecs_prev: Optional[np.ndarray] = None
+
+    # ------------------------------------------------------------------ config and schema
+    def config(self) -> Dict[str, Any]:
+        return dict(super().config(), kind=self.kind, k=self.k, per_layer=self.per_layer, method=self.method,
+                    dtype=str(self.dtype) if self.dtype else None, max_memory=self.max_memory,
+                    krr_eps=self.krr_eps, store_kernel=self._store_kernel,
+                    heldout=None if self.heldout is None else (self.heldout.to_config() if isinstance(
+                        self.heldout, Probe) else {"name": self.heldout.name, "size": len(self.heldout)}),
+                    note="kernel computed in eval mode: BatchNorm uses running statistics, dropout is off")
+
+    def _model(self, pl_module: nn.Module) -> nn.Module:
+        if self.forward_fn.__name__ == "_default_forward":
+            return pl_module
+        return _ForwardAdapter(pl_module, self.forward_fn)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.heldout is not None:
+            self._heldout_set = self.heldout.draw(trainer) if isinstance(self.heldout, Probe) else self.heldout
+        super().on_train_start(trainer, pl_module)
+
+    def _matrix_size(self, n: int) -> int:
+        return n if self.kind in ("trace", "pseudo") else n * self._num_outputs
+
+    def fields(self, probe: Optional[ProbeSet], pl_module: nn.Module) -> List[Field]:
+        assert probe is not None
+        n = len(probe)
+        device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
+        out = self._model(pl_module)(probe.x[:1].to(device))
+        self._num_outputs = int(out.reshape(1, -1).shape[1])
+        m = self._matrix_size(n)
+        self._k_eff = min(self.k, m)
+        selected = select_parameters(self._model(pl_module), None)
+        seen: List[str] = []
+        for name, _ in selected:
+            layer = layer_name(name)
+            if layer not in seen:
+                seen.append(layer)
+        self._layers = seen
+        if self.store_kernel is None:
+            self._store_kernel = self.kind in ("trace", "pseudo") and n <= _STORE_KERNEL_MAX_N
+        else:
+            self._store_kernel = bool(self.store_kernel)
+        k = self._k_eff
+        fields = [
+            Field("eigvals", (k,), dims=("eigen",)),
+            Field("eigvecs", (m, k), "float32", dims=("eigvec_row", "eigen")),
+            Field("trace"), Field("frobenius"), Field("effective_rank"),
+            Field("distance_to_init"), Field("distance_to_prev"), Field("velocity"),
+            Field("kernel_target_alignment"), Field("kernel_target_alignment_centered"),
+            Field("target_energy", (k,), dims=("eigen",)), Field("output_energy", (k,), dims=("eigen",)),
+            Field("residual_energy", (k,), dims=("eigen",)),
+        ]
+        if self.per_layer:
+            fields.append(Field("layer_trace", (len(self._layers),), dims=("layer",)))
+        if self._heldout_set is not None:
+            fields += [Field("krr_accuracy"), Field("krr_mse")]
+        if self._store_kernel:
+            shape = {"trace": (n, n), "pseudo": (n, n), "diagonal": (n, n, self._num_outputs),
+                     "full": (n, n, self._num_outputs, self._num_outputs)}[self.kind]
+            dims = ("probe_i", "probe_j", "output_c", "output_d")[: len(shape)]
+            fields.append(Field("kernel", shape, "float32", dims=dims))
+        return fields
+
+    def coords(self, probe: Optional[ProbeSet]) -> Dict[str, Any]:
+        coords = {"eigen": np.arange(1, self._k_eff + 1)}
+        if self.per_layer:
+            coords["layer"] = np.arange(len(self._layers))
+        return coords
+
+    def table_specs(self, probe, pl_module):
+        specs = super().table_specs(probe, pl_module)
+        specs[0].attrs.update({"kind": self.kind, "layers": list(self._layers),
+                               "eigvec_rows": "example" if self.kind in ("trace", "pseudo")
+                               else "example-major (row n*C + c)"})
+        return specs
+
+    # ------------------------------------------------------------------ measurement
+    def _kernel(self, model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = None,
+                per_layer: bool = False):
+        return empirical_ntk(model, x1, x2, kind=self.kind, method=self.method, per_layer=per_layer,
+                             dtype=self.dtype, max_memory=self.max_memory)
+
+    def measure(self, trainer: Any, pl_module: nn.Module, probe: Optional[ProbeSet]) -> Tuple[Dict[str, Any], Dict[str, float]]:
+        assert probe is not None
+        model = self._model(pl_module)
+        if self.per_layer:
+            parts = self._kernel(model, probe.x, per_layer=True)
+            kernel_t = sum(parts.values())
+            layer_trace = np.array([_trace(parts[name]) if name in parts else 0.0 for name in self._layers])
+        else:
+            kernel_t = self._kernel(model, probe.x)
+            layer_trace = None
+        kernel = kernel_t.detach().double().cpu().numpy()
+        with torch.no_grad():
+            outputs = self.forward(pl_module, probe.x).reshape(len(probe), -1).double().cpu().numpy()
+        targets = _one_hot(probe.y, self._num_outputs)
+
+        eig = spectral.top_eigenpairs(kernel, self._k_eff)
+        eigvecs = eig.eigvecs if self._eigvecs_prev is None else spectral.align_signs(eig.eigvecs, self._eigvecs_prev)
+        matrix = spectral.kernel_matrix(kernel)
+        if matrix.shape[0] <= _FULL_SPECTRUM_MAX_M:
+            effective_rank = spectral.effective_rank(np.linalg.eigvalsh(0.5 * (matrix + matrix.T)))
+        else:
+            effective_rank = spectral.effective_rank(eig.eigvals)
+        epoch = float(self.snapshot_epoch if self.snapshot_epoch is not None else trainer.current_epoch)
+        if self._kernel_init is None:
+            self._kernel_init = kernel.astype(np.float32)
+        dist_init = spectral.kernel_distance(self._kernel_init, kernel)
+        if self._kernel_prev is not None:
+            dist_prev = spectral.kernel_distance(self._kernel_prev, kernel)
+            dt = epoch - self._epoch_prev if self._epoch_prev is not None else float("nan")
+            velocity = dist_prev / dt if dt > 0 else float("nan")
+        else:
+            dist_prev = velocity = float("nan")
+        vec_targets, vec_outputs = _energy_vectors(self.kind, targets, outputs)
+        row: Dict[str, Any] = {
+            "eigvals": eig.eigvals, "eigvecs": eigvecs.astype(np.float32),
+            "trace": spectral.kernel_trace(kernel), "frobenius": spectral.kernel_frobenius_norm(kernel),
+            "effective_rank": effective_rank, "distance_to_init": dist_init, "distance_to_prev": dist_prev,
+            "velocity": velocity,
+            "kernel_target_alignment": spectral.kernel_target_alignment(kernel, targets),
+            "kernel_target_alignment_centered": spectral.kernel_target_alignment(kernel, targets, centered=True),
+            "target_energy": _energy(eigvecs, vec_targets), "output_energy": _energy(eigvecs, vec_outputs),
+            "residual_energy": _energy(eigvecs, vec_outputs - vec_targets),
+        }
+        if layer_trace is not None:
+            row["layer_trace"] = layer_trace
+        if self._heldout_set is not None:
+            held = self._heldout_set.to(probe.x.device)
+            cross = self._kernel(model, held.x, probe.x).detach().double().cpu().numpy()
+            scores = spectral.kernel_regression_scores(kernel, targets, cross, held.y.cpu().numpy(),
+                                                       eps=self.krr_eps)
+            row["krr_accuracy"], row["krr_mse"] = scores.accuracy, scores.mse
+        if self._store_kernel:
+            row["kernel"] = kernel.astype(np.float32)
+        self._kernel_prev = kernel.astype(np.float32)
+        self._epoch_prev = epoch
+        self._eigvecs_prev = eigvecs
+        scalars = {key: float(row[key]) for key in ("trace", "effective_rank", "distance_to_init",
+                                                     "kernel_target_alignment", "kernel_target_alignment_centered")}
+        scalars["eigval_1"] = float(eig.eigvals[0])
+        if math.isfinite(velocity):
+            scalars["velocity"] = velocity
+        for k in _LOGGED_ENERGY_K:
+            if k <= self._k_eff:
+                scalars[f"target_energy_top{k}"] = float(row["target_energy"][k - 1])
+                scalars[f"output_energy_top{k}"] = float(row["output_energy"][k - 1])
+        if "krr_accuracy" in row:
+            scalars["krr_accuracy"] = float(row["krr_accuracy"])
+        return row, scalars
+
+    # ------------------------------------------------------------------ resume
+    def extra_state(self) -> Dict[str, Any]:
+        return {"kernel_init": self._kernel_init, "kernel_prev": self._kernel_prev, "epoch_prev": self._epoch_prev,
+                "eigvecs_prev": self._eigvecs_prev}
+
+    def load_extra_state(self, state: Dict[str, Any]) -> None:
+        self._kernel_init = state.get("kernel_init")
+        self._kernel_prev = state.get("kernel_prev")
+        self._epoch_prev = state.get("epoch_prev")
+        self._eigvecs_prev = state.get("eigvecs_prev")
+
+
+def _trace(kernel: torch.Tensor) -> float:
+    return spectral.kernel_trace(kernel.detach())
+
+
+def _one_hot(y: torch.Tensor, num_classes: int) -> np.ndarray:
+    y = y.detach().cpu()
+    if y.dtype.is_floating_point:
+        return y.reshape(y.shape[0], -1).double().numpy()
+    return np.eye(num_classes)[y.numpy()]
+
+
+def _energy_vectors(kind: str, targets: np.ndarray, outputs: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Targets and outputs as the vectors the eigenvectors live with: (N, C) columns, or vec for NC rows."""
+    if kind in ("trace", "pseudo"):
+        return targets, outputs
+    return targets.reshape(-1), outputs.reshape(-1)
+
+
+def _energy(eigvecs: np.ndarray, phi: np.ndarray) -> np.ndarray:
+    if not np.any(phi):
+        return np.full(eigvecs.shape[1], np.nan)
+    return spectral.eigen_energy(eigvecs, phi)

@@ -1,0 +1,119 @@
+"""NTKMonitor: every stored quantity against an independent computation on the trained model."""
+import numpy as np
+import pytest
+import torch
+
+from lightning_ntk.callbacks import NTKMonitor
+from lightning_ntk.ntk import empirical_ntk_reference
+from lightning_ntk.probe import Probe
+from lightning_ntk.schedule import EveryNEpochs
+from lightning_ntk.store import open_run
+
+from .models import blob_data, loader, make_module, tiny_net, trainer
+
+
+def _fit(L, monitor, epochs=2, net=None, seed=0):
+    torch.manual_seed(seed)
+    module = make_module(L, net or tiny_net(batchnorm=True, dropout=0.2))
+    t = trainer(L, [monitor], max_epochs=epochs)
+    t.fit(module, loader(blob_data()))
+    return module
+
+
+def _cos(a, b):
+    a, b = a.ravel(), b.ravel()
+    return a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+
+
+def test_kernel_and_spectrum_match_brute_force(L, run_path):
+    x_held, y_held = blob_data(n=30, seed=1).tensors
+    monitor = NTKMonitor(run_path, probe=Probe(size=24), schedule=EveryNEpochs(1), k=5, on_error="raise",
+                         heldout=(x_held, y_held))
+    module = _fit(L, monitor)
+    module.eval()
+    with open_run(run_path) as run:
+        view = run["ntk"]
+        probe = run.probe("train_24")
+        x = torch.as_tensor(probe["x"])
+        y = probe["y"]
+        ref = empirical_ntk_reference(module, x, kind="trace").numpy()
+        kernel = view["kernel"][-1]
+        np.testing.assert_allclose(kernel, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+        # Eigenpairs of the stored kernel, largest first; eigvecs orthonormal eigenvectors.
+        lam, vec = np.linalg.eigh(ref)
+        np.testing.assert_allclose(view["eigvals"][-1], lam[::-1][:5], rtol=1e-4)
+        U = view["eigvecs"][-1].astype(np.float64)
+        np.testing.assert_allclose(np.abs(np.sum(U * vec[:, ::-1][:, :5], axis=0)), 1.0, atol=1e-4)
+        # Scalars from their definitions.
+        np.testing.assert_allclose(view["trace"][-1], np.trace(ref), rtol=1e-5)
+        np.testing.assert_allclose(view["frobenius"][-1], np.linalg.norm(ref), rtol=1e-5)
+        p = np.clip(lam, 0, None) / np.clip(lam, 0, None).sum()
+        p = p[p > 0]
+        np.testing.assert_allclose(view["effective_rank"][-1], np.exp(-(p * np.log(p)).sum()), rtol=1e-4)
+        kernels = view["kernel"].astype(np.float64)
+        np.testing.assert_allclose(view["distance_to_init"], [1 - _cos(kernels[0], k) for k in kernels], atol=1e-6)
+        epochs = view["epoch"]
+        assert np.isnan(view["velocity"][0])
+        np.testing.assert_allclose(view["velocity"][1:], [(1 - _cos(kernels[i - 1], kernels[i])) / (epochs[i] - epochs[i - 1])
+                                                          for i in range(1, len(kernels))], rtol=1e-4, atol=1e-9)
+        Y = np.eye(3)[y]
+        T = Y @ Y.T
+        np.testing.assert_allclose(view["kernel_target_alignment"][-1], _cos(ref, T), rtol=1e-5)
+        H = np.eye(len(y)) - 1.0 / len(y)
+        np.testing.assert_allclose(view["kernel_target_alignment_centered"][-1], _cos(H @ ref @ H, H @ T @ H),
+                                   rtol=1e-5)
+        # Energy of the one-hot targets in the top-k eigenvectors (Kopitkov & Indelman).
+        proj = (U.T @ Y) ** 2
+        np.testing.assert_allclose(view["target_energy"][-1], np.cumsum(proj.sum(axis=1)) / (Y ** 2).sum(),
+                                   rtol=1e-4)
+        with torch.no_grad():
+            out = module(x).double().numpy()
+        np.testing.assert_allclose(view["output_energy"][-1],
+                                   np.cumsum(((U.T @ out) ** 2).sum(axis=1)) / (out ** 2).sum(), rtol=1e-4)
+        # Per-layer traces sum to the trace.
+        np.testing.assert_allclose(view["layer_trace"][-1].sum(), view["trace"][-1], rtol=1e-5)
+        assert len(view.attrs["layers"]) == view["layer_trace"].shape[1]
+        # Kernel regression on the held-out probe (Lee et al.): K + eps tr(K)/n I, one-hot targets.
+        cross = empirical_ntk_reference(module, x_held, x, kind="trace").numpy()
+        reg = ref + 1e-4 * np.trace(ref) / len(y) * np.eye(len(y))
+        pred = cross @ np.linalg.solve(reg, Y)
+        np.testing.assert_allclose(view["krr_accuracy"][-1], np.mean(pred.argmax(1) == y_held.numpy()))
+        np.testing.assert_allclose(view["krr_mse"][-1], np.mean((pred - np.eye(3)[y_held.numpy()]) ** 2), rtol=1e-3)
+
+
+def test_full_kind_eigvecs_are_example_major(L, run_path):
+    monitor = NTKMonitor(run_path, probe=Probe(size=9), kind="full", k=4, schedule=EveryNEpochs(1),
+                         on_error="raise", per_layer=False)
+    module = _fit(L, monitor, epochs=1, net=tiny_net())
+    module.eval()
+    with open_run(run_path) as run:
+        view = run["ntk"]
+        assert "kernel" not in view  # off by default for the full kind
+        x = torch.as_tensor(run.probe("train_9")["x"])
+        ref = empirical_ntk_reference(module, x, kind="full").numpy()  # (N, N, C, C)
+        matrix = ref.transpose(0, 2, 1, 3).reshape(27, 27)  # row n*C + c
+        lam = np.linalg.eigvalsh(matrix)[::-1][:4]
+        np.testing.assert_allclose(view["eigvals"][-1], lam, rtol=1e-4)
+        U = view["eigvecs"][-1].astype(np.float64)
+        np.testing.assert_allclose(matrix @ U, U * lam, atol=1e-3 * lam[0])
+
+
+def test_training_trajectory_unchanged(L, tmp_path):
+    plain = _fit(L, NTKMonitor(str(tmp_path / "a.h5"), probe=Probe(size=6), schedule=10**9, on_error="raise",
+                               ))  # only the initial and final snapshots
+    torch.manual_seed(0)
+    module = make_module(L, tiny_net(batchnorm=True, dropout=0.2))
+    t = trainer(L, [], max_epochs=2)
+    t.fit(module, loader(blob_data()))
+    for a, b in zip(plain.state_dict().values(), module.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(kind="sum"), "kind must be one of"), (dict(k=0), "k \\(eigenpairs kept\\)"),
+    (dict(method="magic"), "method must be one of"), (dict(krr_eps=-1), "krr_eps"),
+    (dict(dtype=torch.int32), "dtype must be"),
+])
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        NTKMonitor("x.h5", **kwargs)
