@@ -88,14 +88,21 @@ def make_lightning_module(model: nn.Module, lr: float = 0.05, momentum: float = 
 
 
 def demo_monitors(path: str, overwrite: bool = True) -> List[Any]:
-    """Every monitor the package has, configured for the demo, sharing ``path``."""
-    from . import callbacks
-    from .schedule import EveryNEpochs
+    """Every monitor the package has, configured for the demo, sharing ``path``.
 
+    The demo turns the budget governor off (``budget=False``) so that every scheduled
+    snapshot is taken: on a one-minute training, a 5% budget would leave little to see.
+    """
+    from . import callbacks
+    from .probe import Probe
+    from .schedule import EveryNEpochs, LogSpacedSteps
+
+    common = dict(path=path, overwrite=overwrite, budget=False)
     monitors: List[Any] = [
-        callbacks.ProbeMetricsMonitor(path, schedule=EveryNEpochs(1), overwrite=overwrite),
-        callbacks.ActivationCodeMonitor(path, schedule=EveryNEpochs(4), overwrite=overwrite),
-        callbacks.RepresentationMonitor(path, schedule=EveryNEpochs(4), overwrite=overwrite),
+        callbacks.ProbeMetricsMonitor(schedule=EveryNEpochs(1), **common),
+        callbacks.NTKMonitor(schedule=LogSpacedSteps(per_decade=4), heldout=Probe(size=200, source="val"), **common),
+        callbacks.ActivationCodeMonitor(schedule=EveryNEpochs(4), **common),
+        callbacks.RepresentationMonitor(schedule=EveryNEpochs(4), **common),
     ]
     return monitors
 
