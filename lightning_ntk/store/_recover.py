@@ -1,13 +1,18 @@
-"""Recovery of a run file whose writer died (SIGKILL, power loss, OOM killer).
+"""Crash safety around the one moment HDF5 cannot protect: writing outside SWMR mode.
 
-A SWMR writer that dies leaves the file valid but marked "open for write" in its
-superblock. HDF5 then refuses to open it for writing (and, outside SWMR, for reading)
-until the mark is cleared (``h5clear -s``). Readers here open such files with
-``swmr=True``; a writer that resumes rebuilds the file: every group, dataset, attribute
-and dimension scale is copied into a fresh file that replaces the old one atomically.
+A SWMR writer that dies leaves a valid file (marked "open for write": plain HDF5 then
+refuses it, SWMR readers open it). A writer that dies *before* switching to SWMR can leave
+a file nobody can open. So the store never writes a run file in place outside SWMR:
 
-A side-car ``<file>.lock`` holds the writer's host and pid, so that a file still being
-written by a live process is never mistaken for a crashed one.
+* a new file is built at ``<file>.writing`` and renamed over ``<file>`` once it is in SWMR
+  mode (or cleanly closed);
+* a resumed file is first rebuilt into ``<file>.writing`` (:func:`rebuild`: every group,
+  dataset, attribute and dimension scale copied; the original opened read-only), then
+  modified there (truncation, new tables) and renamed the same way.
+
+A kill at any moment leaves either the previous file or the new SWMR one at ``<file>``.
+A side-car ``<file>.lock`` holds the writer's host and pid, so a file still being written
+by a live process is never mistaken for a crashed one.
 """
 from __future__ import annotations
 
@@ -23,6 +28,11 @@ _SCALE_ATTRS = {"DIMENSION_LIST", "REFERENCE_LIST", "CLASS", "NAME", "_Netcdf4Di
 
 def lock_path(path: str) -> str:
     return path + ".lock"
+
+
+def writing_path(path: str) -> str:
+    """Where a run file is built before it atomically replaces ``path``."""
+    return path + ".writing"
 
 
 def write_lock(path: str) -> None:
@@ -58,27 +68,22 @@ def live_writer(path: str):
     return pid
 
 
-def is_locked_by_crashed_writer(path: str) -> bool:
-    """True if HDF5 refuses ``path`` because a writer left it marked open."""
+def open_for_reading(path: str) -> h5py.File:
+    """Open a run file read-only, also when its writer died in SWMR mode."""
     try:
-        with h5py.File(path, "r"):
-            return False
+        return h5py.File(path, "r")
     except OSError as exc:
-        message = str(exc)
-        if "already open for write" not in message and "consistency flags" not in message:
+        if "already open for write" not in str(exc) and "consistency flags" not in str(exc):
             raise
-    pid = live_writer(path)
-    if pid is not None:
-        raise OSError(f"run file {path} is being written by process {pid}; stop it before writing this file again")
-    return True
+        return h5py.File(path, "r", swmr=True)
 
 
-def recover_crashed_file(path: str) -> None:
-    """Rebuild ``path`` (left marked open by a dead writer) so it opens for writing."""
+def rebuild(src_path: str, dst_path: str) -> None:
+    """Copy the run file ``src_path`` into a new file ``dst_path`` (opened for writing
+    by nobody), datasets chunk by chunk, attributes and dimension scales re-created."""
     from ._writer import LIBVER
 
-    tmp = path + ".recover.tmp"
-    with h5py.File(path, "r", swmr=True) as src, h5py.File(tmp, "w", libver=LIBVER) as dst:
+    with open_for_reading(src_path) as src, h5py.File(dst_path, "w", libver=LIBVER) as dst:
         _copy_attrs(src, dst)
         scales: List[Tuple[str, str]] = []
         attachments: List[Tuple[str, int, str]] = []
@@ -88,12 +93,8 @@ def recover_crashed_file(path: str) -> None:
                 _copy_attrs(obj, dst.require_group(name))
                 return
             parent = dst.require_group(os.path.dirname(name) or "/")
-            ds = parent.create_dataset(
-                os.path.basename(name), data=obj[()], maxshape=obj.maxshape, chunks=obj.chunks,
-                compression=obj.compression, compression_opts=obj.compression_opts, shuffle=obj.shuffle,
-                fillvalue=obj.fillvalue,
-            )
-            _copy_attrs(obj, ds)
+            parent.copy(obj, os.path.basename(name), without_attrs=True)
+            _copy_attrs(obj, dst[name])
             if obj.attrs.get("CLASS") in (b"DIMENSION_SCALE", "DIMENSION_SCALE"):
                 scale_name = obj.attrs.get("NAME", b"")
                 scales.append((name, scale_name.decode() if isinstance(scale_name, bytes) else str(scale_name)))
@@ -107,10 +108,23 @@ def recover_crashed_file(path: str) -> None:
             dst[name].make_scale(scale_name.rstrip("\x00"))
         for name, axis, scale in attachments:
             dst[name].dims[axis].attach_scale(dst[scale])
-    os.replace(tmp, path)
 
 
 def _copy_attrs(src, dst) -> None:
     items: Dict[str, object] = {k: v for k, v in src.attrs.items() if k not in _SCALE_ATTRS}
     for key, value in items.items():
         dst.attrs[key] = value
+
+
+def fsync_directory(path: str) -> None:
+    """Make a rename in ``path``'s directory durable."""
+    try:
+        fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    except OSError:  # pragma: no cover - platform-specific
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)

@@ -30,7 +30,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import h5py
 import numpy as np
 
-from ._recover import is_locked_by_crashed_writer, recover_crashed_file, remove_lock, write_lock
+from ._recover import fsync_directory, live_writer, rebuild, remove_lock, write_lock, writing_path
 from ._schema import FORMAT_NAME, FORMAT_VERSION, NETCDF_DIM_ONLY, Field, chunk_shape
 
 log = logging.getLogger(__name__)
@@ -267,6 +267,7 @@ class RunStore:
         self.swmr = False
         #: The first write error (full disk, I/O), if any: later flushes may fail too.
         self.write_error: Optional[BaseException] = None
+        self._published = False
 
     # ------------------------------------------------------------------ open / close
     @classmethod
@@ -323,24 +324,29 @@ class RunStore:
 
     @classmethod
     def _open_file(cls, real: str, *, overwrite: bool, resume: bool) -> h5py.File:
+        """Open the file that will replace ``real``: built at ``<real>.writing`` (see
+        :mod:`._recover`), renamed over ``real`` by :meth:`start_swmr` or :meth:`close`."""
         cls.check_path(real, overwrite=overwrite, resume=resume)
+        pid = live_writer(real)
+        if pid is not None:
+            raise StoreError(f"run file {real} is being written by process {pid}; stop it before writing this "
+                             "file again, or choose another path=")
+        tmp = writing_path(real)
+        if os.path.exists(tmp):  # left by a writer killed before its first training batch
+            os.remove(tmp)
         exists = os.path.exists(real)
-        if exists and overwrite and not resume:
-            os.remove(real)
-            exists = False
         try:
-            if exists:
-                if is_locked_by_crashed_writer(real):
-                    log.warning("run file %s was left open by a process that died; recovering it", real)
-                    recover_crashed_file(real)
-                file = h5py.File(real, "r+", libver=LIBVER, rdcc_nbytes=_CHUNK_CACHE_BYTES)
-                _check_is_run_file(file, real)
+            if exists and resume:
+                with _open_existing(real) as existing:
+                    _check_is_run_file(existing, real)
+                rebuild(real, tmp)
+                file = h5py.File(tmp, "r+", libver=LIBVER, rdcc_nbytes=_CHUNK_CACHE_BYTES)
                 history = json.loads(file.attrs.get("history", "[]"))
                 history.append({"event": "resumed", "utc": _utc_now()})
                 file.attrs["history"] = _json_attr(history)
                 file.attrs["versions"] = _json_attr(_versions())
             else:
-                file = h5py.File(real, "w", libver=LIBVER, rdcc_nbytes=_CHUNK_CACHE_BYTES)
+                file = h5py.File(tmp, "w", libver=LIBVER, rdcc_nbytes=_CHUNK_CACHE_BYTES)
                 file.attrs["format"] = FORMAT_NAME
                 file.attrs["format_version"] = FORMAT_VERSION
                 file.attrs["created_utc"] = _utc_now()
@@ -349,9 +355,19 @@ class RunStore:
                 file.attrs["model"] = _json_attr({})
                 file.attrs["history"] = _json_attr([{"event": "created", "utc": _utc_now()}])
         except OSError as exc:
+            if os.path.exists(tmp):
+                os.remove(tmp)
             raise StoreError(f"cannot open run file {real}: {exc}") from exc
         write_lock(real)
         return file
+
+    def _publish(self) -> None:
+        """Atomically replace the run file with the one being written (once)."""
+        if self._published:
+            return
+        os.replace(writing_path(self.path), self.path)
+        fsync_directory(self.path)
+        self._published = True
 
     def release(self, owner: str) -> None:
         """Give up ``owner``'s share; the last owner flushes and closes the file."""
@@ -382,7 +398,10 @@ class RunStore:
                     self.file.close()
                 except (OSError, RuntimeError) as exc:  # pragma: no cover - depends on the failure
                     log.error("run file %s: closing failed: %s", self.path, exc)
-                remove_lock(self.path)
+                try:
+                    self._publish()  # closed before SWMR (no training batch): still the new file
+                finally:
+                    remove_lock(self.path)
 
     @property
     def closed(self) -> bool:
@@ -619,6 +638,7 @@ class RunStore:
             self.flush()
             self.file.swmr_mode = True
             self.swmr = True
+            self._publish()
 
     def flush(self) -> None:
         """Write buffered rows (key last), flush HDF5, and fsync when durable.
@@ -651,6 +671,15 @@ def _cause(exc: BaseException) -> str:
 
 def names_of(fields: Iterable[Field]) -> List[str]:
     return [f.name for f in fields]
+
+
+def _open_existing(path: str) -> h5py.File:
+    from ._recover import open_for_reading
+
+    try:
+        return open_for_reading(path)
+    except OSError as exc:
+        raise StoreError(f"cannot read run file {path} to resume it: {exc}") from exc
 
 
 def _check_is_run_file(file: h5py.File, path: str) -> None:
