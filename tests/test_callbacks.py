@@ -174,6 +174,9 @@ def test_failing_measurement_warns_and_training_continues(L, run_path):
     with pytest.warns(RuntimeWarning, match="boom.*on_error='raise'"):
         _, t = _fit(L, [ProbeMetricsMonitor(run_path, loss_fn=broken_loss, probe=Probe(size=10))])
     assert t.global_step == 12
+    with open_run(run_path) as run:  # the failure is recorded in the file, once (then disabled)
+        assert run.errors() == [{"step": 0, "monitor": "probe_metrics", "message": "FloatingPointError: boom"}]
+        assert len(run["probe_metrics"]) == 0
     with pytest.raises(FloatingPointError):
         _fit(L, [ProbeMetricsMonitor(run_path, loss_fn=broken_loss, probe=Probe(size=10), on_error="raise",
                                      overwrite=True)])

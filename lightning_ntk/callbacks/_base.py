@@ -457,6 +457,8 @@ class Monitor:
         error = self._dist.agree_on_error(error, f"{type(self).__name__} ({self.group})")
         if error is not None:
             exc = error
+            if self._store is not None:
+                self._store.record_error(step, self.group, f"{type(exc).__name__}: {exc}")
             if self.on_error == "raise":
                 raise exc
             self._disabled = True

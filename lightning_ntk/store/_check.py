@@ -60,8 +60,10 @@ def check_run(path: "os.PathLike[str] | str") -> CheckReport:
             except ValueError:
                 report.errors.append(f"root attribute {attr!r} is not valid JSON")
         _check_scales(run.file, report)
-        for name in run.tables:
+        for name in run.table_names():
             _check_table(run, name, report)
+        for error in run.errors():
+            report.warnings.append(f"monitor {error['monitor']} failed at step {error['step']}: {error['message']}")
     return report
 
 

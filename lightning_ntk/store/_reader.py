@@ -41,6 +41,10 @@ def _dim_name(ds: h5py.Dataset, axis: int) -> str:
     return os.path.basename(scale.name) if name in ("", NETCDF_DIM_ONLY) else name
 
 
+def _is_bookkeeping(name: str) -> bool:
+    return name == "errors" or name.startswith("skipped/")
+
+
 class TableView:
     """Read access to one group of a run file. Indexing by field name gives NumPy arrays."""
 
@@ -198,7 +202,12 @@ class Run:
     # --------------------------------------------------------------- structure
     @property
     def tables(self) -> List[str]:
-        """Names of the append tables (``ntk``, ``sharpness``, ...), in file order."""
+        """Names of the quantity tables (``ntk``, ``sharpness``, ...), in file order; the
+        bookkeeping tables (``errors``, ``skipped/...``) are in :meth:`table_names`."""
+        return [name for name in self.table_names() if not _is_bookkeeping(name)]
+
+    def table_names(self, include_bookkeeping: bool = True) -> List[str]:
+        """Every table of the file (with ``errors`` and ``skipped/<group>`` unless asked not)."""
         names: List[str] = []
 
         def visit(name: str, obj: Any) -> None:
@@ -206,7 +215,15 @@ class Run:
                 names.append(name)
 
         self.file.visititems(visit)
-        return names
+        return names if include_bookkeeping else [n for n in names if not _is_bookkeeping(n)]
+
+    def errors(self) -> List[Dict[str, Any]]:
+        """Instrumentation failures recorded in ``/errors``: step, monitor, message."""
+        if "errors" not in self.file:
+            return []
+        view = self["errors"]
+        return [{"step": int(s), "monitor": m.decode(), "message": msg.decode("utf-8", "replace")}
+                for s, m, msg in zip(view["step"], view["monitor"], view["message"])]
 
     @property
     def probes(self) -> List[str]:

@@ -50,10 +50,10 @@ class Field:
             raise ValueError(f"field {self.name!r}: every axis length must be positive, got shape {shape}")
         object.__setattr__(self, "shape", shape)
         np.dtype(self.dtype)  # raises TypeError for an unknown dtype
-        if np.dtype(self.dtype).kind not in "biuf":
+        if np.dtype(self.dtype).kind not in "biufS":
             raise ValueError(
                 f"field {self.name!r}: dtype {self.dtype!r} is not numeric; run files hold only "
-                "bool, integer and float arrays (strings go into attributes)"
+                "bool, integer and float arrays, and fixed-length byte strings ('S<n>')"
             )
         dims = self.dims if self.dims is not None else tuple(f"{self.name}_dim{i}" for i in range(len(shape)))
         if len(dims) != len(shape):
@@ -65,6 +65,8 @@ class Field:
         if self.fill is not None:
             return self.fill
         kind = np.dtype(self.dtype).kind
+        if kind == "S":
+            return b""
         if kind == "f":
             return np.nan
         if kind == "b":

@@ -283,6 +283,11 @@ class RunStore:
             store = cls._registry.get(real)
             if store is None:
                 store = cls(real, cls._open_file(real, overwrite=overwrite, resume=resume), fsync=fsync)
+                try:
+                    store._declare_errors_table()
+                except Exception:
+                    store.close()
+                    raise
                 cls._registry[real] = store
             if owner in store._owners:
                 raise StoreError(
@@ -360,6 +365,32 @@ class RunStore:
             raise StoreError(f"cannot open run file {real}: {exc}") from exc
         write_lock(real)
         return file
+
+    #: Longest error message kept in ``/errors`` (longer ones are cut, with a marker).
+    ERROR_MESSAGE_BYTES = 512
+
+    def _declare_errors_table(self) -> None:
+        """``/errors``: one row per instrumentation failure (step, monitor, message)."""
+        if "errors" in self.tables:
+            return
+        fields = [Field("step", (), "int64"), Field("monitor", (), "S64"),
+                  Field("message", (), f"S{self.ERROR_MESSAGE_BYTES}")]
+        self.declare_table("errors", fields, key="step", row_dim="error")
+
+    def record_error(self, step: int, monitor: str, message: str) -> None:
+        """Record a failure in ``/errors`` and flush (best effort: never raises)."""
+        table = self.tables.get("errors")
+        if table is None:
+            return
+        limit = self.ERROR_MESSAGE_BYTES
+        data = message.encode("utf-8", "replace")
+        if len(data) > limit:
+            data = data[: limit - len(" [cut]".encode())] + b" [cut]"
+        try:
+            table.append(step=max(int(step), 0), monitor=monitor.encode()[:64], message=data)
+            self.flush()
+        except Exception as exc:  # the file itself may be what failed
+            log.error("run file %s: could not record the error of %s: %s", self.path, monitor, exc)
 
     def _publish(self) -> None:
         """Atomically replace the run file with the one being written (once)."""
