@@ -117,3 +117,26 @@ def test_training_trajectory_unchanged(L, tmp_path):
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         NTKMonitor("x.h5", **kwargs)
+
+
+def test_nonfinite_kernel_is_recorded_and_flagged(L, run_path):
+    """Weights turned to NaN mid-training: the row is NaN with finite=False; training goes on."""
+    net = tiny_net()
+
+    class Poison(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 6:
+                with torch.no_grad():
+                    pl_module.net[0].weight[0, 0] = float("nan")
+
+    monitor = NTKMonitor(run_path, probe=Probe(size=6), schedule=3, k=2, on_error="raise")
+    torch.manual_seed(0)
+    t = trainer(L, [Poison(), monitor], max_epochs=2)
+    t.fit(make_module(L, net), loader(blob_data()))
+    with open_run(run_path) as run:
+        view = run["ntk"]
+        assert list(view["step"]) == [0, 3, 6, 9, 12]
+        assert list(view["finite"]) == [True, True, False, False, False]
+        assert np.all(np.isnan(view["eigvals"][2:])) and np.all(np.isfinite(view["eigvals"][:2]))
+        assert np.isnan(view["kernel"][2]).any()
+        assert run.errors() == []

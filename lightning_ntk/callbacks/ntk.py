@@ -148,6 +148,7 @@ class NTKMonitor(Monitor):
             self._store_kernel = bool(self.store_kernel)
         k = self._k_eff
         fields = [
+            Field("finite", (), "bool", attrs={"description": "the kernel was finite (else NaN-filled row)"}),
             Field("eigvals", (k,), dims=("eigen",)),
             Field("eigvecs", (m, k), "float32", dims=("eigvec_row", "eigen")),
             Field("trace"), Field("frobenius"), Field("effective_rank"),
@@ -197,6 +198,8 @@ class NTKMonitor(Monitor):
             kernel_t = self._kernel(model, probe.x)
             layer_trace = None
         kernel = kernel_t.detach().double().cpu().numpy()
+        if not np.all(np.isfinite(kernel)):
+            return self._nonfinite_row(kernel), {"finite": 0.0}
         with torch.no_grad():
             outputs = self.forward(pl_module, probe.x).reshape(len(probe), -1).double().cpu().numpy()
         targets = _one_hot(probe.y, self._num_outputs)
@@ -220,7 +223,7 @@ class NTKMonitor(Monitor):
             dist_prev = velocity = float("nan")
         vec_targets, vec_outputs = _energy_vectors(self.kind, targets, outputs)
         row: Dict[str, Any] = {
-            "eigvals": eig.eigvals, "eigvecs": eigvecs.astype(np.float32),
+            "finite": True, "eigvals": eig.eigvals, "eigvecs": eigvecs.astype(np.float32),
             "trace": spectral.kernel_trace(kernel), "frobenius": spectral.kernel_frobenius_norm(kernel),
             "effective_rank": effective_rank, "distance_to_init": dist_init, "distance_to_prev": dist_prev,
             "velocity": velocity,
@@ -255,6 +258,19 @@ class NTKMonitor(Monitor):
             scalars["krr_accuracy"] = float(row["krr_accuracy"])
         return row, scalars
 
+    def _nonfinite_row(self, kernel: np.ndarray) -> Dict[str, Any]:
+        """A NaN/Inf kernel (diverged training) is recorded as such, flagged, not crashed on."""
+        row: Dict[str, Any] = {}
+        assert self.table is not None or not self._writer
+        for spec in self._specs[0].fields:
+            if spec.name in ("step", "epoch", "wall_time"):
+                continue
+            row[spec.name] = np.full(spec.shape, np.nan)
+        row["finite"] = False
+        if self._store_kernel:
+            row["kernel"] = kernel.astype(np.float32)
+        return row
+
     # ------------------------------------------------------------------ resume
     def extra_state(self) -> Dict[str, Any]:
         return {"kernel_init": self._kernel_init, "kernel_prev": self._kernel_prev, "epoch_prev": self._epoch_prev,
@@ -268,7 +284,11 @@ class NTKMonitor(Monitor):
 
 
 def _trace(kernel: torch.Tensor) -> float:
-    return spectral.kernel_trace(kernel.detach())
+    """Trace of one layer's kernel (NaN for a non-finite kernel; the row is then flagged)."""
+    values = kernel.detach()
+    if not bool(torch.isfinite(values).all()):
+        return float("nan")
+    return spectral.kernel_trace(values)
 
 
 def _one_hot(y: torch.Tensor, num_classes: int) -> np.ndarray:
