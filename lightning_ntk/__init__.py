@@ -8,7 +8,9 @@ from .codes import (RELU_MODULE_TYPES, ActivationCodes, CodeChange, activation_c
                     hamming_distances, kmeans_accuracy, knn_accuracy, logistic_accuracy, redundancy_ratio)
 from .forgetting import (CartographyRegions, ForgettingRanking, ForgettingTracker, PresentationOutcomes,
                          cartography_regions, presentation_outcomes)
+from .forgetting import WithIndex
 from .forgetting import rank as forgetting_rank
+from .forgetting import read_examples as read_forgetting_examples
 from .probe import BatchLayoutError, Probe, ProbeSet, draw_probe
 from .schedule import EveryNEpochs, EveryNSteps, LogSpacedSteps, Schedule, StepList
 from .spectral import (Eigenpairs, KernelDistanceTrajectory, KernelRegressionScores, KernelRegressionSweep,
@@ -33,7 +35,7 @@ __all__ = [
     "output_energy", "residual_energy", "subspace_overlap", "target_energy", "top_eigenpairs",
     # forgetting and cartography
     "CartographyRegions", "ForgettingRanking", "ForgettingTracker", "PresentationOutcomes", "cartography_regions",
-    "forgetting_rank", "presentation_outcomes",
+    "forgetting_rank", "presentation_outcomes", "WithIndex", "read_forgetting_examples",
     # activation codes and representation probes
     "RELU_MODULE_TYPES", "ActivationCodes", "CodeChange", "activation_codes", "cluster_accuracy", "code_change",
     "hamming_distances", "kmeans_accuracy", "knn_accuracy", "logistic_accuracy", "redundancy_ratio",

@@ -30,14 +30,16 @@ exactly.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 __all__ = [
+    "WithIndex",
+    "read_examples",
     "PresentationOutcomes",
     "presentation_outcomes",
     "ForgettingTracker",
@@ -62,7 +64,8 @@ class PresentationOutcomes(NamedTuple):
     p_true: torch.Tensor  # softmax probability of the target
 
 
-def presentation_outcomes(logits: torch.Tensor, targets: torch.Tensor) -> PresentationOutcomes:
+def presentation_outcomes(logits: torch.Tensor, targets: torch.Tensor, *,
+                          check_targets: bool = True) -> PresentationOutcomes:
     """Correctness, loss, margin and p(gold) per example, from a batch of logits.
 
     Multi-class: ``logits`` (B, C) with C >= 2 and integer ``targets`` (B,).
@@ -74,6 +77,10 @@ def presentation_outcomes(logits: torch.Tensor, targets: torch.Tensor) -> Presen
     is treated as the two-class logits (0, z), so correct = [(z > 0) == y],
     loss = binary cross-entropy with logits, margin = z if y = 1 else -z,
     p_true = sigmoid(z) if y = 1 else 1 - sigmoid(z).
+
+    ``check_targets=False`` skips the checks that read target values (integer-valued, in
+    range), which synchronise with an accelerator; for callers whose targets were already
+    used by a loss that checks them.
     """
     if not isinstance(logits, torch.Tensor) or not isinstance(targets, torch.Tensor):
         raise TypeError("logits and targets must be torch.Tensor; got "
@@ -90,22 +97,21 @@ def presentation_outcomes(logits: torch.Tensor, targets: torch.Tensor) -> Presen
         raise ValueError(f"targets has {y.shape[0]} entries but logits has {z.shape[0]} rows; "
                          "pass one integer class label per example")
     if y.is_floating_point():
-        if not torch.all(y == torch.round(y)):
+        if check_targets and not torch.all(y == torch.round(y)):
             raise ValueError("targets must be integer class labels (soft targets are not "
                              "supported for correctness)")
     y = y.long()
     n_classes = z.shape[1]
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_classes):
+    if check_targets and y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_classes):
         raise ValueError(f"targets must lie in [0, {n_classes - 1}] for {n_classes} classes; "
                          f"got values in [{int(y.min())}, {int(y.max())}]")
     zf = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
-    log_p = F.log_softmax(zf, dim=1)
-    rows = torch.arange(zf.shape[0], device=zf.device)
-    log_p_true = log_p[rows, y]
-    z_true = zf[rows, y]
-    others = zf.clone()
-    others[rows, y] = -torch.inf
-    margin = z_true - others.max(dim=1).values
+    # log softmax(z)_y = z_y - logsumexp(z), computed for the target only (on CPU, a full
+    # log_softmax over a short class axis costs several times more).
+    column = y.unsqueeze(1)
+    z_true = zf.gather(1, column).squeeze(1)
+    log_p_true = z_true - torch.logsumexp(zf, dim=1)
+    margin = z_true - zf.scatter(1, column, -torch.inf).amax(dim=1)
     correct = zf.argmax(dim=1) == y
     return PresentationOutcomes(correct=correct, loss=-log_p_true, margin=margin,
                                 p_true=log_p_true.exp())
@@ -216,7 +222,7 @@ class ForgettingTracker:
 
     # ---- recording -------------------------------------------------------------------
     def update(self, indices: ArrayLike, correct: ArrayLike, p_true: Optional[ArrayLike] = None,
-               *, step: Optional[int] = None, duplicates: str = "sequential") -> None:
+               *, step: Union[None, int, ArrayLike] = None, duplicates: str = "sequential") -> None:
         """Record one batch of presentations.
 
         Args:
@@ -224,9 +230,12 @@ class ForgettingTracker:
             correct: whether each example was classified correctly, shape (B,).
             p_true: optional softmax probability of the gold label, shape (B,); needed for
                 cartography confidence and variability.
-            step: training step of this batch (e.g. ``trainer.global_step``); defaults to
-                the number of earlier ``update`` calls. Steps should not decrease: they
-                order presentations for :meth:`merge`.
+            step: training step of this batch (e.g. ``trainer.global_step``), or one step
+                per example, shape (B,), to record several consecutive batches of one
+                epoch in one call (exact with ``duplicates="sequential"``: each example's
+                presentations are taken in the order given); defaults to the number of
+                earlier ``update`` calls. Steps should not decrease: they order
+                presentations for :meth:`merge`.
             duplicates: what an index repeated within one batch means. ``"sequential"``:
                 successive presentations, in batch order (sampling with replacement);
                 ``"first"``: keep the first occurrence only (e.g. the padding duplicates of
@@ -250,7 +259,13 @@ class ForgettingTracker:
                 raise ValueError(f"p_true has {p.shape[0]} entries but indices has {pos.shape[0]}")
             if p.size and (not np.all(np.isfinite(p)) or p.min() < 0.0 or p.max() > 1.0):
                 raise ValueError("p_true must hold probabilities in [0, 1]")
-        step = self._num_updates if step is None else int(step)
+        if step is None or np.ndim(step) == 0:
+            st = np.full(pos.shape[0], self._num_updates if step is None else int(step), dtype=np.int64)
+        else:
+            st = _as_numpy(step, "step").reshape(-1).astype(np.int64)
+            if st.shape[0] != pos.shape[0]:
+                raise ValueError(f"step has {st.shape[0]} entries but indices has {pos.shape[0]}; pass one "
+                                 "step for the batch or one per example")
         if pos.size == 0:
             self._num_updates += 1
             return
@@ -269,22 +284,22 @@ class ForgettingTracker:
                                  "duplicates='sequential' (successive presentations) or 'first'")
             if duplicates == "first":
                 keep = occ == 0
-                pos, c, occ = pos[keep], c[keep], occ[keep]
+                pos, c, occ, st = pos[keep], c[keep], occ[keep], st[keep]
                 p = None if p is None else p[keep]
         self._num_updates += 1
         for r in range(int(occ.max()) + 1):
             sel = occ == r
-            self._record(pos[sel], c[sel], None if p is None else p[sel], step)
+            self._record(pos[sel], c[sel], None if p is None else p[sel], st[sel])
 
-    def _record(self, s: np.ndarray, c: np.ndarray, p: Optional[np.ndarray], step: int) -> None:
+    def _record(self, s: np.ndarray, c: np.ndarray, p: Optional[np.ndarray], step: np.ndarray) -> None:
         prev = self._last_correct[s]
         self._forgetting_count[s] += (prev == 1) & ~c
         self._learning_count[s] += (prev != 1) & c
         first = self._presentations[s] == 0
         self._first_correct[s[first]] = c[first]
-        self._first_step[s[first]] = step
+        self._first_step[s[first]] = step[first]
         learned_now = c & (self._first_learned_step[s] < 0)
-        self._first_learned_step[s[learned_now]] = step
+        self._first_learned_step[s[learned_now]] = step[learned_now]
         self._first_learned_presentation[s[learned_now]] = self._presentations[s[learned_now]]
         self._presentations[s] += 1
         self._last_correct[s] = c
@@ -548,14 +563,27 @@ def _as_runs(x: Any, name: str) -> List[np.ndarray]:
     return runs
 
 
-def rank(forgetting_counts: Any, never_learned: Any, seed: int = 0, *,
-         index: Any = None, never_learned_value: Optional[float] = None) -> ForgettingRanking:
+def rank(forgetting_counts: Any, never_learned: Any = None, seed: int = 0, *,
+         index: Any = None, never_learned_value: Optional[float] = None,
+         group: str = "forgetting") -> ForgettingRanking:
     """Order examples by forgetting count, ascending, summed over runs (Toneva et al. 2019).
 
+    Two ways to call it::
+
+        rank("runs/seed0.h5", seed=0)                       # a run file (path or open Run)
+        rank(["runs/seed0.h5", "runs/seed1.h5"], seed=0)    # several runs: counts summed
+        rank(counts, never_learned, seed=0)                 # arrays
+
     Args:
-        forgetting_counts: per-example forgetting counts of one run, or a list of such
-            arrays (one per run/seed), or a 2-D array (runs, examples).
-        never_learned: per-example booleans with the same structure.
+        forgetting_counts: a run file written by ``ForgettingMonitor`` (a path or an open
+            :class:`~lightning_ntk.store.Run`), or a list of them (one per run/seed); or
+            per-example forgetting counts of one run, a list of such arrays (one per
+            run/seed), or a 2-D array (runs, examples). From a file, the counts, the
+            never-learned flags and the dataset indices come from :func:`read_examples`
+            (the ``/<group>/examples`` summary, or a replay of ``/<group>/events`` when the
+            summary is missing or older than the event log).
+        never_learned: per-example booleans with the same structure as the counts (arrays
+            only; leave it out for run files).
         seed: seed of the random tie-breaking among equal scores.
         index: dataset index of each entry (default: positions 0..N-1); one array shared
             by all runs, or one per run (runs are then aligned by dataset index and must
@@ -566,10 +594,25 @@ def rank(forgetting_counts: Any, never_learned: Any, seed: int = 0, *,
             of the other runs. A number (Toneva et al.'s released code uses the number of
             epochs): that value replaces the count of a never-learned run and the sum is
             sorted.
+        group: the run-file group of the monitor (``"forgetting"``, or
+            ``"forgetting_<name>"`` for a monitor given ``name=``); run files only.
 
     Returns:
         a :class:`ForgettingRanking`; ``indices_to_prune(f)`` gives the examples to remove.
     """
+    if _is_run_like(forgetting_counts):
+        if never_learned is not None:
+            raise TypeError("rank(run_or_runs, ...) reads never_learned from the run file; pass seed= by "
+                            "keyword (rank(path, seed=0)), not as the second positional argument")
+        if index is not None:
+            raise TypeError("rank(run_or_runs, ...) reads the dataset indices from the run file; drop index=")
+        runs = list(forgetting_counts) if isinstance(forgetting_counts, (list, tuple)) else [forgetting_counts]
+        tables = [read_examples(r, group=group) for r in runs]
+        return rank([t["forgetting_count"] for t in tables], [t["never_learned"] for t in tables], seed,
+                    index=[t["index"] for t in tables], never_learned_value=never_learned_value)
+    if never_learned is None:
+        raise TypeError("rank(forgetting_counts, never_learned, seed=0): never_learned is required with arrays "
+                        "(or pass a run file path / Run / list of them as the first argument)")
     counts = _as_runs(forgetting_counts, "forgetting_counts")
     never = _as_runs(never_learned, "never_learned")
     if len(counts) != len(never):
@@ -661,3 +704,142 @@ def cartography_regions(confidence: ArrayLike, variability: ArrayLike,
         return mask
 
     return CartographyRegions(easy=pick(-conf), ambiguous=pick(-var), hard=pick(conf))
+
+
+# --------------------------------------------------------------------------------------
+# Dataset indices in the batch (fallback for training loops that cannot record them)
+# --------------------------------------------------------------------------------------
+class WithIndex(torch.utils.data.Dataset):
+    """A map-style dataset whose items carry their own dataset index.
+
+    Item ``i`` of the wrapped dataset becomes: ``(x, y, ..., i)`` for a tuple/list item
+    (read it with ``index_key=-1``), the dict with ``key`` set to ``i`` for a dict item
+    (``index_key="index"``), ``(item, i)`` otherwise. Other attributes (``targets``,
+    ``classes``, ...) are those of the wrapped dataset.
+
+    ``ForgettingMonitor`` needs it only where the dataset indices of a batch cannot be
+    recorded from the DataLoader's sampler (an iterable dataset, a custom loader).
+    """
+
+    def __init__(self, dataset: Any, key: str = "index") -> None:
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise TypeError(f"WithIndex needs a map-style dataset (with __len__ and __getitem__), got "
+                            f"{type(dataset).__name__}")
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"WithIndex: key must be a non-empty string, got {key!r}")
+        self.dataset = dataset
+        self.key = key
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Any:
+        item = self.dataset[i]
+        if isinstance(item, tuple):
+            return item + (i,)
+        if isinstance(item, list):
+            return item + [i]
+        if isinstance(item, dict):
+            out = dict(item)
+            out[self.key] = i
+            return out
+        return item, i
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("dataset", "key") or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+# --------------------------------------------------------------------------------------
+# Run files written by ForgettingMonitor
+# --------------------------------------------------------------------------------------
+_SUMMARY_FIELDS = ("index", "presentations", "forgetting_count", "learning_count", "first_learned_step",
+                   "first_learned_presentation", "never_learned", "unforgettable", "confidence",
+                   "variability", "correctness")
+_REPLAY_CHUNK = 1 << 20
+
+
+def _is_run_like(x: Any) -> bool:
+    from .store import Run
+
+    kinds = (str, os.PathLike, Run)
+    if isinstance(x, kinds):
+        return True
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(r, kinds) for r in x)
+
+
+def read_examples(run: Any, group: str = "forgetting", *, replay: Optional[bool] = None) -> Dict[str, np.ndarray]:
+    """The per-example summary of a run file written by ``ForgettingMonitor``.
+
+    Returns the columns of :meth:`ForgettingTracker.summary` (``index`` = dataset indices,
+    ``presentations``, ``forgetting_count``, ..., ``correctness``), one entry per tracked
+    example.
+
+    The ``/<group>/examples`` table is rewritten at epoch ends (at most every
+    ``write_interval`` seconds) and at the end of training; every presentation is one row
+    of the ``/<group>/events`` log. The summary is used when it was completely written and
+    its ``presentations`` sum to the number of event rows. Otherwise (a crash between two
+    rewrites, a resumed run that has not rewritten it yet, a rewrite interrupted)
+    the event log is replayed, in file order, through a :class:`ForgettingTracker` (one
+    ``update`` per epoch with per-row steps, which takes each example's presentations in
+    file order); an epoch ends where the ``epoch`` column changes (in probe mode, where the
+    step changes); the last epoch of the log is folded into the cartography statistics
+    even if it was not finished.
+
+    Args:
+        run: a path or an open :class:`~lightning_ntk.store.Run`.
+        group: ``"forgetting"``, or ``"forgetting_<name>"`` for a monitor given ``name=``.
+        replay: ``None`` (default): as above; ``True``: always replay the event log;
+            ``False``: never (ValueError if the summary is not up to date).
+    """
+    from .store import Run, open_run
+
+    if isinstance(run, Run):
+        return _read_examples(run, group, replay)
+    if not isinstance(run, (str, os.PathLike)):
+        raise TypeError(f"run must be a run-file path or an open lightning_ntk Run, got {type(run).__name__}")
+    with open_run(run) as opened:
+        return _read_examples(opened, group, replay)
+
+
+def _read_examples(run: Any, group: str, replay: Optional[bool]) -> Dict[str, np.ndarray]:
+    examples_name, events_name = f"{group}/examples", f"{group}/events"
+    if examples_name not in run or events_name not in run:
+        raise KeyError(f"{run.path} has no {examples_name!r} and {events_name!r} tables (written by "
+                       f"ForgettingMonitor); groups: {run.tables}. Pass group= the monitor's group "
+                       "('forgetting_<name>' for a monitor given name=)")
+    examples, events = run[examples_name], run[events_name]
+    n_events = len(events)
+    up_to_date = examples.written_step is not None and int(examples["presentations"].sum()) == n_events
+    if replay is False and not up_to_date:
+        raise ValueError(f"{examples_name} in {run.path} does not cover the {n_events} rows of {events_name} "
+                         "(written before the last presentations, or interrupted); pass replay=None to replay "
+                         "the event log")
+    if up_to_date and not replay:
+        return {name: examples[name] for name in _SUMMARY_FIELDS}
+    index = examples.group[examples.group.attrs.get("row_dim", "example")][()]
+    mode = events.attrs.get("mode", "train")
+    return _replay_events(events.group, n_events, np.asarray(index, dtype=np.int64), mode).summary()
+
+
+def _replay_events(group: Any, n_rows: int, index: np.ndarray, mode: str) -> ForgettingTracker:
+    tracker = ForgettingTracker(index=index)
+    previous_epoch = None
+    for start in range(0, n_rows, _REPLAY_CHUNK):
+        stop = min(n_rows, start + _REPLAY_CHUNK)
+        step = group["step"][start:stop]
+        epoch = step if mode == "probe" else group["epoch"][start:stop]
+        idx = group["index"][start:stop]
+        correct = group["correct"][start:stop]
+        p_true = group["p_true"][start:stop]
+        # Rows in file order, one update per epoch segment (per-row steps; exact, see update()).
+        cuts = np.flatnonzero(epoch[1:] != epoch[:-1]) + 1
+        for a, b in zip(np.r_[0, cuts], np.r_[cuts, stop - start]):
+            if previous_epoch is not None and epoch[a] != previous_epoch:
+                tracker.end_epoch()
+            previous_epoch = epoch[a]
+            tracker.update(idx[a:b], correct[a:b], p_true[a:b], step=step[a:b])
+    if previous_epoch is not None:
+        tracker.end_epoch()
+    return tracker

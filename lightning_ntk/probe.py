@@ -189,11 +189,12 @@ def dataset_labels(dataset: Any, batch_format: BatchFormat = None,
 def draw_probe(dataset: Any, size: Optional[int] = 256, *, seed: int = 0, stratified: bool = True,
                name: str = "train", source: str = "dataset", batch_format: BatchFormat = None,
                collate_fn: Optional[Callable[[Sequence[Any]], Any]] = None,
-               labels: Optional[Sequence[Any]] = None) -> ProbeSet:
+               labels: Optional[Sequence[Any]] = None, first: bool = False) -> ProbeSet:
     """Draw a fixed probe from a map-style dataset; ``size=None`` takes every example.
 
     Stratified by class when targets are integer class labels (and ``stratified``),
     uniformly at random otherwise. The same ``seed`` gives the same examples.
+    ``first=True`` takes the first ``size`` examples instead (Cohen et al.'s fixed set).
     """
     if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
         raise TypeError(
@@ -213,7 +214,9 @@ def draw_probe(dataset: Any, size: Optional[int] = 256, *, seed: int = 0, strati
             "(or size=None for all of them)"
         )
     label_array = np.asarray(labels) if labels is not None else None
-    if stratified and size < n:
+    if first:
+        index = np.arange(size, dtype=np.int64)
+    elif stratified and size < n:
         if label_array is None:
             label_array = dataset_labels(dataset, batch_format, collate_fn)
         is_class = label_array.ndim == 1 and label_array.dtype.kind in "biu"
@@ -228,7 +231,8 @@ def draw_probe(dataset: Any, size: Optional[int] = 256, *, seed: int = 0, strati
             "returning tensors"
         )
     y = torch.as_tensor(y)
-    meta = {"size": size, "seed": seed, "stratified": bool(stratified), "dataset_size": n}
+    meta = {"size": size, "seed": seed, "stratified": bool(stratified) and not first, "first": bool(first),
+            "dataset_size": n}
     return ProbeSet(name, x.detach().clone(), y.detach().clone(), index, source=source, meta=meta)
 
 
@@ -240,12 +244,14 @@ class Probe:
     ``"<source>_<size>"``) names ``/probe/<name>`` in the run file; monitors whose probes
     share a name share the stored probe, so they must draw the same examples.
     ``store_inputs``: keep ``x`` in the file (default: when it takes at most 16 MiB).
+    ``first=True``: the first ``size`` examples of the dataset (no sampling), as in Cohen
+    et al.'s sharpness set.
     The Trainer is used through its public attributes only (no Lightning import here).
     """
 
     def __init__(self, size: Optional[int] = 256, source: str = "train", seed: int = 0, stratified: bool = True,
                  name: Optional[str] = None, batch_format: BatchFormat = None,
-                 store_inputs: Optional[bool] = None):
+                 store_inputs: Optional[bool] = None, first: bool = False):
         if source not in ("train", "val"):
             raise ValueError(f"Probe source must be 'train' or 'val', got {source!r}; for other data pass "
                              "ProbeSet.from_tensors(x, y)")
@@ -263,13 +269,14 @@ class Probe:
         self.source = source
         self.seed = seed
         self.stratified = stratified
-        self.name = name or f"{source}_{'all' if size is None else size}"
+        self.first = bool(first)
+        self.name = name or f"{source}_{'first' if first else ''}{'all' if size is None else size}"
         self.batch_format = batch_format
         self.store_inputs = store_inputs
 
     def to_config(self) -> Dict[str, Any]:
         return {"size": self.size, "source": self.source, "seed": self.seed, "stratified": self.stratified,
-                "name": self.name, "batch_format": self.batch_format if not callable(self.batch_format)
+                "first": self.first, "name": self.name, "batch_format": self.batch_format if not callable(self.batch_format)
                 else getattr(self.batch_format, "__qualname__", "function")}
 
     def __repr__(self) -> str:
@@ -284,9 +291,12 @@ class Probe:
                 f"the {self.source} dataloader ({type(loader).__name__}) has no .dataset to draw a probe from; "
                 "pass probe=ProbeSet.from_tensors(x, y)"
             )
-        return draw_probe(dataset, self.size, seed=self.seed, stratified=self.stratified, name=self.name,
+        size = self.size
+        if self.first and size is not None and hasattr(dataset, "__len__"):
+            size = min(size, len(dataset))  # "the first n": fewer when the dataset is smaller
+        return draw_probe(dataset, size, seed=self.seed, stratified=self.stratified, name=self.name,
                           source=self.source, batch_format=self.batch_format,
-                          collate_fn=getattr(loader, "collate_fn", None))
+                          collate_fn=getattr(loader, "collate_fn", None), first=self.first)
 
 
 def _first_loader(loaders: Any) -> Any:

@@ -6,7 +6,6 @@ Same global batch either way: DDP with 2 devices and per-device batch B/2 on an 
 DistributedSampler sees, at each step, exactly the examples of the single-process batch B.
 """
 import argparse
-import os
 import sys
 
 import torch

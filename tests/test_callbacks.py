@@ -1,7 +1,6 @@
 """The base monitor and ProbeMetricsMonitor, with both Lightning namespaces."""
 import csv
 import glob
-import os
 import textwrap
 
 import numpy as np
@@ -9,10 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-import lightning_ntk as ln
 from lightning_ntk.callbacks import Monitor, ProbeMetricsMonitor
-from lightning_ntk.probe import BatchLayoutError, Probe, ProbeSet
-from lightning_ntk.schedule import EveryNEpochs, EveryNSteps, StepList
+from lightning_ntk.probe import BatchLayoutError, Probe
+from lightning_ntk.schedule import EveryNEpochs, EveryNSteps
 from lightning_ntk.store import StoreError, open_run
 
 from .models import blob_data, loader, make_module, tiny_net, trainer

@@ -1,5 +1,3 @@
-import math
-
 import pytest
 
 from lightning_ntk.schedule import EveryNEpochs, EveryNSteps, LogSpacedSteps, StepList, as_schedule

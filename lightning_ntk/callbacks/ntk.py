@@ -17,7 +17,7 @@ Per snapshot, on the probe (eval mode: BatchNorm uses its running statistics):
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch

@@ -1,0 +1,233 @@
+"""Toneva et al. (2019) at digits scale, and ForgettingMonitor's overhead on the demo training.
+
+    .venv/bin/python benchmarks/repro_forgetting.py       # sections 1-2: ~5 min on 2 shared CPU cores
+    .venv/bin/python benchmarks/repro_forgetting.py --seeds 3 --epochs 20 --retrain-seeds 3 --repeats 5
+    .venv/bin/python benchmarks/repro_forgetting.py --skip repro --threads 1 --repeats 15   # overhead only
+
+Setting: scikit-learn digits, the demo's stratified split (1440 train / 357 test), the demo's
+DigitsCNN and LightningModule (cross-entropy, SGD lr 0.05, momentum 0.9, batch 64, shuffled).
+
+1. Forgetting statistics: one Lightning training per seed with ``ForgettingMonitor``
+   (default mode: correctness from the training forward pass of each batch, before the
+   update). Printed per seed: fraction unforgettable (learned, never forgotten), never
+   learned, forgotten at least once; Spearman rho between an example's forgetting count
+   and the presentation at which it was first learned (examples learned at least once);
+   and the Spearman rho between the counts of two seeds (Toneva et al. report that the
+   ordering is stable across seeds).
+2. Pruning (Toneva et al., Sec. 5): ``lightning_ntk.forgetting.rank(run_files, seed=0)``
+   sums the counts over the seeds (never learned = infinitely forgotten, seeded random
+   tie-breaking); the least forgotten 10/20/30% are removed and the network is retrained
+   from scratch (plain PyTorch loop, same optimiser, same number of epochs) on the rest;
+   the same numbers of examples removed at random for comparison. Test accuracy: mean
+   and standard deviation over retraining seeds (and, for random removal, over random
+   subsets: one per retraining seed).
+3. Overhead on the demo training (12 epochs, with its validation loader): (a) the wall
+   time spent inside the monitor's hooks (its Lightning hooks and the forward hook; the
+   sampler's recording, a list copy per batch, is not included) as a share of the
+   training's wall time, measured in the same run, which stays meaningful on a busy
+   machine; (b) A/B: the training without and with the monitor, alternating,
+   ``--repeats`` times each, ratio of median wall (and process CPU) times, which needs
+   an otherwise idle machine to resolve 2%.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lightning_ntk import callbacks  # noqa: E402
+from lightning_ntk.callbacks._lightning import adapter, default_namespace  # noqa: E402
+from lightning_ntk.callbacks.forgetting import ForgettingMonitor as _ForgettingLogic  # noqa: E402
+from lightning_ntk.demo import DigitsCNN, digits_split, make_lightning_module  # noqa: E402
+from lightning_ntk.forgetting import rank, read_examples  # noqa: E402
+
+ForgettingMonitor = callbacks.ForgettingMonitor
+L = default_namespace()
+BATCH, LR, MOMENTUM = 64, 0.05, 0.9
+
+
+def lightning_trainer(epochs: int, monitors: list):
+    return L.Trainer(max_epochs=epochs, callbacks=monitors, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+                     deterministic=True)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data) -> float:
+    model.eval()
+    x, y = data.tensors
+    return float((model(x).argmax(1) == y).float().mean())
+
+
+def retrain(train, keep: np.ndarray, test, epochs: int, seed: int) -> float:
+    """Train a fresh DigitsCNN on train[keep] (plain loop, the demo's optimiser); test accuracy."""
+    torch.manual_seed(seed)
+    model = DigitsCNN()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    loader = DataLoader(Subset(train, keep.tolist()), batch_size=BATCH, shuffle=True)
+    for _ in range(epochs):
+        model.train()
+        for x, y in loader:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    return accuracy(model, test)
+
+
+def forgetting_runs(train, test, seeds, epochs, workdir):
+    paths = []
+    print(f"1. forgetting statistics: {len(train)} training examples, {epochs} epochs, seeds {list(seeds)}")
+    print(f"{'seed':>5} {'unforgettable':>14} {'never learned':>14} {'forgotten>=1':>13} {'mean count':>11} "
+          f"{'rho(count, first learned)':>26} {'test acc':>9}")
+    tables = []
+    for seed in seeds:
+        path = os.path.join(workdir, f"seed{seed}.h5")
+        torch.manual_seed(seed)
+        module = make_lightning_module(DigitsCNN(), lr=LR, momentum=MOMENTUM, namespace=L)
+        lightning_trainer(epochs, [ForgettingMonitor(path, overwrite=True, on_error="raise")]).fit(
+            module, DataLoader(train, batch_size=BATCH, shuffle=True))
+        t = read_examples(path)
+        tables.append(t)
+        paths.append(path)
+        learned = ~t["never_learned"]
+        rho = spearmanr(t["forgetting_count"][learned], t["first_learned_presentation"][learned]).statistic
+        print(f"{seed:>5} {t['unforgettable'].mean():>14.3f} {t['never_learned'].mean():>14.3f} "
+              f"{(t['forgetting_count'] > 0).mean():>13.3f} {t['forgetting_count'].mean():>11.3f} "
+              f"{rho:>26.3f} {accuracy(module.model, test):>9.3f}")
+    pairs = [(a, b) for i, a in enumerate(range(len(tables))) for b in range(i + 1, len(tables))]
+    if pairs:
+        rhos = [spearmanr(tables[a]["forgetting_count"], tables[b]["forgetting_count"]).statistic for a, b in pairs]
+        print(f"Spearman rho of forgetting counts between seeds (pairs {pairs}): "
+              + ", ".join(f"{r:.3f}" for r in rhos))
+    return paths
+
+
+def pruning(train, test, paths, epochs, retrain_seeds, fractions=(0.1, 0.2, 0.3)):
+    n = len(train)
+    ranking = rank(paths, seed=0)
+    print(f"\n2. pruning: retrain from scratch on the kept examples, {epochs} epochs, retraining seeds "
+          f"{list(retrain_seeds)}; test accuracy mean (std)")
+    full = [retrain(train, np.arange(n), test, epochs, s) for s in retrain_seeds]
+    print(f"{'removed':>8} {'kept':>5} {'by forgetting (least forgotten out)':>36} {'at random':>18} "
+          f"{'removed: unforgettable in every seed':>37}")
+    print(f"{'0%':>8} {n:>5} {np.mean(full):>28.4f} ({np.std(full):.4f}) {np.mean(full):>10.4f} ({np.std(full):.4f})")
+    for f in fractions:
+        keep = np.sort(ranking.indices_to_keep(f))
+        removed = ranking.indices_to_prune(f)
+        by_rank = [retrain(train, keep, test, epochs, s) for s in retrain_seeds]
+        at_random = []
+        for s in retrain_seeds:
+            random_keep = np.sort(np.random.default_rng(1000 + s).choice(n, size=keep.shape[0], replace=False))
+            at_random.append(retrain(train, random_keep, test, epochs, s))
+        share = float(np.mean(ranking.forgetting_count[: removed.shape[0]] == 0))
+        print(f"{f:>8.0%} {keep.shape[0]:>5} {np.mean(by_rank):>28.4f} ({np.std(by_rank):.4f}) "
+              f"{np.mean(at_random):>10.4f} ({np.std(at_random):.4f}) {share:>37.3f}")
+
+
+_TIMED_HOOKS = ("setup", "on_train_start", "on_train_epoch_start", "on_train_batch_start", "on_train_batch_end",
+                "on_train_epoch_end", "on_train_end", "teardown", "state_dict", "_capture")
+
+
+def _timed_monitor_class():
+    """ForgettingMonitor whose hooks (and forward hook) add their wall time to ``spent``."""
+
+    class Timed(_ForgettingLogic):
+        spent = 0.0
+
+    def wrap(name):
+        original = getattr(_ForgettingLogic, name)
+
+        def timed(self, *args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                Timed.spent += time.perf_counter() - started
+
+        return timed
+
+    for name in _TIMED_HOOKS:
+        setattr(Timed, name, wrap(name))
+    return adapter(Timed, "ForgettingMonitor", base=callbacks.Monitor), Timed
+
+
+def overhead(repeats: int, epochs: int = 12, seed: int = 0):
+    train, val = digits_split(seed=seed)
+    wall = {"without": [], "with": []}
+    cpu = {"without": [], "with": []}
+    shares = []
+    workdir = tempfile.mkdtemp(prefix="forgetting_overhead_")
+    load_before = os.getloadavg()[0]
+    TimedMonitor, Timed = _timed_monitor_class()
+
+    def one(with_monitor: bool) -> tuple:
+        torch.manual_seed(seed)
+        module = make_lightning_module(DigitsCNN(), namespace=L)
+        monitors = [TimedMonitor(os.path.join(workdir, "demo.h5"), overwrite=True)] if with_monitor else []
+        trainer = lightning_trainer(epochs, monitors)
+        Timed.spent = 0.0
+        started, started_cpu = time.perf_counter(), time.process_time()
+        trainer.fit(module, DataLoader(train, batch_size=BATCH, shuffle=True), DataLoader(val, batch_size=256))
+        elapsed = time.perf_counter() - started
+        if with_monitor:
+            shares.append(Timed.spent / elapsed)
+        return elapsed, time.process_time() - started_cpu
+
+    one(False), one(True)  # warm-up (imports, allocator)
+    shares.clear()
+    for r in range(repeats):
+        order = (False, True) if r % 2 == 0 else (True, False)
+        for with_monitor in order:
+            key = "with" if with_monitor else "without"
+            w, c = one(with_monitor)
+            wall[key].append(w)
+            cpu[key].append(c)
+    print(f"\n3. overhead on the demo training ({epochs} epochs, batch {BATCH}, validation each epoch, "
+          f"{torch.get_num_threads()} threads), {repeats} alternating repeats each; load average "
+          f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
+    print(f"   time inside the monitor's hooks (Lightning hooks + forward hook) / wall time of the training with it: "
+          f"median {100 * statistics.median(shares):.2f}% (all: {', '.join(f'{100 * x:.2f}%' for x in shares)})")
+    for label, times in (("wall time", wall), ("process CPU time", cpu)):
+        a, b = statistics.median(times["without"]), statistics.median(times["with"])
+        pairs = [w / wo for w, wo in zip(times["with"], times["without"])]
+        print(f"   A/B {label}: without {a:.3f} s, with {b:.3f} s (medians); ratio {b / a:.4f} "
+              f"-> overhead {100 * (b / a - 1):+.2f}%; per-pair ratios "
+              f"{', '.join(f'{p:.3f}' for p in pairs)} (median {statistics.median(pairs):.4f})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--retrain-seeds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip", choices=["none", "repro", "overhead"], default="none")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {L.__name__} {L.__version__}, threads {torch.get_num_threads()}, "
+          f"load average {os.getloadavg()[0]:.2f}")
+    if args.skip != "repro":
+        train, test = digits_split(seed=0)
+        with tempfile.TemporaryDirectory(prefix="repro_forgetting_") as workdir:
+            started = time.perf_counter()
+            paths = forgetting_runs(train, test, range(args.seeds), args.epochs, workdir)
+            pruning(train, test, paths, args.epochs, range(args.retrain_seeds))
+            print(f"(sections 1-2 took {time.perf_counter() - started:.0f} s)")
+    if args.skip != "overhead":
+        overhead(args.repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,936 @@
+"""ForgettingMonitor: per-example forgetting events (Toneva et al. 2019) and dataset
+cartography (Swayamdipta et al. 2020), recorded from the training forward pass.
+
+Default (``mode="train"``, Toneva et al.'s definition): the correctness of each example at
+each presentation is read from the training forward pass of its batch, before the
+optimiser step; no extra forward pass. Two things are captured per training batch:
+
+* the logits: a forward hook on the LightningModule, armed from ``on_train_batch_start``
+  to ``on_train_batch_end``, keeps the first output of ``pl_module(...)`` made in train
+  mode (a tensor, the first element of a tuple, or the ``outputs_key`` entry of a dict).
+  If ``training_step`` returns a dict with ``outputs_key`` (default ``"logits"``), that
+  takes precedence.
+* the dataset indices: the training DataLoader's batch sampler (its sampler when
+  ``batch_size=None``) is made to record every index batch it yields into a FIFO queue,
+  popped at each ``on_train_batch_end``. The sampler runs in the main process even with
+  ``num_workers > 0``, and batches arrive in sampler order, so the head of the queue is the
+  batch being trained on. The loader is switched to recording when Lightning prepares it
+  (``strategy.process_dataloader``, wrapped from ``setup``), i.e. before its first
+  iterator exists: Lightning creates the first epoch's iterator before ``on_train_start``
+  and a reloaded loader's before ``on_train_epoch_start``. Each new pass over the sampler
+  (a new iterator) drops the entries its predecessor left (``limit_train_batches``,
+  ``max_steps``, prefetching). Fallbacks: ``index_key=`` (the batch carries the index,
+  e.g. from :class:`lightning_ntk.forgetting.WithIndex`), or ``training_step`` returning
+  ``{"loss": ..., "logits": ..., "index": ...}``.
+
+``mode="probe"``: an eval-mode pass over a fixed probe on a schedule; each snapshot is one
+"presentation" of every probe example. This is NOT Toneva et al.'s definition (their
+presentations are training mini-batches, read before the update); it is labelled so in
+the run file's config and table attributes.
+
+Tables (group ``forgetting``, or ``forgetting_<name>``):
+
+* ``events`` (append, row axis ``event``): ``step``, ``epoch``, ``index``, ``correct``,
+  ``loss``, ``margin``, ``p_true``: one row per presentation. Batches are buffered and
+  processed every ``flush_every`` batches and at each epoch end (bounded memory).
+* ``examples`` (fixed, row axis ``example`` = dataset indices): the
+  :meth:`~lightning_ntk.forgetting.ForgettingTracker.summary` columns, rewritten at epoch
+  ends (probe mode: at snapshots).
+
+File writes (event rows, the summary rewrite, flush and fsync) happen at those points at
+most every ``write_interval`` seconds, and always at the end of training, before a
+checkpoint and on an exception: with short epochs, a rewrite, a flush and an fsync per
+epoch would cost more than the training step they follow.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import math
+import time
+import warnings
+from dataclasses import dataclass, fields
+from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..forgetting import ForgettingTracker, presentation_outcomes
+from ..probe import BatchFormat, ProbeSet, batch_to_xy
+from ..schedule import EveryNEpochs, Schedule
+from ..store import Field, Table
+from ._base import Monitor, TableSpec
+
+TRAIN_DEFINITION = ("Toneva et al. 2019: correctness of each example at each presentation, from the training "
+                    "forward pass of its batch (train mode), before the optimiser step")
+PROBE_DEFINITION = ("NOT Toneva et al.'s definition: correctness from an eval-mode pass over a fixed probe on a "
+                    "schedule; each snapshot counts as one presentation and one cartography epoch")
+
+_HOW_TO_FIX_LOGITS = (
+    "Call the module itself in training_step (logits = self(x)); its output may be a tensor, a tuple whose first "
+    "element is the logits, or a dict with key {key!r}. Or return the logits from training_step: "
+    "return {{'loss': loss, {key!r}: logits}}. Or use ForgettingMonitor(mode='probe') (an eval-mode pass on a "
+    "probe; not Toneva et al.'s definition)."
+)
+_HOW_TO_FIX_INDEX = (
+    "Wrap the dataset in lightning_ntk.forgetting.WithIndex(dataset) and pass index_key=-1 (index_key='index' for "
+    "dict items), or pass index_key= the key / position where your batch already carries the dataset index; or "
+    "return it from training_step: return {'loss': loss, 'index': index}."
+)
+
+
+#: Buffered event rows that force a write whatever ``write_interval`` says (about 8 MiB).
+_MAX_BUFFERED_ROWS = 1 << 18
+
+
+class ForgettingCaptureError(RuntimeError):
+    """The logits or the dataset indices of a training batch could not be captured."""
+
+
+# --------------------------------------------------------------------------------------
+# Recording the DataLoader's index batches
+# --------------------------------------------------------------------------------------
+_RECORDERS = "_lightning_ntk_recorders"
+
+
+class _SamplerRecorder:
+    """Makes (batch) samplers push every index batch they yield into one FIFO queue.
+
+    The sampler object's class is swapped for a dynamic subclass whose ``__iter__`` records
+    and yields (DataLoader forbids re-assigning ``batch_sampler``); :meth:`restore` swaps
+    it back. Several recorders (several monitors) share one recording class per sampler.
+    """
+
+    def __init__(self) -> None:
+        self.queue: Deque[Tuple[int, Any]] = collections.deque()  # (pass, the index batch as yielded)
+        self.passes = 0
+        self._patched: List[Tuple[Any, type]] = []
+
+    def start_pass(self) -> None:
+        # A new iterator over the sampler: whatever the previous one left is stale.
+        self.queue.clear()
+        self.passes += 1
+
+    def push(self, item: Any) -> None:
+        # Kept as yielded (a BatchSampler yields a new list each time); converted to an
+        # array, and checked, when the buffered batches are processed.
+        self.queue.append((self.passes, item))
+
+    def is_recording(self, sampler: Any) -> bool:
+        return self in (type(sampler).__dict__.get(_RECORDERS) or ())
+
+    @staticmethod
+    def index_sampler(loader: Any) -> Any:
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        return batch_sampler if batch_sampler is not None else getattr(loader, "sampler", None)
+
+    def attach(self, loader: Any) -> Optional[str]:
+        """Record ``loader``'s index batches; returns why it cannot, or None."""
+        from torch.utils.data import IterableDataset
+
+        if isinstance(getattr(loader, "dataset", None), IterableDataset):
+            return "the training data is an IterableDataset, which has no sampler indices"
+        sampler = self.index_sampler(loader)
+        if sampler is None or not hasattr(type(sampler), "__iter__"):
+            return f"the training loader (a {type(loader).__name__}) has no batch_sampler or sampler"
+        recorders = type(sampler).__dict__.get(_RECORDERS)
+        if recorders is not None:  # already recording for another monitor: join it
+            if self not in recorders:
+                recorders.append(self)
+                self._patched.append((sampler, type(sampler)))
+            return None
+        base = type(sampler)
+        recorders = [self]
+
+        def __iter__(this: Any) -> Any:
+            for recorder in list(recorders):
+                recorder.start_pass()
+            for item in base.__iter__(this):
+                for recorder in recorders:
+                    recorder.push(item)
+                yield item
+
+        recording = type(base.__name__, (base,), {
+            "__iter__": __iter__, "__slots__": (), _RECORDERS: recorders,
+            "__module__": base.__module__, "__qualname__": base.__qualname__, "__doc__": base.__doc__})
+        try:
+            sampler.__class__ = recording
+        except TypeError as exc:
+            return f"the sampler (a {base.__name__}) cannot be made to record its indices ({exc})"
+        self._patched.append((sampler, recording))
+        return None
+
+    def restore(self) -> None:
+        for sampler, recording in reversed(self._patched):
+            recorders = recording.__dict__[_RECORDERS]
+            if self in recorders:
+                recorders.remove(self)
+            if not recorders and type(sampler) is recording:
+                sampler.__class__ = recording.__bases__[0]
+        self._patched = []
+        self.queue.clear()
+
+
+@dataclass
+class _Records:
+    """Presentations of several batches, in training order (numpy arrays, one entry each)."""
+
+    batch: np.ndarray  # batch number, to keep each update() call to one batch
+    index: np.ndarray
+    step: np.ndarray
+    epoch: np.ndarray
+    correct: np.ndarray
+    loss: np.ndarray
+    margin: np.ndarray
+    p_true: np.ndarray
+
+
+def _empty_records() -> _Records:
+    ints = np.zeros(0, dtype=np.int64)
+    floats = np.zeros(0, dtype=np.float32)
+    return _Records(batch=ints, index=ints, step=ints, epoch=ints, correct=np.zeros(0, dtype=bool), loss=floats,
+                    margin=floats, p_true=floats)
+
+
+def _position_in_batch(batch: np.ndarray) -> np.ndarray:
+    """0, 1, 2, ... within each run of equal batch numbers."""
+    n = batch.shape[0]
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.flatnonzero(np.concatenate(([True], batch[1:] != batch[:-1])))
+    return np.arange(n) - np.repeat(starts, np.diff(np.concatenate((starts, [n]))))
+
+
+def _interleave(parts: Sequence[_Records]) -> _Records:
+    """Every rank's records in one training order: batch by batch; within a batch, element j
+    of rank 0, element j of rank 1, ..., then element j + 1 (an unshuffled DistributedSampler
+    gives rank r the examples r, r + W, r + 2W, ...: this restores the single-process order)."""
+    names = [f.name for f in fields(_Records)]
+    rank = np.concatenate([np.full(p.index.shape[0], r, dtype=np.int64) for r, p in enumerate(parts)])
+    position = np.concatenate([_position_in_batch(p.batch) for p in parts])
+    merged = {name: np.concatenate([getattr(p, name) for p in parts]) for name in names}
+    order = np.lexsort((rank, position, merged["batch"]))
+    return _Records(**{name: values[order] for name, values in merged.items()})
+
+
+def _logits_in(output: Any, key: str) -> Optional[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        value = output.get(key)
+    elif isinstance(output, (tuple, list)):
+        value = output[0] if output else None
+    else:
+        value = getattr(output, key, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _concat_indices(parts: List[Any], total: int) -> np.ndarray:
+    """Index batches (lists of ints from a sampler, or int64 arrays) -> one int64 array."""
+    if all(isinstance(p, list) for p in parts):
+        flat = np.asarray(list(itertools.chain.from_iterable(parts)))
+        if flat.shape == (total,):
+            return _as_index_array(flat, "the index batches of the DataLoader's sampler")
+    return np.concatenate([_as_index_array(p, "an index batch of the DataLoader's sampler") for p in parts])
+
+
+def _tensor_dataset_labels(dataset: Any) -> Optional[np.ndarray]:
+    """Labels of a TensorDataset (or a Subset of one): cheap and exact, used to check indices."""
+    from torch.utils.data import Subset, TensorDataset
+
+    if isinstance(dataset, Subset):
+        inner = _tensor_dataset_labels(dataset.dataset)
+        return None if inner is None else inner[np.asarray(dataset.indices, dtype=np.int64)]
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
+        labels = dataset.tensors[1].detach().cpu()
+        if labels.ndim == 1 and not labels.dtype.is_floating_point:
+            return labels.numpy().astype(np.int64)
+    return None
+
+
+def _as_index_array(value: Any, what: str) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    array = np.asarray(value)
+    if array.dtype.kind not in "iu":
+        raise ForgettingCaptureError(f"{what} must hold integer dataset indices, got dtype {array.dtype}. "
+                                     + _HOW_TO_FIX_INDEX)
+    return array.astype(np.int64, copy=False).reshape(-1)
+
+
+# --------------------------------------------------------------------------------------
+# The monitor
+# --------------------------------------------------------------------------------------
+class ForgettingMonitor(Monitor):
+    """Per-example forgetting events and dataset cartography, streamed to the run file.
+
+    ``mode="train"`` (default) follows Toneva et al. 2019: an example's correctness at each
+    presentation comes from the training forward pass of its batch, before the optimiser
+    step; forgetting event = correct -> incorrect between consecutive presentations. Works
+    with shuffling, ``num_workers > 0``, ``drop_last``, gradient accumulation (each
+    micro-batch is a presentation), mid-epoch resume and DDP (records all-gathered at each
+    processing point, ranks interleaved), with no change to a
+    LightningModule whose batches are ``(x, y, ...)`` and whose ``training_step`` calls the
+    module (``self(x)``). Cartography (Swayamdipta et al. 2020): per example over epochs,
+    confidence = mean p(gold), variability = population std, correctness = fraction correct.
+    See :mod:`lightning_ntk.forgetting` for the definitions.
+
+    Args:
+        path: the run file.
+        mode: ``"train"`` (the training forward pass, the paper's definition) or
+            ``"probe"`` (an eval-mode pass over ``probe`` on ``schedule``; NOT the paper's
+            definition).
+        index_key: where the batch carries the dataset index (a dict key, or a tuple
+            position such as ``-1`` for :class:`~lightning_ntk.forgetting.WithIndex`).
+            Default: record the indices from the DataLoader's sampler.
+        outputs_key: key of the logits in a dict output (of the module or of
+            ``training_step``).
+        batch_format: how to find the targets in a batch (see
+            :func:`lightning_ntk.probe.batch_to_xy`).
+        num_examples: track dataset indices ``0 .. num_examples - 1`` (default: the
+            length of the training dataset).
+        flush_every: process the buffered batches (outcomes, tracker, event rows) every
+            this many batches and at each epoch end; bounds the logits kept in memory.
+        write_interval: write to the file (event rows, the rewritten summary, flush and
+            fsync) at those points only when at least this many seconds passed since the
+            last write (default 5; 0: at every epoch end and every ``flush_every``
+            batches). Always at the end of training, before a checkpoint and on an
+            exception; event rows are also written once 2^18 are buffered.
+        schedule, probe, forward_fn, batch_size: ``mode="probe"`` only (default schedule:
+            every epoch).
+        **kwargs: see :class:`~lightning_ntk.callbacks.Monitor`.
+    """
+
+    quantity = "forgetting"
+    needs_probe = False
+
+    def __init__(self, path: str, *, mode: str = "train", index_key: Union[None, str, int] = None,
+                 outputs_key: str = "logits", batch_format: BatchFormat = None, num_examples: Optional[int] = None,
+                 flush_every: int = 50, write_interval: float = 5.0, **kwargs: Any):
+        name = type(self).__name__
+        if mode not in ("train", "probe"):
+            raise ValueError(f"{name}: mode must be 'train' (the training forward pass, Toneva et al.) or 'probe' "
+                             f"(an eval-mode pass on a probe), got {mode!r}")
+        if mode == "train":
+            for option in ("schedule", "probe", "forward_fn"):
+                if kwargs.get(option) is not None:
+                    raise ValueError(f"{name}: {option}= applies to mode='probe' only; mode='train' records every "
+                                     "training batch from the training forward pass")
+            if kwargs.get("budget") not in (None, False):
+                raise ValueError(f"{name}: budget= applies to mode='probe' only; mode='train' must record every "
+                                 "training batch (a skipped batch would hide forgetting events)")
+            kwargs["budget"] = False  # no snapshots to govern: every batch is recorded
+        if index_key is not None and (isinstance(index_key, bool) or not isinstance(index_key, (str, int))):
+            raise ValueError(f"{name}: index_key must be None, a dict key (str) or a tuple position (int), "
+                             f"got {index_key!r}")
+        if mode == "probe" and index_key is not None:
+            raise ValueError(f"{name}: index_key= applies to mode='train' only (a probe knows its dataset indices)")
+        if not isinstance(outputs_key, str) or not outputs_key:
+            raise ValueError(f"{name}: outputs_key must be a non-empty string, got {outputs_key!r}")
+        if batch_format is not None and not callable(batch_format) and not (
+                isinstance(batch_format, (tuple, list)) and len(batch_format) == 2):
+            raise ValueError(f"{name}: batch_format must be None, a pair (x_key, y_key) or a function "
+                             f"batch -> (x, y); got {batch_format!r}")
+        if num_examples is not None and (isinstance(num_examples, bool) or not isinstance(num_examples, int)
+                                         or num_examples < 1):
+            raise ValueError(f"{name}: num_examples must be None or a positive integer, got {num_examples!r}")
+        if isinstance(flush_every, bool) or not isinstance(flush_every, int) or flush_every < 1:
+            raise ValueError(f"{name}: flush_every must be a positive integer, got {flush_every!r}")
+        if (isinstance(write_interval, bool) or not isinstance(write_interval, (int, float))
+                or not math.isfinite(write_interval) or write_interval < 0):
+            raise ValueError(f"{name}: write_interval must be a number of seconds >= 0, got {write_interval!r}")
+        self.mode = mode
+        self.needs_probe = mode == "probe"
+        super().__init__(path, **kwargs)
+        self.index_key = index_key
+        self.outputs_key = outputs_key
+        self.batch_format = batch_format
+        self.num_examples = num_examples
+        self.flush_every = flush_every
+        self.write_interval = float(write_interval)
+        self._reset_runtime()
+        self._tracker: Optional[ForgettingTracker] = None
+        self._loaded_tracker: Optional[Dict[str, Any]] = None
+        self._open_epoch: Optional[int] = None
+
+    def _reset_runtime(self) -> None:
+        self._recorder = _SamplerRecorder()
+        self._interception: Optional[Tuple[Any, Any, Any]] = None
+        self._hook_handle: Optional[Any] = None
+        self._captured: Optional[torch.Tensor] = None
+        self._captured_kind: Optional[str] = None
+        self._expected_rows: Optional[int] = None
+        self._batch_step = 0
+        self._batch_epoch = 0
+        self._pending: List[Tuple[np.ndarray, int, int, torch.Tensor, torch.Tensor, bool]] = []
+        self._batches_since_flush = 0
+        self._summary_stale = False
+        self._labels: Optional[np.ndarray] = None
+        self._no_sampler_reason: Optional[str] = None
+        self._epoch_pass: Optional[int] = None
+        self._last_write = -math.inf
+        self._deferred_error: Optional[BaseException] = None
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = super().__getstate__()
+        for key in ("_recorder", "_interception", "_hook_handle", "_captured", "_pending"):
+            state.pop(key, None)
+        state["_needs_runtime_reset"] = True
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        needs_reset = state.pop("_needs_runtime_reset", False)
+        self.__dict__.update(state)
+        if needs_reset:
+            self._reset_runtime()
+
+    # ---------------------------------------------------------------- configuration
+    def default_schedule(self) -> Schedule:
+        return EveryNEpochs(1)
+
+    @property
+    def uses_sampler(self) -> bool:
+        """Whether dataset indices are recorded from the DataLoader's sampler."""
+        return self.mode == "train" and self.index_key is None
+
+    def config(self) -> Dict[str, Any]:
+        batch_format = (getattr(self.batch_format, "__qualname__", "function") if callable(self.batch_format)
+                        else self.batch_format)
+        if self.mode == "probe":
+            return dict(super().config(), mode="probe", definition=PROBE_DEFINITION,
+                        write_interval=self.write_interval)
+        return {"class": type(self).__name__, "group": self.group, "mode": "train", "definition": TRAIN_DEFINITION,
+                "model_mode": "train (the training forward pass; no extra pass)",
+                "index_source": "sampler" if self.index_key is None else f"batch[{self.index_key!r}]",
+                "outputs_key": self.outputs_key, "batch_format": batch_format, "num_examples": self.num_examples,
+                "flush_every": self.flush_every, "write_interval": self.write_interval}
+
+    def table_specs(self, probe: Optional[ProbeSet], pl_module: nn.Module) -> List[TableSpec]:
+        if self.mode == "probe":
+            assert probe is not None
+            index = probe.index
+        elif self._tracker is not None:
+            index = self._tracker.index
+        else:  # disabled before the examples were known
+            return []
+        attrs = {"mode": self.mode, "definition": TRAIN_DEFINITION if self.mode == "train" else PROBE_DEFINITION}
+        if probe is not None:
+            attrs["probe"] = probe.name
+        events = [Field("step", (), "int64"), Field("epoch", (), "int64"), Field("index", (), "int64"),
+                  Field("correct", (), "bool"), Field("loss", (), "float32"), Field("margin", (), "float32"),
+                  Field("p_true", (), "float32")]
+        examples = [Field("index", (), "int64"), Field("presentations", (), "int64"),
+                    Field("forgetting_count", (), "int64"), Field("learning_count", (), "int64"),
+                    Field("first_learned_step", (), "int64"), Field("first_learned_presentation", (), "int64"),
+                    Field("never_learned", (), "bool"), Field("unforgettable", (), "bool"),
+                    Field("confidence", (), "float64"), Field("variability", (), "float64"),
+                    Field("correctness", (), "float64")]
+        return [TableSpec(f"{self.group}/events", events, key="step", row_dim="event", attrs=attrs),
+                TableSpec(f"{self.group}/examples", examples, row_dim="example", coords={"example": index},
+                          attrs=attrs, n_rows=int(index.shape[0]))]
+
+    @property
+    def tracker(self) -> Optional[ForgettingTracker]:
+        """The running per-example statistics (from ``on_train_start``)."""
+        return self._tracker
+
+    # ---------------------------------------------------------------- state
+    def extra_state(self) -> Dict[str, Any]:
+        if self._tracker is None:
+            return {}
+        return {"mode": self.mode, "open_epoch": self._open_epoch,
+                "tracker": {k: torch.from_numpy(np.asarray(v)) for k, v in self._tracker.state_dict().items()}}
+
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        if not state:
+            return
+        if state.get("mode", self.mode) != self.mode:
+            raise RuntimeError(f"{type(self).__name__}: the checkpoint was written in mode={state['mode']!r}, this "
+                               f"monitor has mode={self.mode!r}; resume with the same settings")
+        self._loaded_tracker = dict(state["tracker"]) if state.get("tracker") is not None else None
+        self._open_epoch = state.get("open_epoch")
+
+    def state_dict(self) -> Dict[str, Any]:
+        if self.mode == "train" and not self._disabled:
+            self._guarded(self._drain)
+        return super().state_dict()
+
+    def _ensure_tracker(self, index: np.ndarray) -> ForgettingTracker:
+        if self._tracker is not None and np.array_equal(self._tracker.index, index):
+            return self._tracker
+        if self._loaded_tracker is not None:
+            tracker = ForgettingTracker.from_state_dict(self._loaded_tracker)
+            self._loaded_tracker = None
+            if not np.array_equal(tracker.index, index):
+                raise RuntimeError(
+                    f"{type(self).__name__}: the checkpoint tracks {tracker.index.shape[0]} examples, this run "
+                    f"{index.shape[0]} (or different dataset indices); resume with the same data and settings")
+        else:
+            tracker = ForgettingTracker(index=index)
+        self._tracker = tracker
+        return tracker
+
+    # ---------------------------------------------------------------- errors
+    def _fail(self, exc: BaseException, agreed: bool = False) -> None:
+        agreed = agreed or getattr(exc, "_lightning_ntk_agreed", False)
+        if self._dist.active and not agreed:
+            # Several processes: settled at the next collective point (_agree), where every rank
+            # learns of it, so that all raise, or all disable, together.
+            if self._deferred_error is None:
+                self._deferred_error = exc
+            return
+        if isinstance(exc, ForgettingCaptureError):
+            self._pending = []  # records buffered since the last flush may be mis-keyed: never write them
+        if self.on_error == "raise":
+            exc._lightning_ntk_agreed = True  # type: ignore[attr-defined]
+            raise exc
+        if not self._disabled:
+            warnings.warn(
+                f"{type(self).__name__} ({self.group}) is disabled for the rest of this run: "
+                f"{type(exc).__name__}: {exc} Pass on_error='raise' to stop training instead.",
+                RuntimeWarning, stacklevel=3)
+        self._disabled = True
+        self._cleanup()
+
+    def _agree(self, error: Optional[BaseException] = None) -> None:
+        """A collective point (every rank calls it): if any rank failed since the last one, every
+        rank raises (on_error="raise") or disables this monitor ("warn"). Identity for one process."""
+        error = error or self._deferred_error
+        self._deferred_error = None
+        error = self._dist.agree_on_error(error, f"{type(self).__name__} ({self.group})")
+        if error is not None:
+            self._fail(error, agreed=True)
+
+    def _guarded(self, fn: Any, *args: Any) -> Any:
+        if self._disabled:
+            return None
+        try:
+            return fn(*args)
+        except Exception as exc:  # noqa: BLE001 - on_error decides
+            self._fail(exc)
+            return None
+
+    def _cleanup(self) -> None:
+        if self._hook_handle is not None:
+            self._hook_handle.remove()
+            self._hook_handle = None
+        self._recorder.restore()
+        if self._interception is not None:
+            strategy, previous, wrapper = self._interception
+            self._interception = None
+            wrapper.lightning_ntk_inactive = True  # a pass-through from now on
+            if strategy.__dict__.get("process_dataloader") is wrapper:
+                # Unwind past wrappers of monitors already torn down (they are pass-throughs).
+                while previous is not None and getattr(previous, "lightning_ntk_inactive", False):
+                    previous = previous.lightning_ntk_previous
+                if previous is None:
+                    del strategy.process_dataloader
+                else:
+                    strategy.process_dataloader = previous
+        self._pending = []
+        self._captured = None
+
+    # ---------------------------------------------------------------- Lightning hooks
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if str(stage) not in ("fit", "TrainerFn.FITTING") or not self.uses_sampler:
+            return
+        self._reset_runtime()
+        self._intercept_train_dataloaders(trainer)
+
+    def _intercept_train_dataloaders(self, trainer: Any) -> None:
+        """Record the training loader's indices from the moment Lightning prepares it.
+
+        Lightning calls ``strategy.process_dataloader`` on every loader before creating its
+        first iterator (for the first epoch, before ``on_train_start``; for a reloaded
+        loader, before ``on_train_epoch_start``), so no callback hook comes early enough.
+        """
+        strategy = getattr(trainer, "strategy", None)
+        inner = getattr(strategy, "process_dataloader", None)
+        if strategy is None or not callable(inner):
+            return
+        previous = strategy.__dict__.get("process_dataloader")
+        monitor = self
+
+        def process_dataloader(dataloader: Any) -> Any:
+            dataloader = inner(dataloader)
+            if (not process_dataloader.lightning_ntk_inactive and getattr(trainer, "training", False)
+                    and not getattr(trainer, "sanity_checking", False)):
+                monitor._no_sampler_reason = monitor._recorder.attach(dataloader)
+            return dataloader
+
+        process_dataloader.lightning_ntk_inactive = False  # type: ignore[attr-defined]
+        process_dataloader.lightning_ntk_previous = previous  # type: ignore[attr-defined]
+        strategy.process_dataloader = process_dataloader
+        self._interception = (strategy, previous, process_dataloader)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        resuming = self._loaded_state is not None
+        if not resuming:
+            self._loaded_tracker = None
+            self._open_epoch = None
+        self._tracker = None
+        self._pending = []
+        self._batches_since_flush = 0
+        if self.mode == "train" and not self._disabled:
+            self._guarded(self._prepare_training, trainer)
+            if self._dist.active:
+                self._guarded(self._agree)
+        self._last_write = time.monotonic()
+        super().on_train_start(trainer, pl_module)
+        if self.mode == "train" and resuming and self._tracker is not None:
+            # The file now holds the checkpoint's event rows; make the summary agree with them.
+            self._guarded(self._write_summary, int(trainer.global_step))
+
+    def _prepare_training(self, trainer: Any) -> None:
+        loaders = getattr(trainer, "train_dataloader", None)
+        several = isinstance(loaders, (Mapping, list, tuple))
+        if several and not (self.index_key is not None and self.num_examples is not None):
+            raise ForgettingCaptureError(
+                f"{type(self).__name__} records one training dataloader, and this run has "
+                f"{len(loaders)}; pass index_key= (where each batch carries its dataset index), num_examples= and a "
+                "batch_format= function returning (x, y)")
+        if self.num_examples is not None:
+            n = self.num_examples
+        else:
+            dataset = getattr(loaders, "dataset", None)
+            try:
+                n = len(dataset)  # type: ignore[arg-type]
+            except TypeError:
+                raise ForgettingCaptureError(
+                    f"{type(self).__name__} cannot tell how many examples to track: the training loader's dataset "
+                    f"({type(dataset).__name__}) has no length. Pass num_examples= (one more than the largest "
+                    "dataset index). " + _HOW_TO_FIX_INDEX) from None
+        self._ensure_tracker(np.arange(n, dtype=np.int64))
+        if self.uses_sampler and not several:
+            self._check_loader(trainer)
+
+    def _check_loader(self, trainer: Any) -> None:
+        loader = getattr(trainer, "train_dataloader", None)
+        if loader is None or isinstance(loader, (Mapping, list, tuple)):
+            return
+        # Labels of a TensorDataset check that recorded indices match the batches (cheap, exact).
+        self._labels = (_tensor_dataset_labels(getattr(loader, "dataset", None))
+                        if self.batch_format is None else None)
+        sampler = self._recorder.index_sampler(loader)
+        if sampler is None or not self._recorder.is_recording(sampler):
+            # Not prepared through strategy.process_dataloader: record from now on. Batches of an
+            # iterator created earlier come without indices, which the first of them reports.
+            self._no_sampler_reason = self._recorder.attach(loader)
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._epoch_pass = None
+        if self.uses_sampler and not self._disabled:
+            self._guarded(self._check_loader, trainer)
+
+    def _check_pass(self, recorded_in: int) -> None:
+        """Every batch of an epoch must come from one pass over the sampler (one iterator)."""
+        if self._epoch_pass is None:
+            self._epoch_pass = recorded_in
+        elif recorded_in != self._epoch_pass:
+            raise ForgettingCaptureError(
+                f"{type(self).__name__}: a second pass over the training DataLoader's sampler started during this "
+                "epoch (something else iterates the training loader while training runs), so the recorded dataset "
+                "indices no longer follow the batches. " + _HOW_TO_FIX_INDEX)
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        if self.mode != "train" or self._disabled:
+            return
+        self._batch_step = int(trainer.global_step)
+        self._batch_epoch = int(trainer.current_epoch)
+        self._captured, self._captured_kind = None, None
+        try:  # per-example logits have one row per target (a layout error is reported at batch end)
+            self._expected_rows: Optional[int] = len(batch_to_xy(batch, self.batch_format)[1])
+        except Exception:  # noqa: BLE001
+            self._expected_rows = None
+        if self._hook_handle is None:
+            self._hook_handle = pl_module.register_forward_hook(self._capture)
+
+    def _capture(self, module: nn.Module, args: Any, output: Any) -> None:
+        # The first output of pl_module(...) in train mode with one row per example. Others are
+        # skipped: e.g. under DDP, Lightning routes training_step itself through pl_module(...),
+        # whose output (the loss) arrives after those of the calls made inside training_step.
+        if self._captured is not None or not module.training:
+            return
+        logits = _logits_in(output, self.outputs_key)
+        if logits is not None and logits.ndim >= 1 and (self._expected_rows is None
+                                                         or logits.shape[0] == self._expected_rows):
+            self._captured = logits.detach()
+        elif self._captured_kind is None:
+            self._captured_kind = (type(output).__name__ if logits is None
+                                   else f"tensor of shape {tuple(logits.shape)}")
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.mode != "train":
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            return
+        if self._hook_handle is not None:
+            self._hook_handle.remove()
+            self._hook_handle = None
+        popped = self._recorder.queue.popleft() if self._recorder.queue else False
+        if self._disabled:
+            return
+        self._guarded(self._record_batch, outputs, batch, popped)
+        self._captured = None
+        self._batches_since_flush += 1
+        if self._batches_since_flush >= self.flush_every and not self._disabled:
+            self._batches_since_flush = 0
+            self._guarded(self._drain)
+            events = self._tables.get(f"{self.group}/events")
+            buffered = events.n_rows - events.n_committed if isinstance(events, Table) else 0
+            if self._write_due() or buffered >= _MAX_BUFFERED_ROWS:
+                self._guarded(self._write)
+
+    def _record_batch(self, outputs: Any, batch: Any, popped: Any) -> None:
+        if popped is not False:
+            self._check_pass(popped[0])
+        logits = outputs.get(self.outputs_key) if isinstance(outputs, Mapping) else None
+        if not isinstance(logits, torch.Tensor):
+            logits = self._captured
+        if logits is None:
+            seen = (f"no output of pl_module(...) held per-example logits (the first was a {self._captured_kind})"
+                    if self._captured_kind else
+                    "the LightningModule was not called (pl_module(...)) during training_step")
+            raise ForgettingCaptureError(f"{type(self).__name__} found no logits for this training batch: {seen}. "
+                                         + _HOW_TO_FIX_LOGITS.format(key=self.outputs_key))
+        _, targets = batch_to_xy(batch, self.batch_format)
+        targets = torch.as_tensor(targets)
+        if self.index_key is not None:
+            try:
+                raw = batch[self.index_key]
+            except (KeyError, IndexError, TypeError) as exc:
+                raise ForgettingCaptureError(
+                    f"{type(self).__name__}: index_key={self.index_key!r} is not in this batch (a "
+                    f"{type(batch).__name__}): {exc}. " + _HOW_TO_FIX_INDEX) from None
+            index, source = _as_index_array(raw, f"batch[{self.index_key!r}]"), "index_key"
+        elif isinstance(outputs, Mapping) and outputs.get("index") is not None:
+            index, source = _as_index_array(outputs["index"], "training_step's outputs['index']"), "outputs"
+        elif popped is not False and isinstance(popped[1], list):  # a BatchSampler's batch: converted later
+            index, source = popped[1], "sampler"
+        elif popped is not False:
+            index, source = _as_index_array(popped[1], "an index batch of the DataLoader's sampler"), "sampler"
+        else:
+            if self._no_sampler_reason:
+                reason = self._no_sampler_reason
+            else:
+                reason = ("no index batch was recorded from the training DataLoader's sampler for it (the loader's "
+                          "iterator was created before the monitor could record it, or something else iterates the "
+                          "training loader during training)")
+            raise ForgettingCaptureError(f"{type(self).__name__} cannot tell which dataset indices this training "
+                                         f"batch holds: {reason}. " + _HOW_TO_FIX_INDEX)
+        n = int(targets.shape[0]) if targets.ndim else 1
+        n_index = len(index)
+        if n_index != n or int(logits.shape[0]) != n:
+            where = {"sampler": "recorded from the DataLoader's sampler", "outputs": "in outputs['index']",
+                     "index_key": f"in batch[{self.index_key!r}]"}[source]
+            raise ForgettingCaptureError(
+                f"{type(self).__name__}: this batch has {n} targets and {int(logits.shape[0])} rows of logits, but "
+                f"{n_index} dataset indices {where}. A sampler that does not yield one index per example, a "
+                "collate_fn that changes the batch size, or a module output that is not per-example logits breaks "
+                "the pairing. " + _HOW_TO_FIX_INDEX)
+        # Outcomes are computed at the next flush, over every buffered batch at once (a few
+        # tensor operations per flush instead of per batch); the clone keeps these values even
+        # if the output buffer is reused (CUDA graphs).
+        check = source == "sampler" and self._labels is not None
+        self._pending.append((index, self._batch_step, self._batch_epoch, logits.detach().clone(),
+                              targets.reshape(-1), check))
+
+    # ---------------------------------------------------------------- recording
+    def _drain(self) -> None:
+        """Move the buffered presentations into the tracker and the events table.
+
+        Under several processes this is a collective point: every rank calls it at the same
+        moments (every ``flush_every`` batches, epoch ends, checkpoints, the end of training).
+        """
+        if self._tracker is None:
+            self._pending = []
+            return
+        records: Optional[_Records] = None
+        error: Optional[BaseException] = None
+        try:
+            records = self._local_records()
+        except Exception as exc:  # noqa: BLE001 - settled below
+            error = exc
+        if self._dist.active:
+            self._agree(error)
+            if self._disabled:
+                return
+            records = self._gather(records if records is not None else _empty_records())
+        elif error is not None:
+            raise error
+        if records is not None and records.index.shape[0]:
+            self._apply(records)
+
+    def _local_records(self) -> Optional[_Records]:
+        """This process's buffered batches -> records (outcomes computed for all at once)."""
+        if not self._pending:
+            return None
+        pending, self._pending = self._pending, []
+        sizes = np.array([len(p[0]) for p in pending], dtype=np.int64)
+        index = _concat_indices([p[0] for p in pending], int(sizes.sum()))
+        logits = torch.cat([p[3] for p in pending])
+        targets = torch.cat([p[4].to(logits.device) for p in pending])
+        outcomes = presentation_outcomes(logits, targets, check_targets=False)
+        values = torch.stack([outcomes.correct.float(), outcomes.loss.float(), outcomes.margin.float(),
+                              outcomes.p_true.float()]).cpu().numpy()
+        if self._labels is not None and any(p[5] for p in pending):
+            mask = np.repeat(np.array([p[5] for p in pending], dtype=bool), sizes)
+            checked = index[mask]
+            seen = targets.cpu().numpy()[mask]
+            inside = (checked >= 0) & (checked < self._labels.shape[0])
+            if not np.all(inside) or not np.array_equal(self._labels[checked], seen):
+                raise ForgettingCaptureError(
+                    f"{type(self).__name__}: the dataset indices recorded from the DataLoader's sampler do not match "
+                    "the targets of the batches trained on (the dataset's labels at those indices differ). Something "
+                    "else may iterate the training loader during training, or the sampler's order is not the batch "
+                    "order. " + _HOW_TO_FIX_INDEX)
+        records = _Records(batch=np.repeat(np.arange(len(pending)), sizes), index=index,
+                           step=np.repeat(np.array([p[1] for p in pending], dtype=np.int64), sizes),
+                           epoch=np.repeat(np.array([p[2] for p in pending], dtype=np.int64), sizes),
+                           correct=values[0] > 0.5, loss=values[1], margin=values[2],
+                           p_true=np.minimum(values[3], 1.0))  # exp(log p) may round a hair above 1
+        return records
+
+    def _gather(self, records: _Records) -> _Records:
+        """This process's presentations -> every process's, in one training order (all ranks).
+
+        Identity for one process. Under DDP, every rank's records of the batches since the
+        last drain are all-gathered (on the monitor's gloo group, bounded wait) and ordered
+        batch by batch, ranks interleaved (:func:`_interleave`); every rank then updates its
+        tracker with the same records, so rank 0's checkpoint and file are complete. Each
+        record is a presentation the network trained on, including the duplicates a
+        ``DistributedSampler`` pads its last batches with.
+        """
+        if not self._dist.active:
+            return records
+        return _interleave(self._dist.gather_object(records))
+
+    def _apply(self, records: _Records) -> None:
+        tracker = self._tracker
+        assert tracker is not None
+        # One update per epoch segment: with per-example steps and duplicates="sequential" the
+        # tracker takes each example's presentations in row order, which equals one update per batch.
+        cuts = (np.flatnonzero(records.epoch[1:] != records.epoch[:-1]) + 1).tolist()
+        for a, b in zip([0] + cuts, cuts + [records.epoch.shape[0]]):
+            epoch = int(records.epoch[a])
+            if self._open_epoch is not None and epoch != self._open_epoch:
+                tracker.end_epoch()  # an epoch end that no hook reported (e.g. resumed past it)
+            self._open_epoch = epoch
+            tracker.update(records.index[a:b], records.correct[a:b], records.p_true[a:b], step=records.step[a:b])
+        events = self._tables.get(f"{self.group}/events") if self._writer else None
+        if events is not None:
+            events.extend({"step": records.step, "epoch": records.epoch, "index": records.index,
+                           "correct": records.correct, "loss": records.loss, "margin": records.margin,
+                           "p_true": records.p_true})
+        self._summary_stale = True
+
+    def _close_epoch(self) -> None:
+        if self._tracker is not None and self._open_epoch is not None:
+            self._tracker.end_epoch()
+        self._open_epoch = None
+
+    def _write_due(self) -> bool:
+        return time.monotonic() - self._last_write >= self.write_interval
+
+    def _write(self) -> None:
+        """Buffered event rows (and a pending summary rewrite) to the file: flush, fsync."""
+        if self._store is not None:
+            self._store.flush()
+        self._last_write = time.monotonic()
+
+    def _write_summary(self, step: int) -> None:
+        examples = self._tables.get(f"{self.group}/examples") if self._writer else None
+        if examples is not None and self._tracker is not None:
+            examples.write(self._tracker.summary(), step=step)
+        self._write()
+        self._summary_stale = False
+
+    def _scalars(self) -> Dict[str, float]:
+        tracker = self._tracker
+        if tracker is None or len(tracker.index) == 0:
+            return {}
+        counts = tracker.forgetting_count
+        return {"forgotten_fraction": float(np.mean(counts > 0)),
+                "unforgettable_fraction": float(np.mean(tracker.unforgettable)),
+                "never_learned_fraction": float(np.mean(tracker.never_learned)),
+                "mean_forgetting_count": float(np.mean(counts))}
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.mode == "train" and not self._disabled:
+            step = int(trainer.global_step)
+            self._guarded(self._end_training_epoch, step)
+            if not self._disabled and self.log_scalars:
+                self._log(trainer, self._scalars(), step)
+        super().on_train_epoch_end(trainer, pl_module)
+
+    def _end_training_epoch(self, step: int) -> None:
+        self._epoch_pass = None
+        self._drain()
+        self._close_epoch()
+        self._batches_since_flush = 0
+        if self._write_due():
+            self._write_summary(step)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.mode == "train" and not self._disabled:
+            self._guarded(self._drain)
+        super().on_train_end(trainer, pl_module)  # probe mode: the final snapshot
+        if not self._disabled:
+            if self._summary_stale:
+                self._guarded(self._write_summary, int(trainer.global_step))
+            else:
+                self._guarded(self._write)
+        if not self._disabled and self._dist.active:
+            self._guarded(self._agree)  # a failure of rank 0's last write reaches every rank
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._cleanup()
+        super().teardown(trainer, pl_module, stage)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        if self.mode == "train" and self._store is not None and not self._disabled:
+            try:  # keep the presentations recorded before the failure (no collectives now)
+                if not self._dist.active:
+                    self._drain()
+                self._store.flush()
+            except Exception:  # noqa: BLE001 - the training's own exception matters more
+                pass
+        self._cleanup()
+        super().on_exception(trainer, pl_module, exception)
+
+    # ---------------------------------------------------------------- probe mode
+    def _snapshot(self, trainer: Any, pl_module: nn.Module, epoch: float, **kwargs: Any) -> None:
+        if self.mode == "probe":
+            super()._snapshot(trainer, pl_module, epoch, **kwargs)
+
+    def measure(self, trainer: Any, pl_module: nn.Module, probe: Optional[ProbeSet]) -> Tuple[Dict[str, Any], Dict[str, float]]:
+        assert probe is not None
+        tracker = self._ensure_tracker(probe.index)
+        chunks = []
+        with torch.no_grad():
+            for x, _ in probe.batches(self.batch_size):
+                output = self.forward_fn(pl_module, x)
+                logits = _logits_in(output, self.outputs_key)
+                if logits is None:
+                    raise ForgettingCaptureError(
+                        f"{type(self).__name__}: the model's output on the probe is a {type(output).__name__} without "
+                        f"logits; return a tensor, a tuple whose first element is the logits, or a dict with key "
+                        f"{self.outputs_key!r}, or pass forward_fn=(module, x) -> logits")
+                chunks.append(logits)
+        logits = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+        values = presentation_outcomes(logits, probe.y.to(logits.device))
+        step, epoch = int(trainer.global_step), int(trainer.current_epoch)
+        n = len(probe)
+        records = _Records(batch=np.zeros(n, dtype=np.int64), index=probe.index, step=np.full(n, step, np.int64),
+                           epoch=np.full(n, epoch, np.int64), correct=values.correct.cpu().numpy(),
+                           loss=values.loss.float().cpu().numpy(), margin=values.margin.float().cpu().numpy(),
+                           p_true=values.p_true.float().cpu().numpy())
+        self._open_epoch = None
+        self._apply(records)
+        tracker.end_epoch()  # each snapshot is one cartography epoch
+        self._open_epoch = None
+        if self._write_due():
+            self._write_summary(step)
+        return {}, self._scalars()

@@ -1,0 +1,211 @@
+"""SharpnessMonitor: Hessian top eigenvalues of the training loss over training (Cohen et al. 2021).
+
+Per snapshot, on a fixed sharpness set (default: the first 1024 training examples; Cohen
+et al. used the first 5000), in eval mode: the top-k Hessian eigenvalues of the mean loss
+by Lanczos with true Ritz residuals (warm-started from the previous snapshot's
+eigenvectors), the number of HVPs used, the gradient norm, the loss, and the current
+learning rate with the edge-of-stability threshold of the optimiser (2/η for gradient
+descent, (2 + 2β)/η for heavy-ball momentum β, (2 + 2β)/((1 + 2β)η) for Nesterov; NaN
+for adaptive optimisers, where no simple threshold applies). Optionally: the Hessian trace
+(Hutch++ with a standard error), the ρ-sharpness of SAM, the SLQ spectral density, and for
+Adam the preconditioned sharpness (Cohen et al. 2022).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import curvature
+from .._losses import LossFn
+from ..probe import Probe, ProbeSet
+from ..store import Field
+from ._base import Monitor
+
+
+class SharpnessMonitor(Monitor):
+    """Loss-landscape sharpness snapshots (group ``/sharpness``).
+
+    Args:
+        sharpness_set: examples the loss is averaged over: an int n (the first n training
+            examples, default 1024; ``None``: the whole training set), a
+            :class:`~lightning_ntk.probe.Probe`, a ProbeSet or a pair ``(x, y)``.
+        k: top eigenvalues (default 2). tol: Lanczos residual tolerance (relative).
+        max_hvp: cap on Hessian-vector products per snapshot (default: Lanczos' own).
+        trace: also estimate the Hessian trace (Hutch++ with ``trace_queries`` HVPs).
+        sam_rho: also record SAM's ρ-sharpness for this radius (None: off).
+        density: also record the SLQ spectral density (``density_steps`` Lanczos nodes).
+        preconditioned: for Adam/AdamW also record the top eigenvalue of P^-1/2 H P^-1/2.
+        loss_fn: per-example loss ``loss_fn(outputs, targets)``; default cross-entropy for
+            class labels, ½‖f − y‖² for float targets (Cohen et al.'s squared loss).
+        dtype: computation dtype (e.g. ``torch.float64``).
+        **kwargs: see :class:`~lightning_ntk.callbacks.Monitor`.
+    """
+
+    quantity = "sharpness"
+    default_probe_size = 1024
+
+    def __init__(self, path: str, *, sharpness_set: Union[int, None, Probe, ProbeSet, Tuple[Any, Any]] = 1024,
+                 k: int = 2, tol: float = 1e-3, max_hvp: Optional[int] = None, trace: bool = False,
+                 trace_queries: int = 60, sam_rho: Optional[float] = None, density: bool = False,
+                 density_steps: int = 60, preconditioned: bool = False, loss_fn: Optional[LossFn] = None,
+                 dtype: Optional[torch.dtype] = None, **kwargs: Any):
+        if "probe" in kwargs:
+            raise TypeError("SharpnessMonitor: pass the examples as sharpness_set=, not probe=")
+        if sharpness_set is None or (isinstance(sharpness_set, int) and not isinstance(sharpness_set, bool)):
+            if sharpness_set is not None and sharpness_set < 1:
+                raise ValueError(f"SharpnessMonitor: sharpness_set must be a positive number of examples, got "
+                                 f"{sharpness_set!r}")
+            probe: Any = Probe(size=sharpness_set, first=True, name="sharpness")
+        else:
+            probe = sharpness_set
+        super().__init__(path, probe=probe, **kwargs)
+        for name, value, low in (("k", k, 1), ("trace_queries", trace_queries, 3), ("density_steps", density_steps, 2)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"SharpnessMonitor: {name} must be an integer >= {low}, got {value!r}")
+        if not (isinstance(tol, (int, float)) and 0 < tol < 1):
+            raise ValueError(f"SharpnessMonitor: tol must be in (0, 1), got {tol!r}")
+        if max_hvp is not None and (isinstance(max_hvp, bool) or not isinstance(max_hvp, int) or max_hvp < 2 * k):
+            raise ValueError(f"SharpnessMonitor: max_hvp must be None or an integer >= 2k = {2 * k}, got {max_hvp!r}")
+        if sam_rho is not None and not (isinstance(sam_rho, (int, float)) and sam_rho > 0 and math.isfinite(sam_rho)):
+            raise ValueError(f"SharpnessMonitor: sam_rho must be None or a positive radius, got {sam_rho!r}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError("SharpnessMonitor: loss_fn must be callable (outputs, targets) -> per-example losses")
+        if dtype is not None and dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"SharpnessMonitor: dtype must be None, torch.float32 or torch.float64, got {dtype!r}")
+        self.k, self.tol, self.max_hvp = k, float(tol), max_hvp
+        self.trace, self.trace_queries = bool(trace), trace_queries
+        self.sam_rho = None if sam_rho is None else float(sam_rho)
+        self.density, self.density_steps = bool(density), density_steps
+        self.preconditioned = bool(preconditioned)
+        self.loss_fn = loss_fn
+        self.dtype = dtype
+        self._eigenvectors: Optional[torch.Tensor] = None
+        self._eos_description = ""
+        self._k_eff = k
+
+    def config(self) -> Dict[str, Any]:
+        return dict(super().config(), k=self.k, tol=self.tol, max_hvp=self.max_hvp, trace=self.trace,
+                    trace_queries=self.trace_queries, sam_rho=self.sam_rho, density=self.density,
+                    density_steps=self.density_steps, preconditioned=self.preconditioned,
+                    dtype=str(self.dtype) if self.dtype else None,
+                    loss_fn=getattr(self.loss_fn, "__qualname__", "default (cross-entropy / ½ squared error)"))
+
+    def _model(self, pl_module: nn.Module) -> nn.Module:
+        if self.forward_fn.__name__ == "_default_forward":
+            return pl_module
+        from .ntk import _ForwardAdapter
+
+        return _ForwardAdapter(pl_module, self.forward_fn)
+
+    def fields(self, probe: Optional[ProbeSet], pl_module: nn.Module) -> List[Field]:
+        n_params = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        self._k_eff = min(self.k, n_params)
+        k = self._k_eff
+        fields = [Field("lr"), Field("eos_threshold"), Field("loss"), Field("grad_norm"),
+                  Field("eigvals", (k,), dims=("eigen",)), Field("residuals", (k,), dims=("eigen",)),
+                  Field("n_hvp", (), "int64"), Field("converged", (), "bool")]
+        if self.trace:
+            fields += [Field("trace"), Field("trace_stderr")]
+        if self.sam_rho is not None:
+            fields.append(Field("sam_sharpness"))
+        if self.density:
+            fields += [Field("density_nodes", (self.density_steps,), dims=("node",)),
+                       Field("density_weights", (self.density_steps,), dims=("node",))]
+        if self.preconditioned:
+            fields.append(Field("preconditioned_sharpness"))
+        return fields
+
+    def coords(self, probe: Optional[ProbeSet]) -> Dict[str, Any]:
+        return {"eigen": np.arange(1, self._k_eff + 1)}
+
+    def table_specs(self, probe, pl_module):
+        specs = super().table_specs(probe, pl_module)
+        specs[0].attrs.update({"eos_rule": "2/lr (SGD); (2+2b)/lr (heavy ball); (2+2b)/((1+2b)lr) (Nesterov); "
+                                            "NaN for adaptive optimisers",
+                               "n_examples": len(probe) if probe is not None else 0})
+        return specs
+
+    def measure(self, trainer: Any, pl_module: nn.Module, probe: Optional[ProbeSet]) -> Tuple[Dict[str, Any], Dict[str, float]]:
+        assert probe is not None
+        model = self._model(pl_module)
+        batches = list(probe.batches(self.batch_size))
+        optimizer = trainer.optimizers[0] if getattr(trainer, "optimizers", None) else None
+        eos = curvature.edge_of_stability_threshold(optimizer) if optimizer is not None else \
+            curvature.EdgeOfStability(None, "no optimizer")
+        lr = _learning_rate(optimizer)
+        result = curvature.hessian_eigs(model, self.loss_fn, batches, self._k_eff, tol=self.tol,
+                                        max_hvp=self.max_hvp, dtype=self.dtype, return_eigenvectors=True,
+                                        init=self._eigenvectors, warn=False)
+        self._eigenvectors = result.eigenvectors
+        loss, grad_norm = _loss_and_grad_norm(model, self.loss_fn, batches, self.dtype)
+        row: Dict[str, Any] = {
+            "lr": lr, "eos_threshold": float("nan") if eos.threshold is None else eos.threshold,
+            "loss": loss, "grad_norm": grad_norm,
+            "eigvals": result.eigenvalues.double().cpu().numpy(), "residuals": result.residuals.double().cpu().numpy(),
+            "n_hvp": result.n_hvp, "converged": bool(result.converged),
+        }
+        if self.trace:
+            tr = curvature.hessian_trace(model, self.loss_fn, batches, n_queries=self.trace_queries, dtype=self.dtype,
+                                         generator=int(self.snapshot_step or 0))
+            row["trace"], row["trace_stderr"] = tr.trace, tr.stderr
+        if self.sam_rho is not None:
+            row["sam_sharpness"] = curvature.sam_sharpness(model, self.loss_fn, batches, self.sam_rho,
+                                                           dtype=self.dtype).sharpness
+        if self.density:
+            dens = curvature.hessian_density(model, self.loss_fn, batches, n_steps=self.density_steps,
+                                             dtype=self.dtype, generator=int(self.snapshot_step or 0))
+            nodes = dens.nodes[0].double().cpu().numpy()
+            weights = dens.weights[0].double().cpu().numpy()
+            pad = self.density_steps - nodes.shape[0]  # Lanczos may stop early (invariant subspace)
+            row["density_nodes"] = np.pad(nodes, (0, pad), constant_values=np.nan)
+            row["density_weights"] = np.pad(weights, (0, pad), constant_values=0.0)
+        if self.preconditioned:
+            value = float("nan")  # not Adam, or no optimizer step yet (no second-moment estimate)
+            inner = getattr(optimizer, "optimizer", optimizer)
+            if type(inner).__name__ in ("Adam", "AdamW") and all(
+                    "exp_avg_sq" in inner.state.get(p, {}) for g in inner.param_groups for p in g["params"]):
+                value = float(curvature.preconditioned_sharpness(model, optimizer, self.loss_fn, batches, 1,
+                                                                 tol=self.tol, dtype=self.dtype).eigenvalues[0])
+            row["preconditioned_sharpness"] = value
+        scalars = {"sharpness": float(row["eigvals"][0]), "grad_norm": grad_norm, "loss": loss}
+        if eos.threshold is not None:
+            scalars["eos_threshold"] = eos.threshold
+            scalars["sharpness_over_eos"] = float(row["eigvals"][0]) / eos.threshold
+        if self.trace:
+            scalars["trace"] = row["trace"]
+        if self.sam_rho is not None:
+            scalars["sam_sharpness"] = row["sam_sharpness"]
+        return row, scalars
+
+    def extra_state(self) -> Dict[str, Any]:
+        return {"eigenvectors": self._eigenvectors}
+
+    def load_extra_state(self, state: Dict[str, Any]) -> None:
+        self._eigenvectors = state.get("eigenvectors")
+
+
+def _learning_rate(optimizer: Any) -> float:
+    groups = getattr(getattr(optimizer, "optimizer", optimizer), "param_groups", None)
+    if not groups:
+        return float("nan")
+    rates = {float(g.get("lr", float("nan"))) for g in groups}
+    return rates.pop() if len(rates) == 1 else float("nan")
+
+
+def _loss_and_grad_norm(model: nn.Module, loss_fn: Optional[LossFn], batches: List[Tuple[torch.Tensor, torch.Tensor]],
+                        dtype: Optional[torch.dtype]) -> Tuple[float, float]:
+    """Mean loss over the set (each batch weighted by its size) and the norm of its gradient."""
+    from .._losses import per_example_loss
+
+    fn = loss_fn or per_example_loss
+    n = sum(int(x.shape[0]) for x, _ in batches)
+    total = 0.0
+    with torch.no_grad():
+        for x, y in batches:
+            losses = fn(model(x), y)
+            total += float(losses.double().sum()) / n if losses.ndim == 1 else float(losses) * x.shape[0] / n
+    return total, curvature.gradient_norm(model, loss_fn, batches, dtype=dtype)

@@ -1,0 +1,435 @@
+"""ForgettingMonitor with both Lightning namespaces, against what the LightningModule itself saw.
+
+The reference: the test's own LightningModule records, in ``training_step``, the dataset
+index of each example (carried by the batch, which the monitor is not told about), the
+correctness of its own logits, p(gold), loss and margin, and ``trainer.global_step``.
+Counts and cartography are then recomputed here with plain loops and NumPy.
+"""
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+from lightning_ntk import callbacks
+from lightning_ntk.callbacks.forgetting import ForgettingCaptureError
+from lightning_ntk.forgetting import WithIndex, read_examples, rank
+from lightning_ntk.schedule import EveryNEpochs
+from lightning_ntk.store import open_run
+
+from .models import tiny_net, trainer
+
+ForgettingMonitor = callbacks.ForgettingMonitor
+
+
+# --------------------------------------------------------------------------------------
+# Data, a module that records what it saw, and the reference
+# --------------------------------------------------------------------------------------
+def noisy_blobs(n: int = 96, seed: int = 0) -> TensorDataset:
+    """Overlapping 3-class blobs: examples near the boundaries get forgotten."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(3, 6, generator=g)
+    y = torch.arange(n) % 3
+    return TensorDataset(centers[y] + torch.randn(n, 6, generator=g), y)
+
+
+def recording_module(L, *, lr=0.5, dropout=0.0, call_self=True, return_dict=False, loader_fn=None):
+    """A LightningModule that records, per training batch, what its own forward pass gave."""
+
+    class Recording(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_net(dropout=dropout)
+            self.seen = []
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y, index = batch
+            logits = self(x) if call_self else self.net(x)
+            z = logits.detach().double()
+            log_p = torch.log_softmax(z, 1)[torch.arange(len(y)), y]
+            others = z.clone()
+            others[torch.arange(len(y)), y] = -np.inf
+            self.seen.append({
+                "step": self.trainer.global_step, "epoch": self.trainer.current_epoch,
+                "index": index.numpy().copy(), "correct": (z.argmax(1) == y).numpy(),
+                "p_true": log_p.exp().numpy(), "loss": (-log_p).numpy(),
+                "margin": (z[torch.arange(len(y)), y] - others.max(1).values).numpy()})
+            loss = nn.functional.cross_entropy(logits, y)
+            if return_dict:
+                return {"loss": loss, "logits": logits, "index": index}
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=lr)
+
+        if loader_fn is not None:
+            def train_dataloader(self):
+                return loader_fn()
+
+    return Recording()
+
+
+def concat(seen, key):
+    return np.concatenate([np.broadcast_to(np.asarray(b[key]), b["index"].shape) for b in seen])
+
+
+def reference(seen, n):
+    """Counts and cartography per example, from the recorded presentations (plain loops)."""
+    index, correct, step, epoch, p = (concat(seen, k) for k in ("index", "correct", "step", "epoch", "p_true"))
+    out = {k: np.zeros(n, dtype=np.int64) for k in ("presentations", "forgetting_count", "learning_count")}
+    out["first_learned_step"] = np.full(n, -1)
+    out["first_learned_presentation"] = np.full(n, -1)
+    for name in ("confidence", "variability", "correctness"):
+        out[name] = np.full(n, np.nan)
+    for i in range(n):
+        rows = np.flatnonzero(index == i)
+        prev = 0
+        for t, r in enumerate(rows):
+            c = int(correct[r])
+            out["forgetting_count"][i] += prev == 1 and c == 0
+            out["learning_count"][i] += prev == 0 and c == 1
+            if c and out["first_learned_step"][i] < 0:
+                out["first_learned_step"][i], out["first_learned_presentation"][i] = step[r], t
+            prev = c
+        out["presentations"][i] = len(rows)
+        epochs = np.unique(epoch[rows])
+        if len(epochs):
+            per_epoch_p = np.array([p[rows][epoch[rows] == e].mean() for e in epochs])
+            per_epoch_c = np.array([correct[rows][epoch[rows] == e].mean() for e in epochs])
+            out["confidence"][i], out["variability"][i] = per_epoch_p.mean(), np.std(per_epoch_p)
+            out["correctness"][i] = per_epoch_c.mean()
+    out["never_learned"] = out["learning_count"] == 0
+    out["unforgettable"] = (out["learning_count"] > 0) & (out["forgetting_count"] == 0)
+    return out
+
+
+def assert_file_matches(path, seen, n, group="forgetting"):
+    """Events in the file = the module's presentations, in order; summary = the reference."""
+    ref = reference(seen, n)
+    with open_run(path) as run:
+        events, examples = run[f"{group}/events"], run[f"{group}/examples"]
+        np.testing.assert_array_equal(events["index"], concat(seen, "index"))
+        np.testing.assert_array_equal(events["correct"], concat(seen, "correct"))
+        np.testing.assert_array_equal(events["step"], concat(seen, "step"))
+        np.testing.assert_array_equal(events["epoch"], concat(seen, "epoch"))
+        for key in ("p_true", "loss", "margin"):
+            np.testing.assert_allclose(events[key], concat(seen, key), rtol=1e-5, atol=1e-6, err_msg=key)
+        np.testing.assert_array_equal(examples["index"], np.arange(n))
+        for key in ("presentations", "forgetting_count", "learning_count", "first_learned_step",
+                    "first_learned_presentation", "never_learned", "unforgettable"):
+            np.testing.assert_array_equal(examples[key], ref[key], err_msg=key)
+        for key in ("confidence", "variability", "correctness"):
+            np.testing.assert_allclose(examples[key], ref[key], rtol=1e-5, atol=1e-6, err_msg=key)
+        assert np.all(examples["forgetting_count"] <= examples["presentations"] // 2)
+    return ref
+
+
+def fit(L, monitors, module, data=None, *, epochs=3, batch_size=10, seed=0, loader_kwargs=None, **trainer_kwargs):
+    torch.manual_seed(seed)
+    t = trainer(L, monitors, max_epochs=epochs, **trainer_kwargs)
+    if data is None:
+        t.fit(module)
+    else:
+        t.fit(module, DataLoader(data, batch_size=batch_size, shuffle=True, **(loader_kwargs or {})))
+    return t
+
+
+# --------------------------------------------------------------------------------------
+# Paper-faithful recording
+# --------------------------------------------------------------------------------------
+def test_records_keyed_by_index_under_shuffle_drop_last_and_accumulation(L, run_path):
+    module = recording_module(L)
+    monitor = ForgettingMonitor(run_path, on_error="raise", flush_every=4)
+    t = fit(L, [monitor], module, WithIndex(noisy_blobs()), epochs=4, loader_kwargs={"drop_last": True},
+            accumulate_grad_batches=2)
+    assert t.global_step == 4 * 5  # 9 micro-batches per epoch (drop_last), an optimizer step every 2
+    ref = assert_file_matches(run_path, module.seen, 96)
+    assert ref["forgetting_count"].sum() > 0 and ref["never_learned"].any() and ref["unforgettable"].any()
+    # drop_last: 6 examples sit out each (shuffled) epoch
+    assert ref["presentations"].sum() == 4 * 90 and ref["presentations"].min() < 4
+    # micro-batches of one accumulation window share the step of their optimizer update
+    steps = concat(module.seen, "step")
+    assert np.sum(steps == 0) == 20
+    metrics = t.callback_metrics
+    np.testing.assert_allclose(float(metrics["forgetting/unforgettable_fraction"]), ref["unforgettable"].mean())
+    np.testing.assert_allclose(float(metrics["forgetting/forgotten_fraction"]),
+                               np.mean(ref["forgetting_count"] > 0))
+    np.testing.assert_allclose(float(metrics["forgetting/mean_forgetting_count"]), ref["forgetting_count"].mean())
+    with open_run(run_path) as run:
+        config = run.config["ForgettingMonitor[forgetting]"]
+        assert config["mode"] == "train" and "Toneva" in config["definition"]
+        assert run["forgetting/examples"].written_step == t.global_step
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_num_workers_and_stale_prefetched_index_batches(L, run_path, persistent):
+    """Workers prefetch index batches; limit_train_batches leaves some unconsumed each epoch."""
+    module = recording_module(L)
+    fit(L, [ForgettingMonitor(run_path, on_error="raise")], module, WithIndex(noisy_blobs()), epochs=3,
+        loader_kwargs={"num_workers": 2, "persistent_workers": persistent}, limit_train_batches=4)
+    assert len(module.seen) == 12
+    assert_file_matches(run_path, module.seen, 96)
+
+
+def test_training_with_the_monitor_ends_with_the_same_weights(L, tmp_path):
+    data = WithIndex(noisy_blobs())
+    torch.manual_seed(0)
+    plain = recording_module(L, dropout=0.3)
+    fit(L, [], plain, data, epochs=2)
+    torch.manual_seed(0)
+    monitored = recording_module(L, dropout=0.3)
+    fit(L, [ForgettingMonitor(str(tmp_path / "run.h5"), on_error="raise", flush_every=1)], monitored, data, epochs=2)
+    for (name, a), (_, b) in zip(plain.state_dict().items(), monitored.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert len(monitored.seen) == 20
+
+
+def test_resume_from_a_mid_epoch_checkpoint(L, tmp_path):
+    path = str(tmp_path / "run.h5")
+    data = WithIndex(noisy_blobs())
+    ckpt_dir = tmp_path / "ckpt"
+    first = recording_module(L)
+    checkpoint = L.callbacks.ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=4, save_top_k=-1,
+                                             filename="{step}")
+    fit(L, [ForgettingMonitor(path, on_error="raise", flush_every=3), checkpoint], first, data, epochs=3,
+        loader_kwargs={"drop_last": True}, enable_checkpointing=True)
+    # Resume from step 12: mid-epoch 1 (9 batches per epoch). The file holds rows written after it.
+    second = recording_module(L)
+    torch.manual_seed(7)
+    t = trainer(L, [ForgettingMonitor(path, on_error="raise", flush_every=3)], max_epochs=3)
+    t.fit(second, DataLoader(data, batch_size=10, shuffle=True, drop_last=True), ckpt_path=str(ckpt_dir / "step=12.ckpt"))
+    before = [b for b in first.seen if b["step"] < 12]
+    assert len(before) == 12 and second.seen and second.seen[0]["epoch"] == 1
+    ref = assert_file_matches(path, before + second.seen, 96)
+    assert ref["forgetting_count"].sum() > 0
+    with open_run(path) as run:
+        assert [h["event"] for h in run.history] == ["created", "resumed"]
+
+
+def test_reloaded_dataloaders_are_recorded_from_their_first_batch(L, run_path):
+    data = WithIndex(noisy_blobs())
+    module = recording_module(L, loader_fn=lambda: DataLoader(data, batch_size=12, shuffle=True))
+    fit(L, [ForgettingMonitor(run_path, on_error="raise")], module, epochs=3, reload_dataloaders_every_n_epochs=1)
+    assert len(module.seen) == 24
+    assert_file_matches(run_path, module.seen, 96)
+
+
+def test_two_monitors_share_the_loader_and_everything_is_restored(L, run_path):
+    from torch.utils.data import BatchSampler
+
+    module = recording_module(L)
+    data = DataLoader(WithIndex(noisy_blobs()), batch_size=10, shuffle=True)
+    monitors = [ForgettingMonitor(run_path, name="a", on_error="raise"),
+                ForgettingMonitor(run_path, name="b", on_error="raise", flush_every=1)]
+    torch.manual_seed(0)
+    t = trainer(L, monitors, max_epochs=2)
+    t.fit(module, data)
+    assert_file_matches(run_path, module.seen, 96, group="forgetting_a")
+    assert_file_matches(run_path, module.seen, 96, group="forgetting_b")
+    assert type(data.batch_sampler) is BatchSampler
+    assert "process_dataloader" not in vars(t.strategy)
+
+
+@pytest.mark.parametrize("write_interval", [0, 3600])
+def test_write_interval_decides_when_the_file_is_written(L, run_path, write_interval):
+    monitor = ForgettingMonitor(run_path, on_error="raise", write_interval=write_interval)
+    written = []
+
+    class Watch(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            examples = monitor._tables["forgetting/examples"]
+            written.append((trainer.global_step, examples.written_step,
+                            monitor._tables["forgetting/events"].n_committed))
+
+    module = recording_module(L)
+    fit(L, [monitor, Watch()], module, WithIndex(noisy_blobs()), epochs=3)
+    if write_interval == 0:  # every epoch end: the summary and every event row so far
+        assert written == [(10, 10, 96), (20, 20, 192), (30, 30, 288)]
+    else:  # nothing until the end of training
+        assert written == [(10, -1, 0), (20, -1, 0), (30, -1, 0)]
+    assert_file_matches(run_path, module.seen, 96)
+
+
+# --------------------------------------------------------------------------------------
+# Fallbacks and errors
+# --------------------------------------------------------------------------------------
+class IndexedStream(IterableDataset):
+    """An iterable dataset: no sampler, so the batch must carry the index."""
+
+    def __init__(self, data: TensorDataset, batch_size: int = 16):
+        self.x, self.y = data.tensors
+        self.batch_size = batch_size
+
+    def __iter__(self):
+        order = torch.randperm(len(self.y))
+        for start in range(0, len(order), self.batch_size):
+            i = order[start:start + self.batch_size]
+            yield self.x[i], self.y[i], i
+
+
+def test_index_key_for_an_iterable_dataset(L, run_path):
+    module = recording_module(L)
+    monitor = ForgettingMonitor(run_path, index_key=-1, num_examples=96, on_error="raise")
+    torch.manual_seed(0)
+    trainer(L, [monitor], max_epochs=2).fit(module, DataLoader(IndexedStream(noisy_blobs()), batch_size=None))
+    assert len(module.seen) == 12
+    assert_file_matches(run_path, module.seen, 96)
+
+
+def test_logits_and_index_returned_by_training_step(L, run_path):
+    """training_step does not call the module itself and returns {'loss', 'logits', 'index'}."""
+    module = recording_module(L, call_self=False, return_dict=True)
+    fit(L, [ForgettingMonitor(run_path, on_error="raise")], module, WithIndex(noisy_blobs()), epochs=2)
+    assert_file_matches(run_path, module.seen, 96)
+
+
+def test_nothing_to_capture_is_a_clear_error_or_a_warning(L, tmp_path):
+    with pytest.raises(ForgettingCaptureError, match="found no logits.*return \\{'loss': loss, 'logits': logits\\}"):
+        fit(L, [ForgettingMonitor(str(tmp_path / "a.h5"), on_error="raise")], recording_module(L, call_self=False),
+            WithIndex(noisy_blobs()), epochs=1)
+    with pytest.raises(ForgettingCaptureError, match="IterableDataset.*WithIndex.*index_key"):
+        trainer(L, [ForgettingMonitor(str(tmp_path / "b.h5"), num_examples=96, on_error="raise")], max_epochs=1).fit(
+            recording_module(L), DataLoader(IndexedStream(noisy_blobs()), batch_size=None))
+    module = recording_module(L, call_self=False)
+    with pytest.warns(RuntimeWarning, match="disabled for the rest of this run.*found no logits"):
+        t = fit(L, [ForgettingMonitor(str(tmp_path / "c.h5"))], module, WithIndex(noisy_blobs()), epochs=2)
+    assert t.global_step == 20
+
+
+@pytest.mark.parametrize("dataset", ["tensor", "with_index"])
+def test_another_consumer_of_the_training_loader_is_detected(L, run_path, dataset):
+    """Iterating the training loader mid-epoch would shift the recorded queue: a clear error instead."""
+
+    class Peek(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 2:
+                next(iter(trainer.train_dataloader))
+
+    class Plain(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_net()
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = noisy_blobs() if dataset == "tensor" else WithIndex(noisy_blobs())
+    with pytest.raises(ForgettingCaptureError, match="second pass over the training DataLoader's sampler"):
+        fit(L, [ForgettingMonitor(run_path, on_error="raise"), Peek()], Plain(), data, epochs=1, batch_size=16)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(mode="eval"), "mode must be 'train'"),
+    (dict(budget=0.1), "budget= applies to mode='probe' only"),
+    (dict(schedule=5), "schedule= applies to mode='probe' only"),
+    (dict(probe=(torch.zeros(2, 6), torch.zeros(2, dtype=torch.long))), "probe= applies to mode='probe'"),
+    (dict(index_key=1.5), "index_key must be"),
+    (dict(mode="probe", index_key=-1), "index_key= applies to mode='train'"),
+    (dict(outputs_key=""), "outputs_key must be"),
+    (dict(flush_every=0), "flush_every must be"),
+    (dict(write_interval=-1), "write_interval must be"),
+    (dict(num_examples=0), "num_examples must be"),
+    (dict(batch_format="xy"), "batch_format must be"),
+])
+def test_bad_arguments_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ForgettingMonitor("run.h5", **kwargs)
+
+
+# --------------------------------------------------------------------------------------
+# Probe mode and the file-level ranking
+# --------------------------------------------------------------------------------------
+def test_probe_mode_is_an_eval_pass_on_the_probe(L, run_path):
+    data = noisy_blobs()
+    x, y = data.tensors
+    module = recording_module(L, dropout=0.5)
+    monitor = ForgettingMonitor(run_path, mode="probe", probe=(x[:30], y[:30]), schedule=EveryNEpochs(1),
+                                on_error="raise", budget=False)  # every scheduled snapshot
+    fit(L, [monitor], module, WithIndex(data), epochs=3)
+    module.eval()
+    with torch.no_grad():
+        final_correct = (module(x[:30]).argmax(1) == y[:30]).numpy()
+    with open_run(run_path) as run:
+        events, examples = run["forgetting/events"], run["forgetting/examples"]
+        np.testing.assert_array_equal(np.unique(events["step"]), [0, 10, 20, 30])  # step 0 and each epoch end
+        assert len(events) == 4 * 30
+        np.testing.assert_array_equal(events["index"][-30:], np.arange(30))
+        np.testing.assert_array_equal(events["correct"][-30:], final_correct)
+        correct = events["correct"].reshape(4, 30)
+        forgotten = ((correct[:-1] == 1) & (correct[1:] == 0)).sum(0)
+        np.testing.assert_array_equal(examples["forgetting_count"], forgotten)
+        np.testing.assert_array_equal(examples["presentations"], np.full(30, 4))
+        assert run.config["ForgettingMonitor[forgetting]"]["mode"] == "probe"
+        assert "NOT Toneva" in run.config["ForgettingMonitor[forgetting]"]["definition"]
+        assert "NOT Toneva" in events.attrs["definition"]
+
+
+def test_rank_from_one_and_several_run_files(L, tmp_path):
+    paths, refs = [], []
+    for seed in (0, 1):
+        path = str(tmp_path / f"seed{seed}.h5")
+        module = recording_module(L)
+        fit(L, [ForgettingMonitor(path, on_error="raise", fsync=False)], module, WithIndex(noisy_blobs()), epochs=2,
+            seed=seed)
+        paths.append(path)
+        refs.append(reference(module.seen, 96))
+    counts = [r["forgetting_count"] for r in refs]
+    never = [r["never_learned"] for r in refs]
+    one = rank(paths[0], seed=3)
+    np.testing.assert_array_equal(one.order, rank(counts[0], never[0], 3).order)
+    both = rank(paths, seed=3)
+    np.testing.assert_array_equal(both.order, rank(counts, never, 3).order)
+    np.testing.assert_array_equal(both.indices_to_prune(0.25), rank(counts, never, 3).order[:24])
+    with open_run(paths[1]) as run:  # an open Run works too
+        np.testing.assert_array_equal(rank([paths[0], run], seed=3).order, both.order)
+    # A summary that a crash left mid-rewrite: the event log is replayed.
+    with h5py.File(paths[0], "r+") as f:
+        f["forgetting/examples/written_step"][0] = -1
+    replayed = read_examples(paths[0])
+    for key in ("presentations", "forgetting_count", "learning_count", "first_learned_step", "never_learned"):
+        np.testing.assert_array_equal(replayed[key], refs[0][key], err_msg=key)
+    np.testing.assert_allclose(replayed["confidence"], refs[0]["confidence"], rtol=1e-5)
+    np.testing.assert_array_equal(rank(paths, seed=3).order, both.order)
+    with pytest.raises(ValueError, match="replay=None"):
+        read_examples(paths[0], replay=False)
+    with pytest.raises(TypeError, match="seed= by keyword"):
+        rank(paths[0], 3)
+
+
+def test_tracker_update_with_per_example_steps_equals_the_reference():
+    """What the monitor does at each flush: several batches (with repeats) in one update call."""
+    from lightning_ntk.forgetting import ForgettingTracker
+
+    rng = np.random.default_rng(0)
+    seen = []
+    for step in range(30):
+        epoch = step // 10
+        index = rng.integers(0, 12, size=5)  # sampling with replacement: repeats within and across batches
+        seen.append({"step": step, "epoch": epoch, "index": index, "correct": rng.random(5) < 0.6,
+                     "p_true": rng.random(5)})
+    tracker = ForgettingTracker(12)
+    for epoch in range(3):
+        block = [b for b in seen if b["epoch"] == epoch]
+        tracker.update(concat(block, "index"), concat(block, "correct"), concat(block, "p_true"),
+                       step=concat(block, "step"))
+        tracker.end_epoch()
+    ref = reference(seen, 12)
+    summary = tracker.summary()
+    for key in ("presentations", "forgetting_count", "learning_count", "first_learned_step",
+                "first_learned_presentation", "never_learned", "unforgettable"):
+        np.testing.assert_array_equal(summary[key], ref[key], err_msg=key)
+    for key in ("confidence", "variability", "correctness"):
+        np.testing.assert_allclose(summary[key], ref[key], rtol=1e-12, err_msg=key)
+    assert ref["forgetting_count"].sum() > 0

@@ -1,0 +1,90 @@
+"""SharpnessMonitor: stored curvature against a dense Hessian of the trained model."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, hessian
+
+from lightning_ntk.callbacks import SharpnessMonitor
+from lightning_ntk.schedule import EveryNEpochs
+from lightning_ntk.store import open_run
+
+from .models import blob_data, loader, make_module, tiny_net, trainer
+
+
+def _dense_hessian(module, x, y):
+    """float64 dense Hessian of the mean cross-entropy over (x, y), by torch.func."""
+    net = module.net.double()
+    names = [n for n, _ in net.named_parameters()]
+    params = {n: p.detach().clone() for n, p in net.named_parameters()}
+    shapes = [params[n].shape for n in names]
+    sizes = [params[n].numel() for n in names]
+    flat = torch.cat([params[n].reshape(-1) for n in names])
+
+    def loss(theta):
+        parts = torch.split(theta, sizes)
+        p = {n: t.reshape(s) for n, t, s in zip(names, parts, shapes)}
+        return nn.functional.cross_entropy(functional_call(net, p, (x.double(),)), y)
+
+    H = hessian(loss)(flat)
+    net.float()
+    return H, loss(flat).item(), torch.autograd.functional.jacobian(loss, flat).norm().item()
+
+
+def test_eigenvalues_trace_and_threshold_match_dense_hessian(L, run_path):
+    data = blob_data(n=48)
+    monitor = SharpnessMonitor(run_path, sharpness_set=40, k=2, tol=1e-6, trace=True, trace_queries=90,
+                               sam_rho=0.05, density=True, density_steps=20, schedule=EveryNEpochs(1),
+                               on_error="raise", dtype=torch.float64)
+    torch.manual_seed(0)
+    module = make_module(L, tiny_net(hidden=8), lr=0.1, momentum=0.9)
+    t = trainer(L, [monitor], max_epochs=2)
+    t.fit(module, loader(data))
+    module.eval()
+    x, y = data.tensors
+    H, loss, grad_norm = _dense_hessian(module, x[:40], y[:40])  # the first 40 training examples
+    lam = torch.linalg.eigvalsh(H).numpy()[::-1]
+    with open_run(run_path) as run:
+        view = run["sharpness"]
+        np.testing.assert_allclose(view["eigvals"][-1], lam[:2], rtol=1e-5)
+        assert np.all(view["residuals"][-1] <= 1e-5 * np.abs(lam[:2]) + 1e-9) and view["converged"][-1]
+        np.testing.assert_allclose(view["loss"][-1], loss, rtol=1e-6)
+        np.testing.assert_allclose(view["grad_norm"][-1], grad_norm, rtol=1e-5)
+        # Heavy-ball momentum 0.9 at lr 0.1: (2 + 2 * 0.9) / 0.1 (Cohen et al.).
+        np.testing.assert_allclose(view["eos_threshold"], 38.0)
+        np.testing.assert_allclose(view["lr"], 0.1)
+        exact_trace = float(torch.trace(H))
+        assert abs(view["trace"][-1] - exact_trace) <= 3 * view["trace_stderr"][-1] + 1e-6 * abs(exact_trace)
+        assert view["sam_sharpness"][-1] > 0
+        weights = view["density_weights"][-1]
+        np.testing.assert_allclose(weights.sum(), 1.0, rtol=1e-6)
+        nodes = view["density_nodes"][-1]
+        assert np.nanmax(nodes) <= lam[0] * (1 + 1e-6) and np.nanmin(nodes) >= lam[-1] - 1e-6 * abs(lam[0])
+        np.testing.assert_array_equal(run.probe("sharpness")["index"], np.arange(40))
+
+
+def test_adaptive_optimizer_has_no_threshold(L, run_path):
+    class AdamModule(make_module(L, tiny_net()).__class__):
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    torch.manual_seed(0)
+    monitor = SharpnessMonitor(run_path, sharpness_set=24, schedule=EveryNEpochs(1), on_error="raise",
+                               preconditioned=True)
+    t = trainer(L, [monitor], max_epochs=1)
+    t.fit(AdamModule(), loader(blob_data(n=32)))
+    with open_run(run_path) as run:
+        view = run["sharpness"]
+        assert np.all(np.isnan(view["eos_threshold"]))
+        precond = view["preconditioned_sharpness"]
+        assert np.isnan(precond[0]) and np.all(np.isfinite(precond[1:]))  # no Adam state before the first step
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(sharpness_set=0), "sharpness_set must be a positive number"), (dict(k=0), "k must be an integer"),
+    (dict(tol=2.0), "tol must be in"), (dict(max_hvp=1), "max_hvp must be None or an integer"),
+    (dict(sam_rho=-1.0), "sam_rho must be None or a positive radius"), (dict(probe=None), "sharpness_set="),
+])
+def test_bad_arguments(kwargs, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        SharpnessMonitor("x.h5", **kwargs)
