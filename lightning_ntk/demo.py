@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -101,6 +101,9 @@ def demo_monitors(path: str, overwrite: bool = True) -> List[Any]:
     monitors: List[Any] = [
         callbacks.ProbeMetricsMonitor(schedule=EveryNEpochs(1), **common),
         callbacks.NTKMonitor(schedule=LogSpacedSteps(per_decade=4), heldout=Probe(size=200, source="val"), **common),
+        callbacks.SharpnessMonitor(schedule=EveryNEpochs(3), sharpness_set=256, trace=True, trace_queries=30,
+                                   density=True, density_steps=30, **common),
+        callbacks.ForgettingMonitor(**common),
         callbacks.ActivationCodeMonitor(schedule=EveryNEpochs(4), **common),
         callbacks.RepresentationMonitor(schedule=EveryNEpochs(4), **common),
     ]

@@ -184,8 +184,23 @@ class NTKMonitor(Monitor):
     # ------------------------------------------------------------------ measurement
     def _kernel(self, model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = None,
                 per_layer: bool = False):
-        return empirical_ntk(model, x1, x2, kind=self.kind, method=self.method, per_layer=per_layer,
-                             dtype=self.dtype, max_memory=self.max_memory)
+        """Θ(x1, x2). Under DDP the rows of x1 are split across ranks, each rank computes
+        its block of rows against all of x2, and the blocks are gathered on every rank."""
+        if not self._dist.active:
+            return empirical_ntk(model, x1, x2, kind=self.kind, method=self.method, per_layer=per_layer,
+                                 dtype=self.dtype, max_memory=self.max_memory)
+        rows = self._dist.shard(x1.shape[0])
+        x2_all = x1 if x2 is None else x2
+        local = None
+        if rows.stop > rows.start:
+            local = empirical_ntk(model, x1[rows], x2_all, kind=self.kind, method=self.method, per_layer=per_layer,
+                                  dtype=self.dtype, max_memory=self.max_memory)
+            local = {k: v.cpu() for k, v in local.items()} if per_layer else local.cpu()
+        blocks = [b for b in self._dist.gather_object(local) if b is not None]
+        device = x1.device
+        if per_layer:
+            return {name: torch.cat([b[name] for b in blocks]).to(device) for name in blocks[0]}
+        return torch.cat(blocks).to(device)
 
     def measure(self, trainer: Any, pl_module: nn.Module, probe: Optional[ProbeSet]) -> Tuple[Dict[str, Any], Dict[str, float]]:
         assert probe is not None
