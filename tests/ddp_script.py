@@ -61,6 +61,7 @@ def main():
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--fail-rank", type=int, default=None)
     parser.add_argument("--namespace", default="lightning.pytorch")
+    parser.add_argument("--n", type=int, default=96, help="training examples (97: the sampler pads)")
     args = parser.parse_args()
     L = namespace(args.namespace)
     torch.manual_seed(0)
@@ -75,7 +76,7 @@ def main():
         """Unshuffled DistributedSampler (Lightning's own would shuffle): rank r sees r, r+W, ..."""
 
         def train_dataloader(self):
-            data = blob_data(n=96)
+            data = blob_data(n=args.n)
             sampler = DistributedSampler(data, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank,
                                          shuffle=False)
             return DataLoader(data, batch_size=GLOBAL_BATCH // self.trainer.world_size, sampler=sampler)

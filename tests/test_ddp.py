@@ -75,3 +75,17 @@ def test_failure_on_one_rank_stops_every_rank(tmp_path):
     assert seconds < 120
     with open_run(tmp_path / "fail.h5") as run:  # what rank 0 wrote before the failure is intact
         assert list(run["probe_metrics"]["step"][:2]) == [0, 3]
+
+
+def test_forgetting_padding_is_not_counted_twice(tmp_path):
+    """97 examples on 2 ranks: the DistributedSampler repeats one index to pad the epoch."""
+    path = str(tmp_path / "padded.h5")
+    proc, _ = _run(path, 2, ["forgetting"], ["--n", "97"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open_run(path) as run:
+        events = run["forgetting/events"]
+        for epoch in np.unique(events["epoch"]):
+            seen = events["index"][events["epoch"] == epoch]
+            assert sorted(seen) == list(range(97)), "each example presented exactly once per epoch"
+        examples = run["forgetting/examples"]
+        np.testing.assert_array_equal(examples["presentations"], np.full(97, 2))

@@ -805,7 +805,33 @@ class ForgettingMonitor(Monitor):
         """
         if not self._dist.active:
             return records
-        return _interleave(self._dist.gather_object(records))
+        return self._drop_padding(_interleave(self._dist.gather_object(records)))
+
+    def _drop_padding(self, records: _Records) -> _Records:
+        """Under DDP a ``DistributedSampler`` pads an epoch with repeats of its first indices
+        so that every rank gets as many examples; those repeats are not presentations of the
+        single-process run. Within an epoch, a dataset index seen again is dropped (a
+        sampler without replacement presents each index once per epoch)."""
+        tracker = self._tracker
+        if tracker is None or records.index.shape[0] == 0:
+            return records
+        seen = getattr(self, "_seen_in_epoch", None)
+        if seen is None or seen[0] != int(records.epoch[0]) or seen[1].shape[0] != tracker.index.shape[0]:
+            seen = (int(records.epoch[0]), np.zeros(tracker.index.shape[0], dtype=bool))
+        keep = np.ones(records.index.shape[0], dtype=bool)
+        slots = tracker.slots(records.index)
+        for i in range(records.index.shape[0]):
+            epoch = int(records.epoch[i])
+            if epoch != seen[0]:
+                seen = (epoch, np.zeros(tracker.index.shape[0], dtype=bool))
+            if seen[1][slots[i]]:
+                keep[i] = False
+            else:
+                seen[1][slots[i]] = True
+        self._seen_in_epoch = seen
+        if keep.all():
+            return records
+        return _Records(**{f.name: getattr(records, f.name)[keep] for f in fields(_Records)})
 
     def _apply(self, records: _Records) -> None:
         tracker = self._tracker
