@@ -7,10 +7,19 @@ shuffling), untouched ``.grad`` buffers and BatchNorm running statistics (eval m
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List
+from typing import Iterator, List, Optional
 
 import torch
 from torch import nn
+
+
+def module_device(module: nn.Module, fallback: Optional[torch.device] = None) -> torch.device:
+    """The device of a module's first parameter (or buffer); ``fallback`` (CPU) if it has none."""
+    for p in module.parameters():
+        return p.device
+    for b in module.buffers():
+        return b.device
+    return fallback if fallback is not None else torch.device("cpu")
 
 
 def _cuda_devices(module: nn.Module) -> List[int]:

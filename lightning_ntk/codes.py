@@ -44,6 +44,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from ._hygiene import module_device
+
 __all__ = [
     "RELU_MODULE_TYPES",
     "ActivationCodes",
@@ -194,14 +196,6 @@ def _resolve_modules(model: nn.Module, modules: Any,
     return list(unique.values())
 
 
-def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return fallback
-
-
 def activation_codes(model: nn.Module, x: torch.Tensor, modules: Any = None, *,
                      capture: str = "modules",
                      module_types: Tuple[Type[nn.Module], ...] = RELU_MODULE_TYPES,
@@ -241,7 +235,7 @@ def activation_codes(model: nn.Module, x: torch.Tensor, modules: Any = None, *,
     if forward_fn is not None and not callable(forward_fn):
         raise TypeError("forward_fn must be callable (model, x) -> outputs")
     run = (lambda xb: forward_fn(model, xb)) if forward_fn is not None else model
-    device = _model_device(model, x.device)
+    device = module_device(model, x.device)
     module_name = {id(m): n for n, m in model.named_modules()}
     targets = _resolve_modules(model, modules, module_types) if capture == "modules" else []
 

@@ -23,15 +23,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ._hygiene import module_device
+
 __all__ = ["extract_features", "FewShotResult", "few_shot_accuracy", "linear_probe_accuracy"]
-
-
-def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return fallback
 
 
 def extract_features(model: nn.Module, x: torch.Tensor, layer: Union[None, str, nn.Module] = None, *,
@@ -70,7 +64,7 @@ def extract_features(model: nn.Module, x: torch.Tensor, layer: Union[None, str, 
     else:
         raise TypeError(f"layer must be None, a module name or an nn.Module, got {type(layer).__name__}")
 
-    device = _model_device(model, x.device)
+    device = module_device(model, x.device)
     out: List[np.ndarray] = []
     for start in range(0, x.shape[0], int(batch_size)):
         xb = x[start:start + int(batch_size)].to(device)

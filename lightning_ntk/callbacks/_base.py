@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._hygiene import measurement_mode
+from .._hygiene import measurement_mode, module_device
 from ..budget import SKIP_BUDGET, SKIP_REASONS, BudgetLike, Governor, as_governor
 from ..probe import Probe, ProbeSet
 from ..schedule import LogSpacedSteps, Schedule, ScheduleLike, as_schedule
@@ -269,7 +269,7 @@ class Monitor:
     def _probe_for(self, pl_module: nn.Module) -> Optional[ProbeSet]:
         if self._probe_set is None:
             return None
-        device = _module_device(pl_module)
+        device = module_device(pl_module)
         if self._probe_on_device is None or self._probe_on_device.x.device != device:
             self._probe_on_device = self._probe_set.to(device)
         return self._probe_on_device
@@ -485,12 +485,6 @@ class Monitor:
         if isinstance(callback_metrics, dict):
             for key, value in metrics.items():
                 callback_metrics[key] = torch.tensor(value)
-
-
-def _module_device(module: nn.Module) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def _fractional_epoch(trainer: Any, batch_idx: int) -> float:

@@ -26,7 +26,8 @@ from ..codes import (RELU_MODULE_TYPES, ActivationCodes, activation_codes, clust
 from ..probe import Probe, ProbeSet, _trainer_dataloader, stratified_indices
 from ..schedule import LogSpacedSteps, Schedule
 from ..store import Field
-from ._base import Monitor, TableSpec, _module_device
+from .._hygiene import module_device
+from ._base import Monitor, TableSpec
 
 #: ``heldout=`` accepted values: ``"auto"``, None, a Probe, a ProbeSet or a pair (x, y).
 HeldoutLike = Union[str, Probe, ProbeSet, Tuple[torch.Tensor, torch.Tensor], None]
@@ -221,7 +222,7 @@ class HeldoutProbeMonitor(Monitor):
     def _heldout_for(self, pl_module: nn.Module) -> Optional[ProbeSet]:
         if self._heldout_set is None:
             return None
-        device = _module_device(pl_module)
+        device = module_device(pl_module)
         if self._heldout_on_device is None or self._heldout_on_device.x.device != device:
             self._heldout_on_device = self._heldout_set.to(device)
         return self._heldout_on_device

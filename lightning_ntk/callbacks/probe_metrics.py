@@ -6,6 +6,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .._hygiene import module_device
 from .._losses import LossFn, per_example_loss
 from ..probe import ProbeSet
 from ..store import Field
@@ -62,7 +63,7 @@ class ProbeMetricsMonitor(Monitor):
         fields = [Field("loss"), Field("accuracy"), Field("grad_norm"),
                   Field("example_loss", (n,), "float32", dims=("probe_example",))]
         if self.store_logits:
-            sample = self.forward_fn(pl_module, probe.x[:1].to(_device(pl_module)))
+            sample = self.forward_fn(pl_module, probe.x[:1].to(module_device(pl_module)))
             self._num_outputs = int(sample.reshape(1, -1).shape[1])
             fields.append(Field("logits", (n, self._num_outputs), "float32", dims=("probe_example", "output")))
         return fields
@@ -106,9 +107,3 @@ class ProbeMetricsMonitor(Monitor):
         if accuracy is not None:
             scalars["accuracy"] = accuracy
         return row, scalars
-
-
-def _device(module: nn.Module) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    return torch.device("cpu")
