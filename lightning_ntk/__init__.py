@@ -6,11 +6,16 @@ in :mod:`lightning_ntk.callbacks`.
 from ._version import __version__
 from .codes import (RELU_MODULE_TYPES, ActivationCodes, CodeChange, activation_codes, cluster_accuracy, code_change,
                     hamming_distances, kmeans_accuracy, knn_accuracy, logistic_accuracy, redundancy_ratio)
+from .curvature import (EdgeOfStability, HessianDensityResult, HessianEigenResult, HessianTraceResult,
+                        PreconditionedSharpnessResult, SAMSharpnessResult, edge_of_stability_threshold, gradient_norm,
+                        hessian_density, hessian_eigs, hessian_trace, preconditioned_sharpness, sam_sharpness,
+                        smoothed_density, squared_loss)
 from .forgetting import (CartographyRegions, ForgettingRanking, ForgettingTracker, PresentationOutcomes,
                          cartography_regions, presentation_outcomes)
 from .forgetting import WithIndex
 from .forgetting import rank as forgetting_rank
 from .forgetting import read_examples as read_forgetting_examples
+from .ntk import NTKMemoryError, empirical_ntk, empirical_ntk_reference, estimate_ntk_memory
 from .probe import BatchLayoutError, Probe, ProbeSet, draw_probe
 from .schedule import EveryNEpochs, EveryNSteps, LogSpacedSteps, Schedule, StepList
 from .spectral import (Eigenpairs, KernelDistanceTrajectory, KernelRegressionScores, KernelRegressionSweep,
@@ -24,6 +29,13 @@ from .store import Field, Run, RunFormatError, RunStore, open_run
 
 __all__ = [
     "__version__",
+    # eNTK
+    "NTKMemoryError", "empirical_ntk", "empirical_ntk_reference", "estimate_ntk_memory",
+    # curvature
+    "EdgeOfStability", "HessianDensityResult", "HessianEigenResult", "HessianTraceResult",
+    "PreconditionedSharpnessResult", "SAMSharpnessResult", "edge_of_stability_threshold", "gradient_norm",
+    "hessian_density", "hessian_eigs", "hessian_trace", "preconditioned_sharpness", "sam_sharpness",
+    "smoothed_density", "squared_loss",
     "BatchLayoutError", "Probe", "ProbeSet", "draw_probe",
     "EveryNEpochs", "EveryNSteps", "LogSpacedSteps", "Schedule", "StepList",
     "Field", "Run", "RunFormatError", "RunStore", "open_run",
