@@ -36,6 +36,7 @@ of batches or a DataLoader; layouts as in :func:`lightning_ntk.probe.batch_to_xy
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import time
 import warnings
@@ -79,6 +80,7 @@ __all__ = [
     "SAMSharpnessResult",
     "EdgeOfStability",
     "PreconditionedSharpnessResult",
+    "data_parallel",
     "hessian_eigs",
     "hessian_trace",
     "hessian_density",
@@ -296,6 +298,28 @@ def _hygiene(model: nn.Module, eval_mode: bool) -> Iterator[None]:
             m.training = flag
 
 
+_ALL_REDUCE: "contextvars.ContextVar[Optional[Callable[[Tensor], Tensor]]]" = contextvars.ContextVar(
+    "lightning_ntk_curvature_all_reduce", default=None)
+
+
+@contextlib.contextmanager
+def data_parallel(all_reduce: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """Within this block, each process passes its own shard of the fixed set as ``batches``
+    and every function here works on the mean loss over the union of the shards.
+
+    ``all_reduce(t)`` must return the sum of ``t`` over the processes (every process
+    calls the same functions with the same arguments besides its batches, so that the
+    collectives line up). Losses, gradients and Hessian-vector products are summed over
+    processes, the example count too; random start vectors come from the same seed on
+    every process, so all processes compute identical results. An empty shard is allowed.
+    """
+    token = _ALL_REDUCE.set(all_reduce)
+    try:
+        yield
+    finally:
+        _ALL_REDUCE.reset(token)
+
+
 class _LossSet:
     """The mean loss over a fixed set of batches as a function of a flat parameter list.
 
@@ -374,8 +398,18 @@ class _LossSet:
             self.fixed[n] = cast(b).clone()
 
         self.batch_format = batch_format
+        self.all_reduce = _ALL_REDUCE.get()
         self.batches = self._materialise(batches)
-        self.n_examples = sum(b[2] for b in self.batches)
+        local = sum(b[2] for b in self.batches)
+        if self.all_reduce is not None:
+            local = int(self.all_reduce(torch.tensor([float(local)], dtype=torch.float64)).item())
+            if local == 0:
+                raise ValueError("batches holds no examples on any process")
+        self.n_examples = local
+
+    def reduce(self, t: Tensor) -> Tensor:
+        """Sum over data-parallel processes (identity outside :func:`data_parallel`)."""
+        return t if self.all_reduce is None else self.all_reduce(t)
 
     # -- data ---------------------------------------------------------------------------
     def _cast_data(self, t: Any) -> Any:
@@ -415,7 +449,7 @@ class _LossSet:
             if n == 0:
                 continue
             out.append((self._cast_data(x), self._cast_data(y), n))
-        if not out:
+        if not out and self.all_reduce is None:
             raise ValueError("batches holds no examples")
         return out
 
@@ -442,7 +476,10 @@ class _LossSet:
     def loss(self, theta: Optional[Sequence[Tensor]] = None) -> float:
         theta = self.theta if theta is None else theta
         with torch.no_grad():
-            return float(sum(self.batch_loss(theta, b).double() for b in range(len(self.batches))))
+            total = torch.zeros((), dtype=torch.float64)
+            for b in range(len(self.batches)):
+                total = total + self.batch_loss(theta, b).double().cpu()
+            return float(self.reduce(total.reshape(1)).sum())
 
     def loss_and_grad(self, theta: Optional[Sequence[Tensor]] = None) -> Tuple[float, Tensor]:
         theta = self.theta if theta is None else theta
@@ -454,6 +491,9 @@ class _LossSet:
             grads = torch.autograd.grad(loss, leaves, allow_unused=True)
             g += _flatten([gi if gi is not None else torch.zeros_like(t) for gi, t in zip(grads, leaves)])
             total += float(loss.detach())
+        if self.all_reduce is not None:
+            g = self.reduce(g)
+            total = float(self.reduce(torch.tensor([total], dtype=torch.float64)).sum())
         return total, g
 
 
@@ -469,6 +509,7 @@ class _HVP:
         self.ls = ls
         self.count = 0
         self.idx = list(range(len(ls.batches))) if only is None else list(only)
+        self._local = only is not None  # timing products stay on this process
         self._graphs: Optional[List[Tuple[List[Optional[Tensor]], List[Tensor]]]] = None
         if method == "auto":
             method = _choose_auto(ls)
@@ -477,11 +518,15 @@ class _HVP:
     def __call__(self, v: Tensor) -> Tensor:
         self.count += 1
         vs = _unflatten(v.to(self.ls.dtype), self.ls.shapes)
-        if self.method == "forward_over_reverse":
-            return self._forward_over_reverse(vs)
-        if self.method == "double_backward_retain":
-            return self._double_backward_retain(vs)
-        return self._double_backward(vs)
+        if not self.idx:  # an empty data-parallel shard contributes zero
+            out = self._zeros()
+        elif self.method == "forward_over_reverse":
+            out = self._forward_over_reverse(vs)
+        elif self.method == "double_backward_retain":
+            out = self._double_backward_retain(vs)
+        else:
+            out = self._double_backward(vs)
+        return out if self._local else self.ls.reduce(out)
 
     def _zeros(self) -> Tensor:
         return torch.zeros(self.ls.n_params, dtype=self.ls.dtype, device=self.ls.device)
@@ -565,6 +610,9 @@ def _choose_auto(ls: _LossSet) -> str:
     number of batches, loss), so repeated calls (a monitor) time it once. The timing
     products (four per method, on one batch) are not counted in ``n_hvp``.
     """
+    if ls.all_reduce is not None:
+        # Every process must take the same path: the choice may not depend on local timing.
+        return "double_backward_retain" if len(ls.batches) <= 1 else "double_backward"
     if len(ls.batches) == 1:
         return "double_backward_retain"
     key = _auto_key(ls)

@@ -637,3 +637,53 @@ def test_bad_input_raises_clear_errors(mlp_ref):
     with torch.inference_mode():
         with pytest.raises(RuntimeError, match="inference_mode"):
             hessian_eigs(model, None, b)
+
+
+def test_data_parallel_shards_equal_the_whole_set():
+    """Two 'processes' (threads) with a shard each and a summing all-reduce: same answers."""
+    import threading
+
+    from lightning_ntk.curvature import data_parallel, gradient_norm, hessian_eigs, hessian_trace
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(30, 5, dtype=torch.float64), torch.randint(0, 3, (30,))
+    whole = (hessian_eigs(model, None, (x, y), k=2, tol=1e-8).eigenvalues,
+             hessian_trace(model, None, (x, y), n_queries=9, generator=3).trace,
+             gradient_norm(model, None, (x, y)))
+
+    world = 2
+    barrier = threading.Barrier(world)
+    slots = [None] * world
+    results = [None] * world
+    lock = threading.Lock()
+
+    def make_all_reduce(rank):
+        def all_reduce(t):
+            slots[rank] = t.detach().clone()
+            barrier.wait()
+            total = sum(slots)
+            barrier.wait()
+            return total
+        return all_reduce
+
+    def worker(rank, shard):
+        with data_parallel(make_all_reduce(rank)):
+            xs, ys = x[shard], y[shard]
+            batches = [(xs[i:i + 4], ys[i:i + 4]) for i in range(0, xs.shape[0], 4)]  # uneven batches
+            out = (hessian_eigs(model, None, batches, k=2, tol=1e-8).eigenvalues,
+                   hessian_trace(model, None, batches, n_queries=9, generator=3).trace,
+                   gradient_norm(model, None, batches))
+        with lock:
+            results[rank] = out
+
+    threads = [threading.Thread(target=worker, args=(0, slice(0, 17))),
+               threading.Thread(target=worker, args=(1, slice(17, 30)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for out in results:
+        torch.testing.assert_close(out[0], whole[0], rtol=1e-9, atol=1e-12)
+        assert abs(out[1] - whole[1]) <= 1e-9 * abs(whole[1])
+        assert abs(out[2] - whole[2]) <= 1e-12 * abs(whole[2]) + 1e-15

@@ -60,6 +60,8 @@ def test_ddp_numbers_equal_single_process(runs):
                     np.testing.assert_array_equal(x, y, err_msg=f"{table}/{field}")
                 else:
                     scale = np.nanmax(np.abs(x)) if np.isfinite(x).any() else 1.0
+                    if field == "residuals":  # error bounds at rounding level: compare on the eigenvalues' scale
+                        scale = np.nanmax(np.abs(a["eigvals"]))
                     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5 * scale, equal_nan=True,
                                                err_msg=f"{table}/{field}")
     wa, wb = torch.load(runs[1] + ".weights.pt"), torch.load(runs[2] + ".weights.pt")

@@ -131,8 +131,18 @@ class SharpnessMonitor(Monitor):
 
     def measure(self, trainer: Any, pl_module: nn.Module, probe: Optional[ProbeSet]) -> Tuple[Dict[str, Any], Dict[str, float]]:
         assert probe is not None
+        if self._dist.active:
+            # Under DDP each rank takes a share of the set; losses, gradients and HVPs are
+            # summed across ranks (curvature.data_parallel), so every rank gets the same answer.
+            with curvature.data_parallel(self._dist.all_reduce_sum):
+                return self._measure(trainer, pl_module, probe, probe.x.shape[0])
+        return self._measure(trainer, pl_module, probe, probe.x.shape[0])
+
+    def _measure(self, trainer: Any, pl_module: nn.Module, probe: ProbeSet, n: int) -> Tuple[Dict[str, Any], Dict[str, float]]:
         model = self._model(pl_module)
-        batches = list(probe.batches(self.batch_size))
+        rows = self._dist.shard(n)
+        ends = [min(i + self.batch_size, rows.stop) for i in range(rows.start, rows.stop, self.batch_size)]
+        batches = [(probe.x[i:j], probe.y[i:j]) for i, j in zip(range(rows.start, rows.stop, self.batch_size), ends)]
         optimizer = trainer.optimizers[0] if getattr(trainer, "optimizers", None) else None
         eos = curvature.edge_of_stability_threshold(optimizer) if optimizer is not None else \
             curvature.EdgeOfStability(None, "no optimizer")
@@ -141,7 +151,8 @@ class SharpnessMonitor(Monitor):
                                         max_hvp=self.max_hvp, dtype=self.dtype, return_eigenvectors=True,
                                         init=self._eigenvectors, warn=False)
         self._eigenvectors = result.eigenvectors
-        loss, grad_norm = _loss_and_grad_norm(model, self.loss_fn, batches, self.dtype)
+        loss = self._dist_sum(_loss_sum(model, self.loss_fn, batches)) / n
+        grad_norm = curvature.gradient_norm(model, self.loss_fn, batches, dtype=self.dtype)
         row: Dict[str, Any] = {
             "lr": lr, "eos_threshold": float("nan") if eos.threshold is None else eos.threshold,
             "loss": loss, "grad_norm": grad_norm,
@@ -181,6 +192,9 @@ class SharpnessMonitor(Monitor):
             scalars["sam_sharpness"] = row["sam_sharpness"]
         return row, scalars
 
+    def _dist_sum(self, value: float) -> float:
+        return float(self._dist.all_reduce_sum(torch.tensor([value], dtype=torch.float64)).sum())
+
     def extra_state(self) -> Dict[str, Any]:
         return {"eigenvectors": self._eigenvectors}
 
@@ -196,16 +210,14 @@ def _learning_rate(optimizer: Any) -> float:
     return rates.pop() if len(rates) == 1 else float("nan")
 
 
-def _loss_and_grad_norm(model: nn.Module, loss_fn: Optional[LossFn], batches: List[Tuple[torch.Tensor, torch.Tensor]],
-                        dtype: Optional[torch.dtype]) -> Tuple[float, float]:
-    """Mean loss over the set (each batch weighted by its size) and the norm of its gradient."""
+def _loss_sum(model: nn.Module, loss_fn: Optional[LossFn], batches: List[Tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Sum of the per-example losses over the batches (a mean loss counts once per example)."""
     from .._losses import per_example_loss
 
     fn = loss_fn or per_example_loss
-    n = sum(int(x.shape[0]) for x, _ in batches)
     total = 0.0
     with torch.no_grad():
         for x, y in batches:
             losses = fn(model(x), y)
-            total += float(losses.double().sum()) / n if losses.ndim == 1 else float(losses) * x.shape[0] / n
-    return total, curvature.gradient_norm(model, loss_fn, batches, dtype=dtype)
+            total += float(losses.double().sum()) if losses.ndim == 1 else float(losses) * x.shape[0]
+    return total
