@@ -668,12 +668,15 @@ def test_data_parallel_shards_equal_the_whole_set():
         return all_reduce
 
     def worker(rank, shard):
+        # Each 'process' owns its replica, as under DDP: torch.func.functional_call swaps a
+        # module's parameters while it runs, so threads must not share one module.
+        replica = copy.deepcopy(model)
         with data_parallel(make_all_reduce(rank)):
             xs, ys = x[shard], y[shard]
             batches = [(xs[i:i + 4], ys[i:i + 4]) for i in range(0, xs.shape[0], 4)]  # uneven batches
-            out = (hessian_eigs(model, None, batches, k=2, tol=1e-8).eigenvalues,
-                   hessian_trace(model, None, batches, n_queries=9, generator=3).trace,
-                   gradient_norm(model, None, batches))
+            out = (hessian_eigs(replica, None, batches, k=2, tol=1e-8).eigenvalues,
+                   hessian_trace(replica, None, batches, n_queries=9, generator=3).trace,
+                   gradient_norm(replica, None, batches))
         with lock:
             results[rank] = out
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 from typing import Any, Callable, Dict, IO, List, Optional, Tuple
 
@@ -169,6 +171,20 @@ def watch(path: "os.PathLike[str] | str", *, interval: float = 1.0, timeout: Opt
     path = os.fspath(path)
     out = out or sys.stdout
     run: Optional[Run] = None
+    # Ctrl-C sets a flag checked between polls, instead of a KeyboardInterrupt that may land
+    # inside HDF5 or a weakref callback (where Python only prints "Exception ignored").
+    stop = threading.Event()
+    previous_handler = None
+    if threading.current_thread() is threading.main_thread():
+        previous_handler = signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
+    if sleep is time.sleep:
+        sleep = stop.wait
+
+    def stopped() -> int:
+        out.write("\nstopped watching (Ctrl-C)\n")
+        out.flush()
+        return 0
+
     try:
         last_news = time.monotonic()
         announced = False
@@ -185,6 +201,8 @@ def watch(path: "os.PathLike[str] | str", *, interval: float = 1.0, timeout: Opt
                     return 2
             if run is not None:
                 break
+            if stop.is_set():
+                return stopped()
             if not announced:
                 out.write(f"waiting for {path} to become readable (Ctrl-C to stop)\n")
                 out.flush()
@@ -197,6 +215,8 @@ def watch(path: "os.PathLike[str] | str", *, interval: float = 1.0, timeout: Opt
         out.write(f"watching {path} (tables: {', '.join(run.tables) or 'none yet'})\n")
         out.flush()
         while True:
+            if stop.is_set():
+                return stopped()
             state, pid = _writer_state(path)  # read before the rows, so no row after it is missed
             run.refresh()
             if follower.poll():
@@ -212,9 +232,9 @@ def watch(path: "os.PathLike[str] | str", *, interval: float = 1.0, timeout: Opt
                 return 1
             sleep(interval)
     except KeyboardInterrupt:
-        out.write("\nstopped watching (Ctrl-C)\n")
-        out.flush()
-        return 0
+        return stopped()
     finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
         if run is not None:
             run.close()
