@@ -162,6 +162,20 @@ class FunctionalTie(nn.Module):
         return F.linear(self.ln(self.emb(idx).mean(1)), self.emb.weight)
 
 
+class TwoHeads(nn.Module):
+    """Logits from two branches: each logit depends on some layers only (None gradients)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, 3)
+        self.a = nn.Linear(12, 2)
+        self.b = nn.Linear(12, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x.view(-1, 2, 6))).flatten(1)
+        return torch.cat([self.a(h), self.b(torch.sin(h))], 1)
+
+
 class SeqFirst(nn.Module):
     """A Linear applied to a (S, N, d) tensor: the batch is not its first axis."""
 
@@ -240,6 +254,8 @@ def build(name):
         return frozen_mlp(), torch.randn(4, 6), torch.randn(3, 6)
     if name == "conv13":
         return randomize_bn(Conv13()), torch.randn(4, 36), torch.randn(3, 36)
+    if name == "two_heads":
+        return TwoHeads(), torch.randn(4, 12), torch.randn(3, 12)
     if name == "seq_first":
         return SeqFirst(), torch.randn(3, 4, 3), torch.randn(2, 4, 3)
     if name == "mha":
@@ -258,6 +274,7 @@ MODELS = [
     "frozen",
     "conv13",
     "seq_first",
+    "two_heads",
     "mha",
 ]
 
@@ -472,12 +489,12 @@ def test_too_large_request_raises_before_computing():
 @pytest.mark.parametrize("method", METHODS)
 def test_small_budget_tiles_and_matches_untiled(method):
     torch.manual_seed(0)
-    model = mlp((8, 64, 64, 5))
+    model = mlp((8, 32, 32, 5))
     x1, x2 = torch.randn(60, 8), torch.randn(23, 8)
     for xb in (None, x2):
         untiled = empirical_ntk(model, x1, xb, method=method)
         out_bytes = untiled.numel() * 4
-        budget = out_bytes + 1_000_000
+        budget = out_bytes + (2_000_000 if method == "ntvp" else 400_000)
         with torch.enable_grad():
             setup = _Setup(model, x1, xb, "full", None, method, False, None, budget)
         if method == "ntvp":
@@ -495,17 +512,17 @@ def test_streaming_features_match():
     """Features too large to keep for all examples: recomputed per column block."""
     torch.manual_seed(0)
     model = CNN()
-    x = torch.randn(12, 3, 8, 8)
+    x = torch.randn(8, 3, 8, 8)
     untiled = empirical_ntk(model, x, kind="trace", method="structured")
     with torch.enable_grad():
         src = _Setup(model, x, None, "trace", None, "structured", False, None, None).steps[0][1]
     feats, acts = src.feature_bytes_per_example, src.activation_bytes_per_example
-    # room for the features of 4 examples (of 12) and one example's activations
+    # room for the features of 4 examples (of 8) and one example's activations
     budget = untiled.numel() * 4 + 4 * feats + acts + 2 * src.temp_bytes(2, 2)
     with torch.enable_grad():
         setup = _Setup(model, x, None, "trace", None, "structured", False, None, budget)
     (_, _, block, keep), = setup.steps
-    assert not keep and block < 12  # streaming
+    assert not keep and block < 8  # streaming
     tiled = empirical_ntk(model, x, kind="trace", method="structured", max_memory=budget)
     torch.testing.assert_close(tiled, untiled, rtol=1e-5, atol=1e-6 * float(untiled.abs().max()))
 

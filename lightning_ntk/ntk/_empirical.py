@@ -104,7 +104,7 @@ class _Setup:
                 f"and {tuple(self.x2.shape[1:])}"
             )
         self.fm = FunctionalModel(model, selected, self.dtype)
-        self.plan: Plan = make_plan(self.fm, self.x1, count_flops=method == "auto", check_independence=not random)
+        self.plan: Plan = make_plan(self.fm, self.x1, check_independence=not random)
         self.C = self.plan.C
         self.K = 1 if kind == "pseudo" else self.C
         self.n1 = self.x1.shape[0]
@@ -143,7 +143,8 @@ class _Setup:
         numel = plan.numel
         p_all = sum(numel.values())
         p_fb = sum(numel[n] for n in plan.fallback)
-        fp = plan.flops_per_example / 2 or float(p_all)  # multiply-adds of one forward pass
+        # multiply-adds of one forward pass: the dense layers, at least one per parameter
+        fp = max(plan.macs_per_example, float(p_all))
         jac_all = examples * fp * (1 + 2 * K) + pairs * kc * p_all
         costs = {"jacobian": jac_all, "ntvp": 2 * fp * K * n2 * (1 + (n1 / 2 if sym else n1))}
         structured = sum(slot_cost(s, kind, K, n1, n2, sym) for s in plan.structured)
@@ -194,7 +195,10 @@ class _Setup:
             max_numel = max(1, budget // (2 * per_example))
             for chunk in chunk_parameters(torch_func_names, self.plan.numel, max_numel):
                 sources.append(JacobianSource(self.fm, chunk, self.kind, self.K, self.plan.saved_bytes_per_example))
-        preferred = preferred_block(max(self.n1, self.n2), self.K, self.symmetric)
+        # full kernels: blocks of ~1024 rows (N x C) skip much of the lower triangle; the other
+        # kinds have cheap products, where larger blocks mean fewer, more efficient passes
+        rows_per_example = self.K if self.kind == "full" else 1
+        preferred = preferred_block(max(self.n1, self.n2), rows_per_example, self.symmetric)
         for src in sources:
             n_src = len({layer for _, layer in src.slots}) if self.per_layer else 1
             sized = plan_blocks(src, self.n1, self.n2, self.symmetric, budget, min(n_src, n_acc), preferred)
@@ -216,11 +220,18 @@ class _Setup:
 
     def _message(self, need: int, what: str) -> str:
         layers = f" x {len(self.layers)} layers (per_layer=True)" if self.per_layer else ""
+        tips = []
+        if self.kind in ("full", "diagonal"):
+            factor = self.C * self.C if self.kind == "full" else self.C
+            tips.append(f"kind='trace' (an (N1, N2) kernel, {factor}x smaller than {self.kind!r} here)")
+        if self.per_layer:
+            tips.append("per_layer=False")
+        tips.append("a smaller probe (fewer examples)")
+        tips.append("raise max_memory (bytes or a string such as '8GB')")
         return (
             f"empirical_ntk: the {self.kind!r} kernel of shape {self.shape}{layers} in {self.dtype} needs "
             f"{format_bytes(need)} {what}, more than max_memory={format_bytes(self.max_memory)}. "
-            f"Use kind='trace' (an (N1, N2) kernel, {self.C * self.C}x smaller than 'full' here), a smaller probe "
-            f"(fewer examples), or raise max_memory (bytes or a string such as '8GB')."
+            f"Use {', '.join(tips[:-1])}, or {tips[-1]}."
         )
 
     # ------------------------------------------------------------------------------------

@@ -11,12 +11,11 @@ Two forward passes (batch 2 and batch 3, built from the first probe example) rec
   ``F.linear(h, emb.weight)`` or ``nn.MultiheadAttention``'s ``out_proj``, is not);
 - in-place modification of a captured output or input (``ReLU(inplace=True)``), which the
   real computation then guards against by cloning;
-- the number of logits C, the bytes autograd saves per example and the forward FLOPs per
-  example (``torch.utils.flop_counter``), for the cost and memory models.
+- the number of logits C, the bytes autograd saves per example and the multiply-adds of
+  the dense (Linear, Conv) layers per example, for the cost and memory models.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Set, Tuple
 
@@ -65,7 +64,7 @@ class Plan:
     clone_in: Set[nn.Module]
     saved_bytes_per_example: int
     output_bytes_per_example: int  # sum of hooked outputs per example (for K gradients)
-    flops_per_example: float
+    macs_per_example: float  # dense layers' multiply-adds of one forward pass
     layers: List[str]  # every layer of the selected parameters, model order
     numel: Dict[str, int]
     reasons: Dict[str, str] = field(default_factory=dict)  # why a parameter went to torch.func
@@ -91,38 +90,44 @@ class _Recorder:
         self.calls.append(rec)
 
 
-def _traced_forward(fm: FunctionalModel, xb: Tensor, modules: Dict[nn.Module, Rule], count_flops: bool):
+def _dense_macs(m: nn.Module, x: Tensor, y: Tensor) -> float:
+    """Multiply-adds of one Linear / Conv / Bilinear call (per batch)."""
+    if isinstance(m, nn.Linear):
+        return float(y.numel()) * m.in_features
+    if isinstance(m, nn.modules.conv._ConvNd):
+        k = 1
+        for s in m.kernel_size:
+            k *= s
+        return float(y.numel()) * (m.in_channels // m.groups) * k
+    return 0.0
+
+
+def _traced_forward(fm: FunctionalModel, xb: Tensor, modules: Dict[nn.Module, Rule], dense: List[nn.Module]):
+    """One forward pass recording the calls of ``modules``, the bytes autograd saves and the
+    multiply-adds of the dense layers (``dense``: every Linear and Conv of the model, a
+    forward-cost estimate for the cost model; other operations are not counted)."""
     recorder = _Recorder(modules)
     handles = [m.register_forward_hook(recorder.hook, with_kwargs=True, prepend=True) for m in modules]
+    macs = [0.0]
+
+    def count(m: nn.Module, args: tuple, out: object) -> None:
+        if args and isinstance(args[0], Tensor) and isinstance(out, Tensor):
+            macs[0] += _dense_macs(m, args[0], out)
+
+    handles += [m.register_forward_hook(count) for m in dense]
     saved = [0]
 
     def pack(t: Tensor) -> Tensor:
         saved[0] += t.numel() * t.element_size()
         return t
 
-    flops = 0.0
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            counted = False
-            if count_flops:
-                try:
-                    with warnings.catch_warnings():  # torch's own jit deprecation noise on first import
-                        warnings.simplefilter("ignore", DeprecationWarning)
-                        from torch.utils.flop_counter import FlopCounterMode
-
-                    with FlopCounterMode(display=False) as counter:
-                        out = fm(xb)
-                    flops = float(counter.get_total_flops())
-                    counted = True
-                except (ImportError, RuntimeError, NotImplementedError, TypeError):  # best effort
-                    saved[0] = 0
-                    recorder.calls.clear()
-            if not counted:
-                out = fm(xb)
+            out = fm(xb)
     finally:
         for h in handles:
             h.remove()
-    return out, recorder.calls, saved[0], flops
+    return out, recorder.calls, saved[0], macs[0]
 
 
 def _graph_edges(root, leaf_ids: Dict[int, int], stop=None) -> Tuple[Dict[int, int], Set]:
@@ -162,7 +167,7 @@ def _check_independent(out2: Tensor, out3: Tensor) -> None:
         )
 
 
-def make_plan(fm: FunctionalModel, x1: Tensor, count_flops: bool = True, check_independence: bool = True) -> Plan:
+def make_plan(fm: FunctionalModel, x1: Tensor, check_independence: bool = True) -> Plan:
     model = fm.model
     name_of = {id(p): n for n, p in zip(fm.names, fm.params)}
     leaf_ids = {id(t): i for i, t in enumerate(fm.leaves.values())}
@@ -179,8 +184,9 @@ def make_plan(fm: FunctionalModel, x1: Tensor, count_flops: bool = True, check_i
         if any(id(m._parameters.get(r)) in name_of for r in rule.roles if m._parameters.get(r) is not None):
             candidates[m] = rule
 
+    dense = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
     idx = torch.arange(3, device=x1.device) % x1.shape[0]
-    out2, calls2, saved2, _ = _traced_forward(fm, x1[idx[:2]], candidates, False)
+    out2, calls2, saved2, macs2 = _traced_forward(fm, x1[idx[:2]], candidates, dense)
     C = out2.shape[1]
     global_counts, reachable = _graph_edges(out2.grad_fn, leaf_ids)
 
@@ -201,7 +207,7 @@ def make_plan(fm: FunctionalModel, x1: Tensor, count_flops: bool = True, check_i
             for i, v in counts.items():
                 local_counts[i] = local_counts.get(i, 0) + v
 
-    out3, calls3, saved3, flops3 = _traced_forward(fm, x1[idx], candidates, count_flops)
+    out3, calls3, saved3, macs3 = _traced_forward(fm, x1[idx], candidates, dense)
     if check_independence:
         _check_independent(out2, out3)
     out_bytes3 = sum(c["y"].numel() * c["y"].element_size() for c in calls3 if c["ok"])
@@ -302,7 +308,7 @@ def make_plan(fm: FunctionalModel, x1: Tensor, count_flops: bool = True, check_i
         clone_in={m for m in clone_in if m in modules},
         saved_bytes_per_example=max(saved3 - saved2, 0),
         output_bytes_per_example=max(out_bytes3 - out_bytes2, 0),
-        flops_per_example=flops3 / 3,
+        macs_per_example=max(macs3 - macs2, 0.0),
         layers=layers,
         numel=dict(fm.numel),
         reasons=reasons,

@@ -2,8 +2,9 @@
 K backward passes over a block of examples.
 
 Hooks capture each covered call's input; one backward pass per logit (K = C, or one pass
-with all-ones for the pseudo kind) gives the output gradients ``d f_k / d y`` of every
-call at once, for the whole block (the examples are independent). No per-example
+with all-ones for the pseudo kind; vmapped into one pass for networks without
+convolutions) gives the output gradients ``d f_k / d y`` of every call at once, for the
+whole block (the examples are independent). No per-example
 gradient is formed unless the cost model says it is the cheaper contraction (early
 convolutions with many output locations).
 """
@@ -26,6 +27,7 @@ from ._features import (
 )
 from ._model import FunctionalModel
 from ._plan import Plan, SlotSpec
+from ._rules import ConvRule
 
 
 def choose_modes(plan: Plan, kind: str, K: int, n1: int, n2: int, symmetric: bool) -> None:
@@ -57,6 +59,9 @@ class StructuredSource:
 
     def __init__(self, fm: FunctionalModel, plan: Plan, kind: str, K: int):
         self.fm, self.plan, self.kind, self.K = fm, plan, kind, K
+        # functorch has no true batching rule for convolution backward (it loops over the
+        # batched dimension), so networks with convolutions use K plain passes
+        self.batched_backward = not any(isinstance(rule, ConvRule) for rule, _ in plan.modules.values())
         self.slots: List[Tuple[int, str]] = [(i, s.layer) for i, s in enumerate(plan.structured)]
         item = torch.empty((), dtype=fm.dtype).element_size()
         self.itemsize = item
@@ -71,9 +76,10 @@ class StructuredSource:
             else:
                 feat += K * s.O * item
         self.feature_bytes_per_example = feat
-        # forward graph + the K output gradients of each hooked call + the largest build temporary
+        # forward graph + the K output gradients of each hooked call (and the batched backward
+        # pass's temporaries) + the largest build temporary
         self.activation_bytes_per_example = (
-            plan.saved_bytes_per_example + 2 * K * plan.output_bytes_per_example + 2 * build
+            plan.saved_bytes_per_example + 3 * K * plan.output_bytes_per_example + 2 * build
         )
 
     def temp_bytes(self, b1: int, b2: int) -> int:
@@ -143,12 +149,42 @@ class StructuredSource:
         return Vec(total)
 
     def _output_grads(self, out: Tensor, ys: List[Tensor]) -> List[Tensor]:
-        """d f_k / d y for every captured call y, stacked as (B, K, *y.shape[1:])."""
+        """d f_k / d y for every captured call y, stacked as (B, K, *y.shape[1:]).
+
+        One vmapped backward pass over the K one-hot output directions
+        (``is_grads_batched``: a few large products instead of K passes of small ones) for
+        networks without convolutions; K plain backward passes otherwise, and as the
+        fallback when an operation has no batching rule.
+        """
+        if self.batched_backward and self.K > 1:
+            try:
+                return self._output_grads_batched(out, ys)
+            except (RuntimeError, NotImplementedError):
+                self.batched_backward = False
+        return self._output_grads_loop(out, ys)
+
+    def _output_grads_batched(self, out: Tensor, ys: List[Tensor]) -> List[Tensor]:
+        B, C = out.shape
+        live = [i for i, y in enumerate(ys) if y.requires_grad]
+        grads: List[Optional[Tensor]] = [None] * len(ys)
+        if live:
+            go = torch.zeros((C, B, C), dtype=out.dtype, device=out.device)
+            ar = torch.arange(C, device=out.device)
+            go[ar, :, ar] = 1.0
+            gs = torch.autograd.grad(out, [ys[i] for i in live], go, retain_graph=True, allow_unused=True, is_grads_batched=True)
+            for i, g in zip(live, gs):
+                if g is not None:
+                    grads[i] = g.transpose(0, 1).contiguous()
+        return [
+            g if g is not None else torch.zeros((B, C) + tuple(y.shape[1:]), dtype=y.dtype, device=y.device)
+            for g, y in zip(grads, ys)
+        ]
+
+    def _output_grads_loop(self, out: Tensor, ys: List[Tensor]) -> List[Tensor]:
         B, C = out.shape
         K = self.K
-        grads = [torch.empty((B, K) + tuple(y.shape[1:]), dtype=y.dtype, device=y.device) for y in ys]
-        written = [False] * len(ys)
         live = [i for i, y in enumerate(ys) if y.requires_grad]
+        per_k: List[List[Optional[Tensor]]] = [[] for _ in ys]
         inputs = [ys[i] for i in live]
         for k in range(K if inputs else 0):
             if self.kind == "pseudo":
@@ -158,12 +194,13 @@ class StructuredSource:
                 go[:, k] = 1.0
             gs = torch.autograd.grad(out, inputs, go, retain_graph=k < K - 1, allow_unused=True)
             for i, g in zip(live, gs):
-                if g is not None:
-                    grads[i][:, k] = g
-                    written[i] = True
-        for i, done in enumerate(written):
-            if not done:  # the call does not influence the output (or runs without grad)
-                grads[i].zero_()
+                per_k[i].append(g)
+        grads = []
+        for y, gk in zip(ys, per_k):
+            if any(g is not None for g in gk):  # None: logit k does not depend on this call
+                grads.append(torch.stack([torch.zeros_like(y) if g is None else g for g in gk], dim=1))
+            else:  # the call does not influence the output (or runs without grad)
+                grads.append(torch.zeros((B, K) + tuple(y.shape[1:]), dtype=y.dtype, device=y.device))
         return grads
 
 
