@@ -186,6 +186,9 @@ class Monitor:
         self._disabled = False
         self._rows: Dict[str, int] = {}
         self._last_step: Optional[int] = None
+        # The epoch whose last batch has ended but whose on_train_epoch_end has not run yet: a
+        # checkpoint saved in that window resumes into the next epoch without that hook.
+        self._pending_epoch_end: Optional[int] = None
         self.snapshot_step: Optional[int] = None
         self.snapshot_epoch: Optional[float] = None
         self._loaded_state: Optional[Dict[str, Any]] = None
@@ -328,6 +331,13 @@ class Monitor:
                 raise
         if self._last_step is None and self.schedule.due_at_step(trainer.global_step):
             self._snapshot(trainer, pl_module, epoch=float(trainer.current_epoch))
+        elif self._resuming and self._pending_epoch_end is not None:
+            # Resumed from a checkpoint taken after an epoch's last batch but before its end-of-epoch
+            # hook: Lightning goes on with the next epoch, so take that epoch-end snapshot now (the
+            # model is exactly as it was at that epoch's end).
+            epoch, self._pending_epoch_end = self._pending_epoch_end, None
+            if trainer.global_step != self._last_step and self.schedule.due_at_epoch_end(epoch):
+                self._snapshot(trainer, pl_module, epoch=float(epoch + 1))
 
     def _write_probe(self, probe: ProbeSet, store_inputs: Optional[bool] = None) -> None:
         """Write ``probe`` as ``/probe/<name>``: ``index``, ``y``, and ``x`` when ``store_inputs``
@@ -378,11 +388,15 @@ class Monitor:
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
+        batches = trainer.num_training_batches
+        if isinstance(batches, int) and batch_idx + 1 >= batches:
+            self._pending_epoch_end = int(trainer.current_epoch)
         if step == self._last_step or not self.schedule.due_at_step(step):
             return
         self._snapshot(trainer, pl_module, epoch=_fractional_epoch(trainer, batch_idx))
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._pending_epoch_end = None
         if trainer.global_step != self._last_step and self.schedule.due_at_epoch_end(trainer.current_epoch):
             self._snapshot(trainer, pl_module, epoch=float(trainer.current_epoch + 1))
 
@@ -408,6 +422,7 @@ class Monitor:
             self._rows = {g: t.n_committed for g, t in self._tables.items() if isinstance(t, Table)}
         return {
             "rows": dict(self._rows), "last_step": self._last_step, "group": self.group,
+            "pending_epoch_end": self._pending_epoch_end,
             "probe_index": None if self._probe_set is None else self._probe_set.index.tolist(),
             "extra": self.extra_state(),
         }
@@ -417,6 +432,7 @@ class Monitor:
         rows = state_dict.get("rows", {})
         self._rows = {self.group: int(rows)} if isinstance(rows, int) else {str(k): int(v) for k, v in rows.items()}
         self._last_step = state_dict.get("last_step")
+        self._pending_epoch_end = state_dict.get("pending_epoch_end")
         self.load_extra_state(state_dict.get("extra", {}))
 
     # ---------------------------------------------------------------- snapshot

@@ -288,14 +288,22 @@ class NTKMonitor(Monitor):
 
     # ------------------------------------------------------------------ resume
     def extra_state(self) -> Dict[str, Any]:
-        return {"kernel_init": self._kernel_init, "kernel_prev": self._kernel_prev, "epoch_prev": self._epoch_prev,
-                "eigvecs_prev": self._eigvecs_prev}
+        # torch tensors, not NumPy arrays: checkpoints must load under torch.load(weights_only=True)
+        def tensor(a: Optional[np.ndarray]) -> Optional[torch.Tensor]:
+            return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
+
+        return {"kernel_init": tensor(self._kernel_init), "kernel_prev": tensor(self._kernel_prev),
+                "epoch_prev": None if self._epoch_prev is None else float(self._epoch_prev),
+                "eigvecs_prev": tensor(self._eigvecs_prev)}
 
     def load_extra_state(self, state: Dict[str, Any]) -> None:
-        self._kernel_init = state.get("kernel_init")
-        self._kernel_prev = state.get("kernel_prev")
+        def array(t: Any) -> Optional[np.ndarray]:
+            return None if t is None else np.asarray(t.cpu().numpy() if isinstance(t, torch.Tensor) else t)
+
+        self._kernel_init = array(state.get("kernel_init"))
+        self._kernel_prev = array(state.get("kernel_prev"))
         self._epoch_prev = state.get("epoch_prev")
-        self._eigvecs_prev = state.get("eigvecs_prev")
+        self._eigvecs_prev = array(state.get("eigvecs_prev"))
 
 
 def _trace(kernel: torch.Tensor) -> float:
