@@ -6,7 +6,7 @@ in :mod:`lightning_ntk.callbacks`.
 from ._version import __version__
 from .codes import (RELU_MODULE_TYPES, ActivationCodes, CodeChange, activation_codes, cluster_accuracy, code_change,
                     hamming_distances, kmeans_accuracy, knn_accuracy, logistic_accuracy, redundancy_ratio)
-from .curvature import (EdgeOfStability, HessianDensityResult, HessianEigenResult, HessianTraceResult,
+from .curvature import (CurvatureMemoryError, EdgeOfStability, HessianDensityResult, HessianEigenResult, HessianTraceResult,
                         PreconditionedSharpnessResult, SAMSharpnessResult, edge_of_stability_threshold, gradient_norm,
                         hessian_density, hessian_eigs, hessian_trace, preconditioned_sharpness, sam_sharpness,
                         smoothed_density, squared_loss)
@@ -30,7 +30,7 @@ from .store import Field, Run, RunFormatError, RunStore, open_run
 __all__ = [
     "__version__",
     # eNTK
-    "NTKMemoryError", "empirical_ntk", "empirical_ntk_reference", "estimate_ntk_memory",
+    "CurvatureMemoryError", "NTKMemoryError", "empirical_ntk", "empirical_ntk_reference", "estimate_ntk_memory",
     # curvature
     "EdgeOfStability", "HessianDensityResult", "HessianEigenResult", "HessianTraceResult",
     "PreconditionedSharpnessResult", "SAMSharpnessResult", "edge_of_stability_threshold", "gradient_norm",

@@ -48,6 +48,7 @@ class LanczosProcess:
         v0: Tensor,
         max_steps: int,
         generator: Optional[torch.Generator] = None,
+        reserve: Optional[Callable[[int, int], None]] = None,
     ) -> None:
         if v0.dim() != 1:
             raise ValueError(f"start vector must be 1-D, got shape {tuple(v0.shape)}")
@@ -62,8 +63,14 @@ class LanczosProcess:
         self.dtype = v0.dtype
         self.device = v0.device
         self._eps = torch.finfo(v0.dtype).eps
+        # ``reserve(rows, nbytes)`` is called before the basis grows to ``rows`` vectors
+        # (``nbytes`` in all): a memory guard may raise instead of letting the allocation
+        # run into the OOM killer.
+        self._reserve = reserve
         # Basis storage grows in chunks, so memory follows the steps actually taken.
         self._cap = min(self.max_steps + 1, 16)
+        if reserve is not None:
+            reserve(self._cap, self._cap * n * v0.element_size())
         self._V = torch.empty(self._cap, n, dtype=self.dtype, device=self.device)
         self._V[0] = v0 / nrm
         self.m = 0  # number of operator applications (= Lanczos steps) done
@@ -78,6 +85,8 @@ class LanczosProcess:
         if rows <= self._cap:
             return
         cap = min(max(rows, 2 * self._cap), self.max_steps + 1)
+        if self._reserve is not None:  # old and new buffers coexist while copying
+            self._reserve(cap, (cap + self._cap) * self.n * self._V.element_size())
         V = torch.empty(cap, self.n, dtype=self.dtype, device=self.device)
         V[: self._cap] = self._V[: self._cap]
         self._V, self._cap = V, cap
@@ -222,6 +231,7 @@ def lanczos_eigs(
     generator: Optional[torch.Generator] = None,
     want_vectors: bool = False,
     guard: int = 0,
+    reserve: Optional[Callable[[int, int], None]] = None,
 ) -> dict:
     """k wanted eigenpairs; stops when every wanted pair has ||A y - theta y|| <= tol|theta| + atol.
 
@@ -231,7 +241,7 @@ def lanczos_eigs(
     Returns a dict of torch tensors: eigenvalues, residuals, converged (k,), n_steps and,
     with ``want_vectors``, eigenvectors (k, n).
     """
-    proc = LanczosProcess(matvec, v0, max_steps, generator)
+    proc = LanczosProcess(matvec, v0, max_steps, generator, reserve)
     eps = torch.finfo(v0.dtype).eps
     theta_sel = S_sel = res = None
     converged = np.zeros(k, dtype=bool)
@@ -266,6 +276,7 @@ def lanczos_quadrature(
     v0: Tensor,
     n_steps: int,
     generator: Optional[torch.Generator] = None,
+    reserve: Optional[Callable[[int, int], None]] = None,
 ) -> Tuple[Tensor, Tensor, int]:
     """Gauss quadrature nodes and weights for v0^T f(A) v0 / ||v0||^2 (Golub & Meurant).
 
@@ -273,7 +284,7 @@ def lanczos_quadrature(
     of its eigenvectors (they sum to one). Stops early at an invariant subspace (then the
     quadrature is exact). Returns (nodes, weights, number of operator applications).
     """
-    proc = LanczosProcess(matvec, v0, n_steps, generator)
+    proc = LanczosProcess(matvec, v0, n_steps, generator, reserve)
     while proc.m < proc.max_steps:
         if not proc.step():
             break

@@ -74,6 +74,7 @@ WHICH = ("LA", "SA", "LM")
 TRACE_METHODS = ("hutch++", "hutchinson")
 
 __all__ = [
+    "CurvatureMemoryError",
     "HessianEigenResult",
     "HessianTraceResult",
     "HessianDensityResult",
@@ -255,6 +256,31 @@ def _is_single_batch(obj: Any) -> bool:
         and isinstance(obj[1], Tensor)
         and not isinstance(obj[0], (tuple, list, Mapping))
     )
+
+
+class CurvatureMemoryError(MemoryError):
+    """A curvature computation would need more memory than the device has free; raised
+    before the allocation (the message states the estimate and the setting to lower)."""
+
+
+#: The share of the memory free on the device one Lanczos basis or Hutch++ sketch may take.
+MEMORY_FRACTION = 0.8
+
+
+def _memory_guard(what: str, P: int, device: torch.device, knob: str) -> Callable[[int, int], None]:
+    """``reserve(vectors, nbytes)``: raise :class:`CurvatureMemoryError` when ``nbytes`` exceed
+    :data:`MEMORY_FRACTION` of the memory free on ``device`` now."""
+    from .ntk._memory import available_memory, format_bytes
+
+    def reserve(vectors: int, nbytes: int) -> None:
+        free = available_memory(device)
+        if nbytes > MEMORY_FRACTION * free:
+            raise CurvatureMemoryError(
+                f"{what}: {vectors} vectors of P={P:,} parameters need {format_bytes(nbytes)} on {device}, more "
+                f"than {MEMORY_FRACTION:.0%} of the {format_bytes(free)} free. {knob}"
+            )
+
+    return reserve
 
 
 def _make_generator(generator: GeneratorLike) -> torch.Generator:
@@ -811,8 +837,12 @@ def hessian_eigs(
         op = _HVP(ls, hvp)
         v0 = _start_vector(P, init, ls.shapes, gen, ls.dtype, ls.device)
         try:
+            reserve = _memory_guard("hessian_eigs (Lanczos basis)", P, ls.device,
+                                    f"Lower max_hvp (now {max_hvp}) or k, loosen tol, compute in float32 "
+                                    "(dtype=torch.float32), or restrict params=.")
             out = lanczos_eigs(
-                op, v0, k, which, float(tol), atol, max_hvp, gen, return_eigenvectors, guard=guard
+                op, v0, k, which, float(tol), atol, max_hvp, gen, return_eigenvectors, guard=guard,
+                reserve=reserve,
             )
         finally:
             op.release()
@@ -914,6 +944,10 @@ def hessian_trace(
                 n_res = n_queries
             else:
                 s = min(n_queries // 3, P)
+                # the s sketch columns and their QR factor, float64
+                _memory_guard("hessian_trace (Hutch++ sketch)", P, dev,
+                              f"Lower n_queries (now {n_queries}) or use method='hutchinson' (no sketch).")(
+                    s, 2 * s * P * 8)
                 HS = torch.stack([op(rademacher().to(dt)).double() for _ in range(s)], 1)
                 Q, _ = torch.linalg.qr(HS, mode="reduced")
                 del HS
@@ -975,10 +1009,13 @@ def hessian_density(
     with _hygiene(model, ls.eval_mode):
         _check_dropout(model, ls.eval_mode)
         op = _HVP(ls, hvp)
+        reserve = _memory_guard("hessian_density (Lanczos basis)", P, ls.device,
+                                f"Lower n_steps (now {n_steps}), compute in float32 (dtype=torch.float32), "
+                                "or restrict params=.")
         try:
             for r in range(n_runs):
                 v = 2.0 * torch.randint(0, 2, (P,), generator=gen, dtype=torch.int8).double() - 1.0
-                th, w, steps = lanczos_quadrature(op, v.to(ls.dtype).to(ls.device), m, gen)
+                th, w, steps = lanczos_quadrature(op, v.to(ls.dtype).to(ls.device), m, gen, reserve)
                 nodes[r, :steps] = th
                 weights[r, :steps] = w
         finally:
@@ -1229,7 +1266,10 @@ def preconditioned_sharpness(
         op = _HVP(ls, hvp)
         try:
             v0 = _start_vector(P, None, ls.shapes, gen, ls.dtype, ls.device)
-            out = lanczos_eigs(lambda v: d * op(d * v), v0, k, "LA", float(tol), None, max_hvp, gen)
+            reserve = _memory_guard("preconditioned_sharpness (Lanczos basis)", P, ls.device,
+                                    f"Lower max_hvp (now {max_hvp}) or k, or restrict params=.")
+            out = lanczos_eigs(lambda v: d * op(d * v), v0, k, "LA", float(tol), None, max_hvp, gen,
+                               reserve=reserve)
         finally:
             op.release()
     return PreconditionedSharpnessResult(

@@ -690,3 +690,27 @@ def test_data_parallel_shards_equal_the_whole_set():
         torch.testing.assert_close(out[0], whole[0], rtol=1e-9, atol=1e-12)
         assert abs(out[1] - whole[1]) <= 1e-9 * abs(whole[1])
         assert abs(out[2] - whole[2]) <= 1e-12 * abs(whole[2]) + 1e-15
+
+
+def test_memory_guard_refuses_before_allocating(monkeypatch):
+    """With little memory free, Lanczos bases and the Hutch++ sketch are refused with the estimate and the knob."""
+    from lightning_ntk import CurvatureMemoryError
+    from lightning_ntk.curvature import hessian_density
+    from lightning_ntk.ntk import _memory
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 50), nn.Tanh(), nn.Linear(50, 3))  # P = 1203
+    x, y = torch.randn(16, 20), torch.randint(0, 3, (16,))
+    P = 1203
+    # The first chunk of the basis (16 float32 vectors) takes 77 kB: allow room for 20 vectors only.
+    monkeypatch.setattr(_memory, "available_memory", lambda device: int(20 * P * 4 / 0.8))
+    hessian_eigs(model, None, (x, y), k=1, tol=1e-2)  # converges within the first chunk
+    with pytest.raises(CurvatureMemoryError, match=r"hessian_eigs \(Lanczos basis\): 32 vectors of P=1,203 parameters "
+                                                   r"need .* more than 80% of the .* free\. Lower max_hvp \(now 200\)"):
+        hessian_eigs(model, None, (x, y), k=1, tol=1e-14, atol=0.0, max_hvp=200, warn=False)
+    with pytest.raises(CurvatureMemoryError, match=r"hessian_density .*Lower n_steps \(now 40\)"):
+        hessian_density(model, None, (x, y), n_steps=40, n_runs=1)
+    with pytest.raises(CurvatureMemoryError, match=r"hessian_trace \(Hutch\+\+ sketch\): 20 vectors .*method='hutchinson'"):
+        hessian_trace(model, None, (x, y), n_queries=60)
+    hessian_trace(model, None, (x, y), n_queries=12, method="hutchinson")  # no sketch: no guard
+    assert issubclass(CurvatureMemoryError, MemoryError)
