@@ -235,3 +235,34 @@ def test_lightning_cli_yaml_config(L, tmp_path, monkeypatch):
     with open_run(path) as run:
         np.testing.assert_array_equal(run["probe_metrics"]["step"], [0, 2, 4, 6])
         assert len(run.probe("train_12")["index"]) == 12
+
+
+@pytest.mark.parametrize("on_error", ["raise", "warn"])
+def test_writer_thread_error_reaches_the_training_process(L, run_path, monkeypatch, on_error):
+    """A write that fails in the store's writer thread is raised in the training thread
+    (on_error='raise' stops training with it; 'warn' warns, disables the monitor, trains on)."""
+    import errno
+    import threading
+
+    from lightning_ntk.store import RunStore
+
+    original = RunStore._flush_now
+    failed_in = []
+
+    def failing_in_writer(self):
+        if threading.current_thread().name.startswith("lightning_ntk writer"):
+            failed_in.append(threading.current_thread().name)
+            raise StoreError(f"writing run file {self.path} failed: "
+                             f"{OSError(errno.EIO, 'Input/output error').strerror} (EIO)")
+        return original(self)
+
+    monkeypatch.setattr(RunStore, "_flush_now", failing_in_writer)
+    monitor = ProbeMetricsMonitor(run_path, schedule=2, probe=Probe(size=20), on_error=on_error, budget=False)
+    if on_error == "raise":
+        with pytest.raises(StoreError, match="Input/output error"):
+            _fit(L, [monitor], epochs=2)
+    else:
+        with pytest.warns(RuntimeWarning, match="disabled for the rest of this run: StoreError: .*Input/output"):
+            _, t = _fit(L, [monitor], epochs=2)
+        assert t.global_step == 12  # training went on
+    assert failed_in and failed_in[0].startswith("lightning_ntk writer")

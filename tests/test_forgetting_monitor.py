@@ -243,6 +243,9 @@ def test_write_interval_decides_when_the_file_is_written(L, run_path, write_inte
 
     class Watch(L.Callback):
         def on_train_epoch_end(self, trainer, pl_module):
+            writer = monitor._store._background
+            if writer is not None:  # let the writer thread finish what it was handed (forces nothing)
+                writer.wait_idle()
             examples = monitor._tables["forgetting/examples"]
             written.append((trainer.global_step, examples.written_step,
                             monitor._tables["forgetting/events"].n_committed))

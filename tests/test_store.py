@@ -294,3 +294,80 @@ def test_fixed_table_rewrites_and_detects_interrupted_rewrite(run_path):
         np.testing.assert_array_equal(view["count"], [4, 4, 4, 4])
         ds = run.to_xarray("forgetting/examples")
         np.testing.assert_array_equal(ds["example"].values, [10, 11, 12, 13])
+
+
+# --------------------------------------------------------------------------------------
+# The writer thread (flush_async)
+# --------------------------------------------------------------------------------------
+def _row(i):
+    return dict(step=i, loss=float(i), eigvals=np.arange(3) + i, kernel=np.full((4, 4), i))
+
+
+def test_writer_thread_writes_every_row_appended_meanwhile(run_path):
+    """Rows appended while the writer thread writes are neither lost nor reordered."""
+    store = RunStore.acquire(run_path, owner="m")
+    table = store.declare_table("ntk", _fields(), coords={"k": np.arange(3)})
+    store.start_swmr()
+    for i in range(400):
+        table.append(_row(i))
+        if i % 3 == 0:
+            store.flush_async()
+    writer = store._background
+    assert writer is not None and writer.thread.is_alive() and writer.thread is not __import__("threading").current_thread()
+    store.flush()  # waits for the writer, then writes the rest
+    assert table.n_committed == 400
+    store.release("m")
+    assert not writer.thread.is_alive()  # joined on close
+    with open_run(run_path) as run:
+        np.testing.assert_array_equal(run["ntk"]["step"], np.arange(400))
+        np.testing.assert_array_equal(run["ntk"]["kernel"][:, 0, 0], np.arange(400))
+
+
+def test_writer_thread_error_surfaces_in_the_calling_thread(run_path, monkeypatch):
+    store = RunStore.acquire(run_path, owner="m")
+    table = store.declare_table("ntk", _fields(), coords={"k": np.arange(3)})
+    store.start_swmr()
+    table.append(_row(0))
+    store.flush_async()
+    store.flush()
+    failing = {"thread": None}
+
+    def disk_full(*args, **kwargs):
+        import errno
+        import threading
+
+        failing["thread"] = threading.current_thread()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(type(store.file), "flush", disk_full)
+    table.append(_row(1))
+    store.flush_async()  # returns at once; the writer thread fails
+    store._background.wait_idle()
+    assert failing["thread"] is store._background.thread
+    with pytest.raises(StoreError, match=r"writing run file .*run\.h5 failed: No space left on device \(ENOSPC\)"):
+        store.flush_async()  # the next hand-over raises the writer thread's error here
+    monkeypatch.undo()
+    table.append(_row(2))
+    store.flush()  # the disk has room again: writing goes on
+    store.release("m")
+    with open_run(run_path) as run:
+        assert 0 in run["ntk"]["step"] and 2 in run["ntk"]["step"]
+
+
+def test_writer_thread_memory_is_bounded(run_path, monkeypatch):
+    """Past MAX_BUFFERED_BYTES of waiting rows, flush_async waits for the writer thread."""
+    store = RunStore.acquire(run_path, owner="m")
+    table = store.declare_table("ntk", _fields(), coords={"k": np.arange(3)})
+    store.start_swmr()
+    monkeypatch.setattr(RunStore, "MAX_BUFFERED_BYTES", 1)
+    table.append(_row(0))
+    store.flush_async()
+    waits = []
+    original = type(store._background).wait_idle
+    monkeypatch.setattr(type(store._background), "wait_idle", lambda self: (waits.append(1), original(self)))
+    table.append(_row(1))
+    store.flush_async()
+    assert waits  # more than MAX_BUFFERED_BYTES were waiting: it waited
+    store.release("m")
+    with open_run(run_path) as run:
+        np.testing.assert_array_equal(run["ntk"]["step"], [0, 1])

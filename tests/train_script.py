@@ -32,6 +32,9 @@ def main() -> None:
     class Reporter(L.Callback):
         def _report(self, trainer):
             if monitor._last_step == trainer.global_step:
+                writer = monitor._store._background
+                if writer is not None:  # the writer thread has written what it was handed
+                    writer.wait_idle()
                 print(f"SNAPSHOT {trainer.global_step}", flush=True)
             time.sleep(args.delay)
 

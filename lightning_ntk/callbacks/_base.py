@@ -189,6 +189,9 @@ class Monitor:
         # The epoch whose last batch has ended but whose on_train_epoch_end has not run yet: a
         # checkpoint saved in that window resumes into the next epoch without that hook.
         self._pending_epoch_end: Optional[int] = None
+        #: Snapshots taken, their total seconds (measurement and hand-over to the store) and
+        #: the seconds of that spent handing rows to the store (benchmarks read these).
+        self.timings: Dict[str, float] = {"snapshots": 0, "snapshot_s": 0.0, "store_s": 0.0}
         self.snapshot_step: Optional[int] = None
         self.snapshot_epoch: Optional[float] = None
         self._loaded_state: Optional[Dict[str, Any]] = None
@@ -403,6 +406,41 @@ class Monitor:
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self.schedule.final and trainer.global_step != self._last_step:
             self._snapshot(trainer, pl_module, epoch=float(trainer.current_epoch), forced=True)
+        self._flush_all()
+
+    def _flush_all(self) -> None:
+        """Wait until every row this monitor handed to the store is in the file (an error
+        of the store's writer thread is raised here, or handled by ``on_error``). Every
+        rank calls it together under DDP."""
+        if self._disabled:
+            return
+        error: Optional[BaseException] = None
+        try:
+            if self._store is not None:
+                self._store.flush()
+        except Exception as exc:
+            error = exc
+        self._failed(int(self._last_step or 0), error)
+
+    def _failed(self, step: int, error: Optional[BaseException]) -> bool:
+        """Apply ``on_error`` to ``error`` (None: nothing failed on this rank); True if any
+        rank failed. Under DDP every rank learns whether any failed, so all raise or all
+        disable together."""
+        error = self._dist.agree_on_error(error, f"{type(self).__name__} ({self.group})")
+        if error is None:
+            return False
+        exc = error
+        if self._store is not None:
+            self._store.record_error(step, self.group, f"{type(exc).__name__}: {exc}")
+        if self.on_error == "raise":
+            raise exc
+        self._disabled = True
+        warnings.warn(
+            f"{type(self).__name__} ({self.group}) failed at step {step} and is disabled for the rest of this "
+            f"run: {type(exc).__name__}: {exc}. Pass on_error='raise' to stop training instead.",
+            RuntimeWarning, stacklevel=3,
+        )
+        return True
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._release()
@@ -465,27 +503,19 @@ class Monitor:
                 row, scalars = self.measure(trainer, pl_module, self._probe_for(pl_module))
             table = self.table
             if self._writer and table is not None:
+                measured = clock()
                 table.append(dict(row, step=step, epoch=epoch, wall_time=wall_time()))
-                self._store.flush()
+                # The writer thread writes it; an error of a previous write surfaces here.
+                self._store.flush_async()
+                self.timings["store_s"] += clock() - measured
         except Exception as exc:
             error = exc
-        # Under DDP every rank learns whether any failed, so all raise or all disable together.
-        error = self._dist.agree_on_error(error, f"{type(self).__name__} ({self.group})")
-        if error is not None:
-            exc = error
-            if self._store is not None:
-                self._store.record_error(step, self.group, f"{type(exc).__name__}: {exc}")
-            if self.on_error == "raise":
-                raise exc
-            self._disabled = True
-            warnings.warn(
-                f"{type(self).__name__} ({self.group}) failed at step {step} and is disabled for the rest of this "
-                f"run: {type(exc).__name__}: {exc}. Pass on_error='raise' to stop training instead.",
-                RuntimeWarning, stacklevel=2,
-            )
+        if self._failed(step, error):
             return
         self._last_step = step
         seconds = clock() - started
+        self.timings["snapshots"] += 1
+        self.timings["snapshot_s"] += seconds
         if self._governor is not None:
             self._governor.record(self.group, seconds)
         log.debug("%s snapshot at step %d took %.3fs", self.group, step, seconds)

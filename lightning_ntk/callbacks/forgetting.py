@@ -863,7 +863,7 @@ class ForgettingMonitor(Monitor):
     def _write(self) -> None:
         """Buffered event rows (and a pending summary rewrite) to the file: flush, fsync."""
         if self._store is not None:
-            self._store.flush()
+            self._store.flush_async()  # the writer thread writes; an earlier write's error surfaces here
         self._last_write = time.monotonic()
 
     def _write_summary(self, step: int) -> None:
@@ -899,6 +899,9 @@ class ForgettingMonitor(Monitor):
         if self._write_due():
             self._write_summary(step)
 
+    def _flush_all(self) -> None:
+        pass  # on_train_end flushes after the summary, under this monitor's own error handling
+
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self.mode == "train" and not self._disabled:
             self._guarded(self._drain)
@@ -908,6 +911,8 @@ class ForgettingMonitor(Monitor):
                 self._guarded(self._write_summary, int(trainer.global_step))
             else:
                 self._guarded(self._write)
+        if not self._disabled and self._store is not None:
+            self._guarded(self._store.flush)  # everything in the file before training ends
         if not self._disabled and self._dist.active:
             self._guarded(self._agree)  # a failure of rank 0's last write reaches every rank
 

@@ -97,6 +97,7 @@ class Table:
         if row_dim != key and row_dim in group:
             self._ds[row_dim] = group[row_dim]
         self._committed = int(group[key].shape[0])
+        self._in_flight = 0  # rows taken from the buffer by a write in progress (writer thread)
 
     @property
     def n_committed(self) -> int:
@@ -106,7 +107,13 @@ class Table:
     @property
     def n_rows(self) -> int:
         """Rows in the file plus rows buffered for the next flush."""
-        return self._committed + len(self._buffer) + self._buffered_rows
+        return self._committed + self._in_flight + len(self._buffer) + self._buffered_rows
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes of the rows waiting in the buffer."""
+        with self._store._buffer_lock:
+            return sum(a.nbytes for entry in self._buffer for a in entry.values() if isinstance(a, np.ndarray))
 
     def append(self, row: Optional[Mapping[str, Any]] = None, **values: Any) -> None:
         """Buffer one row. Every field must be given, with its declared row shape."""
@@ -131,7 +138,8 @@ class Table:
         key_value = int(checked[self.key]) if checked[self.key].shape == () else None
         if key_value is not None and key_value < 0:
             raise ValueError(f"table {self.name!r}: key {self.key!r} must be >= 0 (negative marks incomplete rows)")
-        self._buffer.append(checked)
+        with self._store._buffer_lock:
+            self._buffer.append(checked)
 
     def extend(self, columns: Mapping[str, Any]) -> None:
         """Buffer many rows at once: each field given as an array with a leading row axis."""
@@ -156,37 +164,46 @@ class Table:
         if n and np.any(arrays[self.key] < 0):
             raise ValueError(f"table {self.name!r}: key {self.key!r} must be >= 0 (negative marks incomplete rows)")
         if n:
-            self._buffer.append({"__block__": True, **{k: a.astype(self.fields[k].dtype, copy=False)
-                                                      for k, a in arrays.items()}})
-            self._buffered_rows += n - 1  # a block counts as n rows
+            block = {"__block__": True, **{k: a.astype(self.fields[k].dtype, copy=False) for k, a in arrays.items()}}
+            with self._store._buffer_lock:
+                self._buffer.append(block)
+                self._buffered_rows += n - 1  # a block counts as n rows
 
     def _write_buffer(self) -> None:
-        if not self._buffer:
-            return
-        n0 = self._committed
-        n1 = self.n_rows
-        for ds in self._ds.values():
-            ds.resize(n1, axis=0)
-        for name in self.fields:
-            if name == self.key:
-                continue
-            self._ds[name][n0:n1] = self._stacked(name)
-        # The key goes last: until it is written the row reads as incomplete (-1).
-        self._ds[self.key][n0:n1] = self._stacked(self.key)
-        self._buffer.clear()
-        self._buffered_rows = 0
-        self._committed = n1
+        # Take the buffered rows (the training thread may append more meanwhile).
+        with self._store._buffer_lock:
+            if not self._buffer:
+                return
+            buffer, extra = self._buffer, self._buffered_rows
+            self._buffer, self._buffered_rows = [], 0
+            self._in_flight = len(buffer) + extra
+        try:
+            n0 = self._committed
+            n1 = n0 + len(buffer) + extra
+            for ds in self._ds.values():
+                ds.resize(n1, axis=0)
+            for name in self.fields:
+                if name == self.key:
+                    continue
+                self._ds[name][n0:n1] = self._stacked(name, buffer)
+            # The key goes last: until it is written the row reads as incomplete (-1).
+            self._ds[self.key][n0:n1] = self._stacked(self.key, buffer)
+            self._committed = n1
+        finally:
+            self._in_flight = 0
 
-    def _stacked(self, name: str) -> np.ndarray:
-        parts = [entry[name] if entry.get("__block__") else entry[name][None] for entry in self._buffer]
+    def _stacked(self, name: str, buffer: Optional[List[Dict[str, Any]]] = None) -> np.ndarray:
+        entries = self._buffer if buffer is None else buffer
+        parts = [entry[name] if entry.get("__block__") else entry[name][None] for entry in entries]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def truncate(self, n_rows: int) -> None:
         """Drop rows past ``n_rows`` (used on resume, before SWMR starts)."""
         if self._store.swmr:
             raise StoreError("rows cannot be truncated after the file switched to SWMR mode")
-        self._buffer.clear()
-        self._buffered_rows = 0
+        with self._store._buffer_lock:
+            self._buffer.clear()
+            self._buffered_rows = 0
         if n_rows >= self._committed:
             return
         for ds in self._ds.values():
@@ -237,18 +254,24 @@ class FixedTable:
             arrays[name] = array.astype(spec.dtype, copy=False)
         if int(step) < 0:
             raise ValueError(f"table {self.name!r}: step must be >= 0")
-        self._pending = (arrays, int(step))
+        with self._store._buffer_lock:
+            self._pending = (arrays, int(step))
+
+    @property
+    def buffered_bytes(self) -> int:
+        pending = self._pending
+        return 0 if pending is None else sum(a.nbytes for a in pending[0].values())
 
     def _write_buffer(self) -> None:
-        if self._pending is None:
-            return
-        arrays, step = self._pending
+        with self._store._buffer_lock:
+            if self._pending is None:
+                return
+            (arrays, step), self._pending = self._pending, None
         self._ds["written_step"][0] = -1
         self._store.file.flush()
         for name, array in arrays.items():
             self._ds[name][...] = array
         self._ds["written_step"][0] = step
-        self._pending = None
 
 
 class RunStore:
@@ -257,13 +280,17 @@ class RunStore:
     _registry: Dict[str, "RunStore"] = {}
     _registry_lock = threading.Lock()
 
-    def __init__(self, path: str, file: h5py.File, *, fsync: bool = True):
+    def __init__(self, path: str, file: h5py.File, *, fsync: bool = True, background: bool = True):
         self.path = path
         self.file = file
         self.fsync = fsync
+        #: Whether :meth:`flush_async` hands writes to a writer thread (after SWMR starts).
+        self.background = background
         self.tables: Dict[str, Any] = {}
         self._owners: List[str] = []
         self._lock = threading.RLock()
+        self._buffer_lock = threading.Lock()  # guards the tables' row buffers (short sections only)
+        self._background: Optional[_BackgroundWriter] = None
         self.swmr = False
         #: The first write error (full disk, I/O), if any: later flushes may fail too.
         self.write_error: Optional[BaseException] = None
@@ -413,6 +440,9 @@ class RunStore:
     def close(self) -> None:
         """Flush and close. After a write error, closing still releases the file (and the
         error is logged, not raised again)."""
+        background, self._background = self._background, None
+        if background is not None:
+            background.stop()  # waits for a write in progress; a pending error goes to write_error
         with self._lock:
             if not self.file.id.valid:
                 return
@@ -671,12 +701,42 @@ class RunStore:
             self.swmr = True
             self._publish()
 
+    #: Rows waiting for the writer thread beyond this many bytes make :meth:`flush_async`
+    #: wait for it (bounded memory when snapshots come faster than the disk takes them).
+    MAX_BUFFERED_BYTES = 256 * 2**20
+
+    def flush_async(self) -> None:
+        """Hand the buffered rows to the store's writer thread and return at once.
+
+        Before SWMR starts (and with ``background=False``) this is :meth:`flush`. A write
+        error of the writer thread is raised here (or by the next :meth:`flush`), in the
+        training thread, as the :class:`StoreError` it was.
+        """
+        if not self.swmr or not self.background:
+            self.flush()
+            return
+        if self._background is None:
+            self._background = _BackgroundWriter(self)
+        self._background.raise_error()
+        if sum(t.buffered_bytes for t in self.tables.values()) > self.MAX_BUFFERED_BYTES:
+            self._background.wait_idle()
+            self._background.raise_error()
+        self._background.request()
+
     def flush(self) -> None:
-        """Write buffered rows (key last), flush HDF5, and fsync when durable.
+        """Write buffered rows (key last), flush HDF5, and fsync when durable; waits for the
+        writer thread first.
 
         A write error (full disk, I/O error) raises :class:`StoreError` naming the file and
         the cause; rows flushed before it stay readable.
         """
+        background = self._background
+        if background is not None and threading.current_thread() is not background.thread:
+            background.wait_idle()
+            background.raise_error()
+        self._flush_now()
+
+    def _flush_now(self) -> None:
         with self._lock:
             if not self.file.id.valid:
                 return
@@ -692,6 +752,75 @@ class RunStore:
             except (OSError, RuntimeError) as exc:
                 self.write_error = exc
                 raise StoreError(f"writing run file {self.path} failed: {_cause(exc)}") from exc
+
+
+class _BackgroundWriter:
+    """One daemon thread per run file that runs :meth:`RunStore._flush_now` on request.
+
+    Requests coalesce (one write takes every row buffered so far). The first error is kept
+    and raised in the training thread by :meth:`raise_error` (called from ``flush`` and
+    ``flush_async``); :meth:`stop` drains and joins the thread.
+    """
+
+    def __init__(self, store: RunStore):
+        self.store = store
+        self._cond = threading.Condition()
+        self._pending = False
+        self._busy = False
+        self._stopping = False
+        self._error: Optional[BaseException] = None
+        self.seconds = 0.0  # time spent writing, for benchmarks
+        self.thread = threading.Thread(target=self._run, name=f"lightning_ntk writer ({os.path.basename(store.path)})",
+                                       daemon=True)
+        self.thread.start()
+
+    def request(self) -> None:
+        with self._cond:
+            self._pending = True
+            self._cond.notify_all()
+
+    def wait_idle(self) -> None:
+        with self._cond:
+            while self._pending or self._busy:
+                self._cond.wait()
+
+    def raise_error(self) -> None:
+        with self._cond:
+            error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def stop(self) -> None:
+        self.wait_idle()
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self.thread.join()
+        with self._cond:
+            error, self._error = self._error, None
+        if error is not None:
+            self.store.write_error = self.store.write_error or error
+            log.error("run file %s: %s", self.store.path, error)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                self._pending, self._busy = False, True
+            started = time.perf_counter()
+            try:
+                self.store._flush_now()
+            except BaseException as exc:  # kept for the training thread
+                with self._cond:
+                    self._error = self._error or exc
+            finally:
+                self.seconds += time.perf_counter() - started
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
 
 
 def _cause(exc: BaseException) -> str:
