@@ -279,6 +279,9 @@ class RunStore:
 
     _registry: Dict[str, "RunStore"] = {}
     _registry_lock = threading.Lock()
+    #: Per closed file (real path): seconds its writer thread spent writing
+    #: (``background_s``) and seconds writes blocked a caller (``blocking_s``), for benchmarks.
+    closed_stats: Dict[str, Dict[str, float]] = {}
 
     def __init__(self, path: str, file: h5py.File, *, fsync: bool = True, background: bool = True):
         self.path = path
@@ -291,6 +294,8 @@ class RunStore:
         self._lock = threading.RLock()
         self._buffer_lock = threading.Lock()  # guards the tables' row buffers (short sections only)
         self._background: Optional[_BackgroundWriter] = None
+        self._background_seconds = 0.0
+        self._blocking_seconds = 0.0
         self.swmr = False
         #: The first write error (full disk, I/O), if any: later flushes may fail too.
         self.write_error: Optional[BaseException] = None
@@ -443,6 +448,7 @@ class RunStore:
         background, self._background = self._background, None
         if background is not None:
             background.stop()  # waits for a write in progress; a pending error goes to write_error
+            self._background_seconds += background.seconds
         with self._lock:
             if not self.file.id.valid:
                 return
@@ -463,6 +469,8 @@ class RunStore:
                     self._publish()  # closed before SWMR (no training batch): still the new file
                 finally:
                     remove_lock(self.path)
+                    RunStore.closed_stats[self.path] = {"background_s": self._background_seconds,
+                                                        "blocking_s": self._blocking_seconds}
 
     @property
     def closed(self) -> bool:
@@ -731,10 +739,14 @@ class RunStore:
         the cause; rows flushed before it stay readable.
         """
         background = self._background
-        if background is not None and threading.current_thread() is not background.thread:
-            background.wait_idle()
-            background.raise_error()
-        self._flush_now()
+        started = time.perf_counter()
+        try:
+            if background is not None and threading.current_thread() is not background.thread:
+                background.wait_idle()
+                background.raise_error()
+            self._flush_now()
+        finally:
+            self._blocking_seconds += time.perf_counter() - started
 
     def _flush_now(self) -> None:
         with self._lock:

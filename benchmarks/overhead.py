@@ -1,0 +1,146 @@
+"""Overhead of the monitors on the demo training, as ratios to the same training without them.
+
+    .venv/bin/python benchmarks/overhead.py                  # 40 epochs per run, every configuration
+    .venv/bin/python benchmarks/overhead.py --epochs 12 --quick
+
+The training: ``lightning_ntk.demo`` (DigitsCNN on scikit-learn digits, 1440 training
+images, batch 64, SGD lr 0.05 momentum 0.9, a validation pass per epoch), CPU, 2 threads,
+``deterministic=True``, no logger, no checkpointing, no progress bar.
+
+Configurations (each monitor at its default settings: only ``path`` given):
+
+* ``none``: no monitor (the baseline, run before, between and after the others; the
+  median of its runs is the denominator);
+* each monitor alone, with the default governor (a budget of 5% of training time shared
+  by the monitors of a Trainer) and without (``budget=False``: every scheduled snapshot);
+* all six monitors together: default governor (5%), ``budget=0.02`` (shared, via
+  ``set_default_budget``) and no governor.
+
+Columns: wall time of ``trainer.fit``; overhead = time / baseline − 1; snapshots taken
+and skipped by the governor; "snap s" = seconds the snapshots took on the training
+thread (measurement and hand-over to the store, the governor's account); "store %" =
+seconds the store took on the training thread (``Table.append`` and ``flush_async`` at
+each snapshot, plus the synchronous flushes: before the first batch, at checkpoints, at
+the end) as a percentage of the snapshot seconds; "writer %" = seconds the store's
+writer thread spent writing (HDF5 write, flush, fsync: off the training thread) as a
+percentage of the snapshot seconds. Forgetting works on every batch (no snapshots), so its
+cost shows only in the overhead column.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch.utils.data import DataLoader
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lightning_ntk import callbacks  # noqa: E402
+from lightning_ntk.callbacks import set_default_budget  # noqa: E402
+from lightning_ntk.callbacks._lightning import default_namespace  # noqa: E402
+from lightning_ntk.demo import DigitsCNN, digits_split, make_lightning_module  # noqa: E402
+from lightning_ntk.store import RunStore  # noqa: E402
+
+MONITORS = {
+    "probe_metrics": callbacks.ProbeMetricsMonitor,
+    "ntk": callbacks.NTKMonitor,
+    "sharpness": callbacks.SharpnessMonitor,
+    "forgetting": callbacks.ForgettingMonitor,
+    "codes": callbacks.ActivationCodeMonitor,
+    "representations": callbacks.RepresentationMonitor,
+}
+
+
+def train(path: Optional[str], names: List[str], budget: Any, epochs: int, seed: int = 0) -> Dict[str, Any]:
+    """One training; ``budget``: "default" (the shared 5% governor), a float (shared) or False."""
+    L = default_namespace()
+    torch.manual_seed(seed)
+    train_set, val_set = digits_split(seed=seed)
+    previous = set_default_budget(0.05)
+    try:
+        kwargs: Dict[str, Any] = {}
+        if budget is False:
+            kwargs["budget"] = False
+        elif budget != "default":
+            set_default_budget(float(budget))
+        monitors = [MONITORS[name](path, overwrite=True, **kwargs) for name in names]
+        module = make_lightning_module(DigitsCNN(), namespace=L)
+        trainer = L.Trainer(max_epochs=epochs, callbacks=monitors, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+                            deterministic=True)
+        train_loader = DataLoader(train_set, batch_size=64, shuffle=True)
+        val_loader = DataLoader(val_set, batch_size=256)
+        started = time.perf_counter()
+        trainer.fit(module, train_loader, val_loader)
+        seconds = time.perf_counter() - started
+    finally:
+        set_default_budget(previous)
+    out: Dict[str, Any] = {"seconds": seconds, "snapshots": 0, "snapshot_s": 0.0, "store_s": 0.0, "skipped": 0}
+    for monitor in monitors:
+        out["snapshots"] += int(monitor.timings["snapshots"])
+        out["snapshot_s"] += monitor.timings["snapshot_s"]
+        out["store_s"] += monitor.timings["store_s"]
+        governor = monitor._governor
+        if governor is not None:
+            out["skipped"] += governor.skipped(monitor.group) if hasattr(governor, "skipped") else 0
+    stats = RunStore.closed_stats.get(os.path.realpath(path)) if path else None
+    out["writer_s"] = stats["background_s"] if stats else 0.0
+    out["store_s"] += stats["blocking_s"] if stats else 0.0
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="all monitors only (no per-monitor rows)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    configs = []
+    if not args.quick:
+        for name in MONITORS:
+            configs.append((f"{name} (5% governor)", [name], "default"))
+            configs.append((f"{name} (no governor)", [name], False))
+    configs += [("all six (5% governor)", list(MONITORS), "default"),
+                ("all six (budget=0.02)", list(MONITORS), 0.02),
+                ("all six (no governor)", list(MONITORS), False)]
+    print(f"# overhead on the demo training: {args.epochs} epochs, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads, "
+          f"load average at start {os.getloadavg()[0]:.2f}", flush=True)
+    baseline: List[float] = []
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        train(None, [], "default", 1)  # warm-up: imports, first-call costs
+        baseline.append(train(None, [], "default", args.epochs)["seconds"])
+        for i, (label, names, budget) in enumerate(configs):
+            path = os.path.join(tmp, f"run{i}.h5")
+            rows.append((label, train(path, names, budget, args.epochs)))
+            if i % 4 == 3:
+                baseline.append(train(None, [], "default", args.epochs)["seconds"])
+            print(f"  done: {label} ({rows[-1][1]['seconds']:.1f} s)", file=sys.stderr, flush=True)
+        baseline.append(train(None, [], "default", args.epochs)["seconds"])
+    base = statistics.median(baseline)
+    print(f"baseline (no monitor): median {base:.2f} s over {len(baseline)} runs "
+          f"({', '.join(f'{b:.2f}' for b in baseline)}); spread ±{(max(baseline) - min(baseline)) / 2 / base:.1%}")
+    head = f"{'configuration':<34} {'time s':>7} {'overhead':>9} {'snaps':>6} {'skipped':>7} {'snap s':>7} {'store %':>8} {'writer %':>9}"
+    print(head)
+    print("-" * len(head))
+    for label, r in rows:
+        snap = r["snapshot_s"]
+        store = f"{100 * r['store_s'] / snap:.2f}" if snap else "-"
+        writer = f"{100 * r['writer_s'] / snap:.2f}" if snap else "-"
+        print(f"{label:<34} {r['seconds']:>7.2f} {r['seconds'] / base - 1:>+9.1%} {r['snapshots']:>6} "
+              f"{r['skipped']:>7} {snap:>7.2f} {store:>8} {writer:>9}")
+
+
+if __name__ == "__main__":
+    main()
