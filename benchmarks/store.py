@@ -12,7 +12,7 @@ file in a temporary directory (the local disk), one row per flush, in three ways
 * ``RunStore async``: ``Table.append`` + ``RunStore.flush_async()`` (the writer thread
   writes, flushes and fsyncs; the caller goes on), the path of every snapshot; the time
   until the last row is on disk is reported, and the time the caller was busy;
-* ``h5py plain``: the same datasets (same chunks, gzip level 4 + shuffle), resized and
+* ``h5py plain``: the same datasets (same chunks, gzip at the store's level + shuffle), resized and
   written row by row, ``File.flush()`` and ``os.fsync`` after every row: what a hand-written
   logger that survives crashes would do (no key-last protocol, no SWMR).
 
@@ -33,6 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lightning_ntk.store import Field, RunStore  # noqa: E402
 from lightning_ntk.store._schema import chunk_shape  # noqa: E402
+from lightning_ntk.store._writer import COMPRESSION_LEVEL  # noqa: E402
 
 ROWS = 200
 
@@ -86,7 +87,7 @@ def run_h5py(path, fields, rows):
         for fld in fields:
             ds[fld.name] = f.create_dataset(fld.name, shape=(0,) + fld.shape, maxshape=(None,) + fld.shape,
                                             dtype=fld.dtype, chunks=chunk_shape(fld.shape, np.dtype(fld.dtype).itemsize),
-                                            compression="gzip", compression_opts=4, shuffle=True)
+                                            compression="gzip", compression_opts=COMPRESSION_LEVEL, shuffle=True)
         fd = f.id.get_vfd_handle()
         for n, row in enumerate(rows):
             for name, d in ds.items():

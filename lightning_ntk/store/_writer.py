@@ -41,6 +41,11 @@ LIBVER = ("v110", "latest")
 _CHUNK_CACHE_BYTES = 32 * 1024 * 1024
 
 
+#: gzip level of every table (1: the fastest; kernels and eigenvectors, float data with
+#: little redundancy, compress barely better at higher levels, at several times the cost).
+COMPRESSION_LEVEL = 1
+
+
 class StoreError(RuntimeError):
     """A run file cannot be created, opened or written as asked."""
 
@@ -582,7 +587,7 @@ class RunStore:
                     chunks = chunk_shape(f.shape, dtype.itemsize)
                     chunks = (min(chunks[0], n_rows),) + chunks[1:]
                     ds = grp.create_dataset(f.name, shape=(n_rows,) + f.shape, dtype=dtype, chunks=chunks,
-                                            fillvalue=f.fill_value, compression="gzip", compression_opts=4,
+                                            fillvalue=f.fill_value, compression="gzip", compression_opts=COMPRESSION_LEVEL,
                                             shuffle=dtype.itemsize > 1)
                     ds.dims[0].attach_scale(grp[row_dim])
                     for axis, (dim, length) in enumerate(zip(f.dims, f.shape), start=1):
@@ -614,7 +619,7 @@ class RunStore:
             chunks = chunk_shape(f.shape, dtype.itemsize)
             ds = grp.create_dataset(f.name, shape=(0,) + f.shape, maxshape=(None,) + f.shape, dtype=dtype,
                                     chunks=chunks, fillvalue=f.fill_value, compression="gzip",
-                                    compression_opts=4, shuffle=dtype.itemsize > 1)
+                                    compression_opts=COMPRESSION_LEVEL, shuffle=dtype.itemsize > 1)
             for attr, value in f.attrs.items():
                 ds.attrs[attr] = value
         # Row axis scale.
