@@ -32,7 +32,7 @@ SUITES = {
     "ntk": (["ntk.py"], ["ntk.py", "--quick"]),
     "sharpness": (["sharpness.py"], ["sharpness.py", "--models", "mlp", "--repeats", "3"]),
     "store": (["store.py"], ["store.py"]),
-    "overhead": (["overhead.py"], ["overhead.py", "--epochs", "12", "--quick"]),
+    "overhead": (["overhead.py"], ["overhead.py", "--quick"]),
 }
 
 
