@@ -97,6 +97,13 @@ class Governor:
             cost.last = float(seconds)
             self._spent += float(seconds)
 
+    def charge(self, seconds: float) -> None:
+        """Account instrumentation time that is not a skippable snapshot (per-batch
+        bookkeeping such as forgetting events): it counts against the budget, so the
+        snapshots of the other monitors give way to it."""
+        with self._lock:
+            self._spent += float(seconds)
+
     # ------------------------------------------------------------------ policy
     def allow(self, monitor: str, *, forced: bool = False) -> bool:
         """Whether ``monitor`` may take its due snapshot now.

@@ -131,3 +131,41 @@ def test_monitor_keeps_to_its_budget_with_a_fake_clock(L, run_path):
     training_time = steps_total * 1.0
     assert governor.spent - 0.5 <= 0.1 * training_time + 1e-9  # within budget but for the forced last one
     assert len(taken) >= int(0.1 * training_time / 0.5)  # and the budget is used
+
+
+def test_charged_time_counts_against_the_budget():
+    """Unskippable per-batch time (charge) makes the snapshots give way: spent stays within budget."""
+    clock = FakeClock()
+    g = Governor(0.1, clock=clock)
+    g.start()
+    assert g.allow("m", forced=True)
+    clock.now += 0.2
+    g.record("m", 0.2)
+    clock.now += 10.0  # 10 s of training: 1 s of budget, 0.2 spent
+    assert g.allow("m")
+    g.charge(0.85)  # per-batch bookkeeping of another monitor
+    clock.now += 0.85
+    assert g.spent == pytest.approx(1.05)
+    assert not g.allow("m")  # 1.05 + 0.2 > 0.1 * (11.05 - 1.05)
+    assert g.skipped("m") == 1
+    clock.now += 3.0
+    assert g.allow("m")  # 1.05 + 0.2 <= 0.1 * 13
+
+
+def test_forgetting_charges_its_per_batch_time(L, run_path):
+    from lightning_ntk.callbacks import ForgettingMonitor
+
+    from .models import blob_data, loader, make_module, tiny_net, trainer
+
+    from lightning_ntk.callbacks import set_default_budget
+
+    previous = set_default_budget(0.05)  # the shared governor of the Trainer's monitors
+    try:
+        monitor = ForgettingMonitor(run_path, on_error="raise")
+        t = trainer(L, [monitor], max_epochs=2)
+        t.fit(make_module(L, tiny_net()), loader(blob_data(n=48)))
+    finally:
+        set_default_budget(previous)
+    governor = monitor._charged_governor
+    assert governor is not None and governor.budget == 0.05
+    assert governor.spent > 0 and governor.skipped() == 0  # charged, nothing to skip

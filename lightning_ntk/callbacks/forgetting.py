@@ -60,7 +60,7 @@ from ..forgetting import ForgettingTracker, presentation_outcomes
 from ..probe import BatchFormat, ProbeSet, batch_to_xy
 from ..schedule import EveryNEpochs, Schedule
 from ..store import Field, Table
-from ._base import Monitor, TableSpec
+from ._base import Monitor, TableSpec, shared_governor
 
 TRAIN_DEFINITION = ("Toneva et al. 2019: correctness of each example at each presentation, from the training "
                     "forward pass of its batch (train mode), before the optimiser step")
@@ -83,6 +83,24 @@ _HOW_TO_FIX_INDEX = (
 #: Buffered event rows that force a write whatever ``write_interval`` says (about 8 MiB).
 _MAX_BUFFERED_ROWS = 1 << 18
 
+
+
+def _charged(hook: Any) -> Any:
+    """Time a per-batch hook of the monitor and charge it to the budget governor (the
+    presentations must all be recorded, so this time cannot be skipped; it makes the other
+    monitors' snapshots give way instead)."""
+
+    def timed(self: "ForgettingMonitor", *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return hook(self, *args, **kwargs)
+        finally:
+            governor = self._charged_governor
+            if governor is not None:
+                governor.charge(time.perf_counter() - started)
+
+    timed.__name__, timed.__qualname__, timed.__doc__ = hook.__name__, hook.__qualname__, hook.__doc__
+    return timed
 
 class ForgettingCaptureError(RuntimeError):
     """The logits or the dataset indices of a training batch could not be captured."""
@@ -358,6 +376,8 @@ class ForgettingMonitor(Monitor):
         self._recorder = _SamplerRecorder()
         self._interception: Optional[Tuple[Any, Any, Any]] = None
         self._hook_handle: Optional[Any] = None
+        self._capturing = False  # between on_train_batch_start and on_train_batch_end
+        self._charged_governor: Optional[Any] = None  # the shared governor its per-batch time is charged to
         self._captured: Optional[torch.Tensor] = None
         self._captured_kind: Optional[str] = None
         self._expected_rows: Optional[int] = None
@@ -566,6 +586,11 @@ class ForgettingMonitor(Monitor):
         self._interception = (strategy, previous, process_dataloader)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        # Training mode takes no snapshots (budget=False) but its per-batch time is charged to
+        # the Trainer's shared governor, so the other monitors' snapshots give way to it.
+        self._charged_governor = shared_governor(trainer) if self.mode == "train" else None
+        if self._charged_governor is not None:
+            self._charged_governor.start()
         resuming = self._loaded_state is not None
         if not resuming:
             self._loaded_tracker = None
@@ -634,6 +659,7 @@ class ForgettingMonitor(Monitor):
                 "epoch (something else iterates the training loader while training runs), so the recorded dataset "
                 "indices no longer follow the batches. " + _HOW_TO_FIX_INDEX)
 
+    @_charged
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         if self.mode != "train" or self._disabled:
@@ -645,14 +671,15 @@ class ForgettingMonitor(Monitor):
             self._expected_rows: Optional[int] = len(batch_to_xy(batch, self.batch_format)[1])
         except Exception:  # noqa: BLE001
             self._expected_rows = None
-        if self._hook_handle is None:
+        if self._hook_handle is None:  # registered once; _capture works between batch start and end only
             self._hook_handle = pl_module.register_forward_hook(self._capture)
+        self._capturing = True
 
     def _capture(self, module: nn.Module, args: Any, output: Any) -> None:
         # The first output of pl_module(...) in train mode with one row per example. Others are
         # skipped: e.g. under DDP, Lightning routes training_step itself through pl_module(...),
         # whose output (the loss) arrives after those of the calls made inside training_step.
-        if self._captured is not None or not module.training:
+        if not self._capturing or self._captured is not None or not module.training:
             return
         logits = _logits_in(output, self.outputs_key)
         if logits is not None and logits.ndim >= 1 and (self._expected_rows is None
@@ -662,13 +689,12 @@ class ForgettingMonitor(Monitor):
             self._captured_kind = (type(output).__name__ if logits is None
                                    else f"tensor of shape {tuple(logits.shape)}")
 
+    @_charged
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.mode != "train":
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
             return
-        if self._hook_handle is not None:
-            self._hook_handle.remove()
-            self._hook_handle = None
+        self._capturing = False
         popped = self._recorder.queue.popleft() if self._recorder.queue else False
         if self._disabled:
             return
@@ -883,6 +909,7 @@ class ForgettingMonitor(Monitor):
                 "never_learned_fraction": float(np.mean(tracker.never_learned)),
                 "mean_forgetting_count": float(np.mean(counts))}
 
+    @_charged
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if self.mode == "train" and not self._disabled:
             step = int(trainer.global_step)
