@@ -162,8 +162,14 @@ class LanczosProcess:
         return 0.5 * (H + H.T)
 
     def ritz(self) -> Tuple[np.ndarray, np.ndarray]:
-        """Ritz values (ascending) and coefficient vectors (columns) of the current basis."""
-        return np.linalg.eigh(self.projected())
+        """Ritz values (ascending) and coefficient vectors (columns) of the current basis.
+
+        Solved with torch's LAPACK rather than NumPy's: right after a backward pass, NumPy's
+        own BLAS threads contend with torch's still-spinning ones, and a 20 x 20 ``eigh``
+        took ~1.6 ms instead of ~30 us (a quarter of a Lanczos run on a small model).
+        """
+        theta, S = torch.linalg.eigh(torch.from_numpy(self.projected()))
+        return theta.numpy(), S.numpy()
 
     def wanted_ritz(self, k: int, which: str) -> Tuple[np.ndarray, np.ndarray]:
         """The k wanted Ritz pairs (values in wanted order, vectors as columns).
