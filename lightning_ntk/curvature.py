@@ -265,6 +265,7 @@ class CurvatureMemoryError(MemoryError):
 
 #: The share of the memory free on the device one Lanczos basis or Hutch++ sketch may take.
 MEMORY_FRACTION = 0.8
+_MEMORY_CHECK_FROM = 64 * 2**20  # bytes: smaller allocations are not checked
 
 
 def _memory_guard(what: str, P: int, device: torch.device, knob: str) -> Callable[[int, int], None]:
@@ -273,6 +274,8 @@ def _memory_guard(what: str, P: int, device: torch.device, knob: str) -> Callabl
     from .ntk._memory import available_memory, format_bytes
 
     def reserve(vectors: int, nbytes: int) -> None:
+        if nbytes <= _MEMORY_CHECK_FROM:
+            return  # reading the free memory costs ~0.5 ms: not worth it for small buffers
         free = available_memory(device)
         if nbytes > MEMORY_FRACTION * free:
             raise CurvatureMemoryError(

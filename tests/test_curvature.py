@@ -695,6 +695,7 @@ def test_data_parallel_shards_equal_the_whole_set():
 def test_memory_guard_refuses_before_allocating(monkeypatch):
     """With little memory free, Lanczos bases and the Hutch++ sketch are refused with the estimate and the knob."""
     from lightning_ntk import CurvatureMemoryError
+    from lightning_ntk import curvature
     from lightning_ntk.curvature import hessian_density
     from lightning_ntk.ntk import _memory
 
@@ -704,6 +705,7 @@ def test_memory_guard_refuses_before_allocating(monkeypatch):
     P = 1203
     # The first chunk of the basis (16 float32 vectors) takes 77 kB: allow room for 20 vectors only.
     monkeypatch.setattr(_memory, "available_memory", lambda device: int(20 * P * 4 / 0.8))
+    monkeypatch.setattr(curvature, "_MEMORY_CHECK_FROM", 0)  # check even these small buffers
     hessian_eigs(model, None, (x, y), k=1, tol=1e-2)  # converges within the first chunk
     with pytest.raises(CurvatureMemoryError, match=r"hessian_eigs \(Lanczos basis\): 32 vectors of P=1,203 parameters "
                                                    r"need .* more than 80% of the .* free\. Lower max_hvp \(now 200\)"):
