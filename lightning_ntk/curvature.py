@@ -627,17 +627,46 @@ def _auto_key(ls: _LossSet) -> Any:
     )
 
 
+#: ``hvp="auto"`` keeps the gradient graphs of several batches when they take at most this
+#: share of the free memory, and at most RETAIN_MAX_BYTES.
+RETAIN_FRACTION = 0.25
+RETAIN_MAX_BYTES = 4 * 2**30
+
+
+def _retained_graphs_fit(ls: _LossSet) -> bool:
+    """Whether the gradient graphs of every batch fit: the bytes autograd saves while
+    building the first batch's graph (forward and ``create_graph`` backward), scaled by
+    the examples of all batches, against the free memory."""
+    from .ntk._memory import available_memory
+
+    saved = [0]
+
+    def pack(t: Tensor) -> Tensor:
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    probe = _HVP(ls, "double_backward_retain", only=[0])
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        graph = probe._grad_graph(0)
+    del graph
+    n_first = ls.batches[0][2]
+    n_all = sum(b[2] for b in ls.batches)
+    need = saved[0] / max(n_first, 1) * n_all
+    return need <= min(RETAIN_FRACTION * available_memory(ls.device), RETAIN_MAX_BYTES)
+
+
 def _choose_auto(ls: _LossSet) -> str:
     """Pick the HVP method for ``hvp="auto"``.
 
     Rule: keep the gradient graphs (``double_backward_retain``, the fastest: one backward
     pass per product) when the set is a single batch, i.e. the caller has shown that one
-    forward/backward over the whole set fits in memory. Otherwise time one product on the
-    first batch (minimum of three runs each) with double backward and with
-    forward-over-reverse and keep the faster;
-    the choice is cached per (model class, parameter shapes, dtype, device, input shape,
-    number of batches, loss), so repeated calls (a monitor) time it once. The timing
-    products (four per method, on one batch) are not counted in ``n_hvp``.
+    forward/backward over the whole set fits in memory, or when the graphs of all batches,
+    measured on the first one, take at most :data:`RETAIN_FRACTION` of the free memory
+    (and :data:`RETAIN_MAX_BYTES`). Otherwise time one product on the first batch (minimum
+    of three runs each) with double backward and with forward-over-reverse and keep the
+    faster. The choice is cached per (model class, parameter shapes, dtype, device, input
+    shape, number of batches, loss), so repeated calls (a monitor) decide once. The
+    measuring and timing products are not counted in ``n_hvp``.
     """
     if ls.all_reduce is not None:
         # Every process must take the same path: the choice may not depend on local timing.
@@ -647,6 +676,9 @@ def _choose_auto(ls: _LossSet) -> str:
     key = _auto_key(ls)
     if key in _AUTO_CACHE:
         return _AUTO_CACHE[key]
+    if _retained_graphs_fit(ls):
+        _AUTO_CACHE[key] = "double_backward_retain"
+        return "double_backward_retain"
     v = torch.ones(ls.n_params, dtype=ls.dtype, device=ls.device) / math.sqrt(ls.n_params)
     timings = {}
     for m in ("double_backward", "forward_over_reverse"):
