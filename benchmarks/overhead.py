@@ -100,7 +100,7 @@ def train(path: Optional[str], names: List[str], budget: Any, epochs: int, seed:
         out["store_s"] += monitor.timings["store_s"]
         governor = monitor._governor
         if governor is not None:
-            out["skipped"] += governor.skipped(monitor.group) if hasattr(governor, "skipped") else 0
+            out["skipped"] += governor.skipped(monitor.group)
     stats = RunStore.closed_stats.get(os.path.realpath(path)) if path else None
     out["writer_s"] = stats["background_s"] if stats else 0.0
     out["blocking_s"] = stats["blocking_s"] if stats else 0.0

@@ -59,7 +59,7 @@ from typing import (
 import torch
 from torch import nn
 
-from ._hygiene import measurement_mode
+from ._hygiene import _cuda_devices, measurement_mode
 from ._lanczos import lanczos_eigs, lanczos_quadrature
 from ._losses import per_example_loss
 from .probe import BatchFormat, ProbeSet, batch_to_xy
@@ -298,11 +298,6 @@ def _make_generator(generator: GeneratorLike) -> torch.Generator:
     g = torch.Generator(device="cpu")
     g.manual_seed(int(generator))
     return g
-
-
-def _cuda_devices(model: nn.Module) -> List[int]:
-    devs = {p.device.index for p in model.parameters() if p.device.type == "cuda"}
-    return sorted(d if d is not None else torch.cuda.current_device() for d in devs)
 
 
 @contextlib.contextmanager

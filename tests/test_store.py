@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import h5py
 import numpy as np
@@ -313,7 +314,7 @@ def test_writer_thread_writes_every_row_appended_meanwhile(run_path):
         if i % 3 == 0:
             store.flush_async()
     writer = store._background
-    assert writer is not None and writer.thread.is_alive() and writer.thread is not __import__("threading").current_thread()
+    assert writer is not None and writer.thread.is_alive() and writer.thread is not threading.current_thread()
     store.flush()  # waits for the writer, then writes the rest
     assert table.n_committed == 400
     store.release("m")
@@ -334,7 +335,6 @@ def test_writer_thread_error_surfaces_in_the_calling_thread(run_path, monkeypatc
 
     def disk_full(*args, **kwargs):
         import errno
-        import threading
 
         failing["thread"] = threading.current_thread()
         raise OSError(errno.ENOSPC, "No space left on device")

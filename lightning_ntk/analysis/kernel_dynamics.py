@@ -14,16 +14,13 @@ Rows whose kernel was not finite (``finite`` False: a diverged snapshot) are ski
 """
 from __future__ import annotations
 
-import os
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
 from .. import spectral
 from ..store import Run, TableView
-from ._runs import table
-
-RunLike = Union[Run, "os.PathLike[str]", str]
+from ._runs import RunLike, opened, table
 
 
 class EigenspaceTracking(NamedTuple):
@@ -87,20 +84,13 @@ def _epochs(view: TableView, rows: np.ndarray) -> np.ndarray:
     return np.full(rows.size, np.nan)
 
 
-def _with_run(run: RunLike):
-    if isinstance(run, Run):
-        return run, False
-    return Run(run), True
-
-
 def eigenspace_tracking(run: RunLike, group: str = "ntk", k: Optional[int] = None) -> EigenspaceTracking:
     """Top-k eigenspace overlap between consecutive snapshots and to the first snapshot.
 
     ``k``: eigenvectors compared (default: all stored). The overlap ‖U_aᵀ U_b‖_F² / k is 1
     when the spans agree whatever the rotation inside them, 0 when orthogonal.
     """
-    run, close = _with_run(run)
-    try:
+    with opened(run) as (run,):
         view = _ntk_view(run, group)
         rows = _finite_rows(view)
         if rows.size == 0:
@@ -115,9 +105,6 @@ def eigenspace_tracking(run: RunLike, group: str = "ntk", k: Optional[int] = Non
                 to_prev[t] = spectral.subspace_overlap(U[t - 1], U[t], k)
         step = np.asarray(view["step"], dtype=np.int64)[rows]
         return EigenspaceTracking(step, _epochs(view, rows), to_prev, to_init, k)
-    finally:
-        if close:
-            run.close()
 
 
 def _split_probe(labels: np.ndarray, test_fraction: float, seed: int) -> tuple:
@@ -154,8 +141,7 @@ def kernel_dynamics(run: RunLike, group: str = "ntk", *, k: int = 10, eps: float
     numbers compare the kernels only). ``ks`` (1-based): return the energy curves at these k
     only (default: 1..k).
     """
-    run, close = _with_run(run)
-    try:
+    with opened(run) as (run,):
         view = _ntk_view(run, group)
         if "kernel" not in view:
             raise ValueError(
@@ -210,6 +196,3 @@ def kernel_dynamics(run: RunLike, group: str = "ntk", *, k: int = 10, eps: float
         return KernelDynamics(step=step, epoch=epochs, target_energy=np.stack(curves),
                               train_index=train_index, test_index=test_index, k=k_used,
                               **out)
-    finally:
-        if close:
-            run.close()

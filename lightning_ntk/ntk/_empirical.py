@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from .._hygiene import _cuda_devices
 from ._features import kind_width
 from ._jacobian import JacobianSource, chunk_parameters
 from ._memory import NTKMemoryError, format_bytes, resolve_max_memory
@@ -268,12 +269,6 @@ def _numel(shape: Sequence[int]) -> int:
     return n
 
 
-def _model_cuda_devices(model: nn.Module) -> List[int]:
-    """CUDA devices whose RNG state is saved and restored around the computation."""
-    devices = {p.device.index for p in model.parameters() if p.device.type == "cuda"}
-    return sorted(d if d is not None else torch.cuda.current_device() for d in devices)
-
-
 def empirical_ntk(
     model: nn.Module,
     x1: Tensor,
@@ -314,7 +309,7 @@ def empirical_ntk(
         NTKMemoryError: before computing, when even the output (or the smallest tiling)
             does not fit in ``max_memory``.
     """
-    with torch.random.fork_rng(devices=_model_cuda_devices(model)), torch.enable_grad():
+    with torch.random.fork_rng(devices=_cuda_devices(model)), torch.enable_grad():
         setup = _Setup(model, x1, x2, kind, params, method, per_layer, dtype, max_memory)
         return setup.run()
 
@@ -336,7 +331,7 @@ def estimate_ntk_memory(
     Runs the planning passes (two forward passes on 2 and 3 copies of the first example).
     Never raises :class:`NTKMemoryError`: check ``fits`` instead.
     """
-    with torch.random.fork_rng(devices=_model_cuda_devices(model)), torch.enable_grad():
+    with torch.random.fork_rng(devices=_cuda_devices(model)), torch.enable_grad():
         try:
             setup = _Setup(model, x1, x2, kind, params, method, per_layer, dtype, max_memory)
         except NTKMemoryError:
