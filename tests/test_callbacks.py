@@ -266,3 +266,29 @@ def test_writer_thread_error_reaches_the_training_process(L, run_path, monkeypat
             _, t = _fit(L, [monitor], epochs=2)
         assert t.global_step == 12  # training went on
     assert failed_in and failed_in[0].startswith("lightning_ntk writer")
+
+
+def test_unimplemented_batch_hooks_are_skipped_and_overrides_still_run(L, run_path):
+    """Monitors leave Lightning's per-batch no-op hooks out of its dispatch (instance
+    attributes None, which Lightning's ``callable`` test skips); a subclass that implements
+    one (and calls super()) is still called on every batch."""
+    from lightning_ntk.callbacks._lightning import PER_BATCH_HOOKS
+
+    calls = []
+
+    class CountingMonitor(ProbeMetricsMonitor):
+        def on_after_backward(self, trainer, pl_module):
+            super().on_after_backward(trainer, pl_module)
+            calls.append(trainer.global_step)
+
+    plain = ProbeMetricsMonitor(run_path, probe=Probe(size=16), schedule=EveryNEpochs(1), budget=False)
+    counting = CountingMonitor(str(run_path) + ".2.h5", probe=Probe(size=16), schedule=EveryNEpochs(1),
+                               budget=False)
+    for hook in PER_BATCH_HOOKS:
+        assert getattr(plain, hook) is None, hook
+    assert callable(counting.on_after_backward)
+    _, trainer = _fit(L, [plain, counting], epochs=2)
+    steps = trainer.global_step
+    assert steps > 0 and calls == list(range(steps))
+    with open_run(run_path) as run:
+        assert list(run["probe_metrics"]["step"]) == [0, steps // 2, steps]  # initial + two epoch ends: the monitor itself worked

@@ -35,7 +35,7 @@ from ..schedule import LogSpacedSteps, Schedule, ScheduleLike, as_schedule
 from ..store import Field, RunStore, Table, wall_time
 from ..store._writer import FixedTable
 from ._distributed import Collectives
-from ._lightning import loggers_of
+from ._lightning import loggers_of, skip_unimplemented_batch_hooks
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,7 @@ class Monitor:
         self.snapshot_step: Optional[int] = None
         self.snapshot_epoch: Optional[float] = None
         self._loaded_state: Optional[Dict[str, Any]] = None
+        skip_unimplemented_batch_hooks(self)
 
     # ---------------------------------------------------------------- to override
     def default_schedule(self) -> Schedule:
