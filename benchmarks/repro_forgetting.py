@@ -21,7 +21,7 @@ DigitsCNN and LightningModule (cross-entropy, SGD lr 0.05, momentum 0.9, batch 6
    the same numbers of examples removed at random for comparison. Test accuracy: mean
    and standard deviation over retraining seeds (and, for random removal, over random
    subsets: one per retraining seed).
-3. Overhead on the demo training (12 epochs, with its validation loader): (a) the wall
+3. Overhead on the demo training (``DEMO_EPOCHS`` = 100 epochs, with its validation loader): (a) the wall
    time spent inside the monitor's hooks (its Lightning hooks and the forward hook; the
    sampler's recording, a list copy per batch, is not included) as a share of the
    training's wall time, measured in the same run, which stays meaningful on a busy
@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lightning_ntk import callbacks  # noqa: E402
 from lightning_ntk.callbacks._lightning import adapter, default_namespace  # noqa: E402
 from lightning_ntk.callbacks.forgetting import ForgettingMonitor as _ForgettingLogic  # noqa: E402
-from lightning_ntk.demo import DigitsCNN, digits_split, make_lightning_module  # noqa: E402
+from lightning_ntk.demo import DEMO_EPOCHS, DigitsCNN, digits_split, make_lightning_module  # noqa: E402
 from lightning_ntk.forgetting import rank, read_examples  # noqa: E402
 
 ForgettingMonitor = callbacks.ForgettingMonitor
@@ -162,7 +162,7 @@ def _timed_monitor_class():
     return adapter(Timed, "ForgettingMonitor", base=callbacks.Monitor), Timed
 
 
-def overhead(repeats: int, epochs: int = 12, seed: int = 0):
+def overhead(repeats: int, epochs: int = DEMO_EPOCHS, seed: int = 0):
     train, val = digits_split(seed=seed)
     wall = {"without": [], "with": []}
     cpu = {"without": [], "with": []}

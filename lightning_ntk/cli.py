@@ -16,11 +16,11 @@ from typing import List, Optional
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import DEMO_EPOCHS, run_demo
 
     report = None if args.no_report else (args.report or os.path.join(os.path.dirname(args.out) or ".",
                                                                        "demo_report"))
-    run_demo(args.out, epochs=args.epochs, seed=args.seed, quiet=args.quiet, report=report)
+    run_demo(args.out, epochs=DEMO_EPOCHS if args.epochs is None else args.epochs, seed=args.seed, quiet=args.quiet, report=report)
     return 0
 
 
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train a small CNN on scikit-learn digits with every monitor")
     demo.add_argument("--out", default="runs/demo.h5", help="run file to write (replaced if present)")
-    demo.add_argument("--epochs", type=int, default=12)
+    demo.add_argument("--epochs", type=int, default=None, help="epochs (default: lightning_ntk.demo.DEMO_EPOCHS)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     demo.add_argument("--report", default=None, help="directory of the HTML report (default: <out dir>/demo_report)")

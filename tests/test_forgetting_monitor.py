@@ -257,6 +257,8 @@ def test_write_interval_decides_when_the_file_is_written(L, run_path, write_inte
     else:  # nothing until the end of training
         assert written == [(10, -1, 0), (20, -1, 0), (30, -1, 0)]
     assert_file_matches(run_path, module.seen, 96)
+    # flush_every=None: 256 batches, as 256 batches of these logits (10 x 3 float32) fit 16 MiB
+    assert monitor.flush_every is None and monitor._flush_every == 256
 
 
 # --------------------------------------------------------------------------------------

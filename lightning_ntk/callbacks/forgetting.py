@@ -32,15 +32,16 @@ Tables (group ``forgetting``, or ``forgetting_<name>``):
 
 * ``events`` (append, row axis ``event``): ``step``, ``epoch``, ``index``, ``correct``,
   ``loss``, ``margin``, ``p_true``: one row per presentation. Batches are buffered and
-  processed every ``flush_every`` batches and at each epoch end (bounded memory).
+  processed every ``flush_every`` batches (bounded memory), at the first epoch end after
+  each ``write_interval`` seconds, at checkpoints and at the end of training.
 * ``examples`` (fixed, row axis ``example`` = dataset indices): the
-  :meth:`~lightning_ntk.forgetting.ForgettingTracker.summary` columns, rewritten at epoch
-  ends (probe mode: at snapshots).
+  :meth:`~lightning_ntk.forgetting.ForgettingTracker.summary` columns, rewritten at those
+  epoch ends (probe mode: at snapshots).
 
-File writes (event rows, the summary rewrite, flush and fsync) happen at those points at
-most every ``write_interval`` seconds, and always at the end of training, before a
-checkpoint and on an exception: with short epochs, a rewrite, a flush and an fsync per
-epoch would cost more than the training step they follow.
+File writes (event rows, the summary rewrite, flush and fsync) happen at most every
+``write_interval`` seconds, and always at the end of training, before a checkpoint and on
+an exception: with short epochs, processing, a rewrite, a flush and an fsync per epoch
+would cost more than the training step they follow.
 """
 from __future__ import annotations
 
@@ -82,6 +83,11 @@ _HOW_TO_FIX_INDEX = (
 
 #: Buffered event rows that force a write whatever ``write_interval`` says (about 8 MiB).
 _MAX_BUFFERED_ROWS = 1 << 18
+
+#: ``flush_every=None``: process the buffered batches every this many batches at most ...
+_AUTO_FLUSH_BATCHES = 256
+#: ... and before their logits exceed this many bytes (decided from the first batch).
+_AUTO_FLUSH_BYTES = 16 << 20
 
 
 
@@ -309,11 +315,13 @@ class ForgettingMonitor(Monitor):
         num_examples: track dataset indices ``0 .. num_examples - 1`` (default: the
             length of the training dataset).
         flush_every: process the buffered batches (outcomes, tracker, event rows) every
-            this many batches and at each epoch end; bounds the logits kept in memory.
-        write_interval: write to the file (event rows, the rewritten summary, flush and
-            fsync) at those points only when at least this many seconds passed since the
-            last write (default 5; 0: at every epoch end and every ``flush_every``
-            batches). Always at the end of training, before a checkpoint and on an
+            this many batches; bounds the logits kept in memory. Default (None): every
+            256 batches, fewer when that many batches of logits would exceed 16 MiB.
+        write_interval: at the first epoch end after this many seconds since the last
+            write (default 5; 0: at every epoch end), process the buffered batches, log
+            the scalars, rewrite the summary and write to the file (event rows, flush,
+            fsync); every ``flush_every`` batches, write the event rows if this much time
+            passed. Always at the end of training, before a checkpoint and on an
             exception; event rows are also written once 2^18 are buffered.
         schedule, probe, forward_fn, batch_size: ``mode="probe"`` only (default schedule:
             every epoch).
@@ -325,7 +333,7 @@ class ForgettingMonitor(Monitor):
 
     def __init__(self, path: str, *, mode: str = "train", index_key: Union[None, str, int] = None,
                  outputs_key: str = "logits", batch_format: BatchFormat = None, num_examples: Optional[int] = None,
-                 flush_every: int = 50, write_interval: float = 5.0, **kwargs: Any):
+                 flush_every: Optional[int] = None, write_interval: float = 5.0, **kwargs: Any):
         name = type(self).__name__
         if mode not in ("train", "probe"):
             raise ValueError(f"{name}: mode must be 'train' (the training forward pass, Toneva et al.) or 'probe' "
@@ -353,8 +361,10 @@ class ForgettingMonitor(Monitor):
         if num_examples is not None and (isinstance(num_examples, bool) or not isinstance(num_examples, int)
                                          or num_examples < 1):
             raise ValueError(f"{name}: num_examples must be None or a positive integer, got {num_examples!r}")
-        if isinstance(flush_every, bool) or not isinstance(flush_every, int) or flush_every < 1:
-            raise ValueError(f"{name}: flush_every must be a positive integer, got {flush_every!r}")
+        if flush_every is not None and (isinstance(flush_every, bool) or not isinstance(flush_every, int)
+                                        or flush_every < 1):
+            raise ValueError(f"{name}: flush_every must be None (automatic) or a positive integer, "
+                             f"got {flush_every!r}")
         if (isinstance(write_interval, bool) or not isinstance(write_interval, (int, float))
                 or not math.isfinite(write_interval) or write_interval < 0):
             raise ValueError(f"{name}: write_interval must be a number of seconds >= 0, got {write_interval!r}")
@@ -381,6 +391,9 @@ class ForgettingMonitor(Monitor):
         self._captured: Optional[torch.Tensor] = None
         self._captured_kind: Optional[str] = None
         self._expected_rows: Optional[int] = None
+        self._batch_targets: Any = None
+        self._flush_every: Optional[int] = self.flush_every  # None: decided at the first batch
+        self._ended_epoch: Optional[int] = None  # the last epoch whose end hook ran
         self._batch_step = 0
         self._batch_epoch = 0
         self._pending: List[Tuple[np.ndarray, int, int, torch.Tensor, torch.Tensor, bool]] = []
@@ -394,7 +407,7 @@ class ForgettingMonitor(Monitor):
 
     def __getstate__(self) -> Dict[str, Any]:
         state = super().__getstate__()
-        for key in ("_recorder", "_interception", "_hook_handle", "_captured", "_pending"):
+        for key in ("_recorder", "_interception", "_hook_handle", "_captured", "_pending", "_batch_targets"):
             state.pop(key, None)
         state["_needs_runtime_reset"] = True
         return state
@@ -598,6 +611,7 @@ class ForgettingMonitor(Monitor):
         self._tracker = None
         self._pending = []
         self._batches_since_flush = 0
+        self._ended_epoch = None
         if self.mode == "train" and not self._disabled:
             self._guarded(self._prepare_training, trainer)
             if self._dist.active:
@@ -668,9 +682,10 @@ class ForgettingMonitor(Monitor):
         self._batch_epoch = int(trainer.current_epoch)
         self._captured, self._captured_kind = None, None
         try:  # per-example logits have one row per target (a layout error is reported at batch end)
-            self._expected_rows: Optional[int] = len(batch_to_xy(batch, self.batch_format)[1])
+            self._batch_targets = batch_to_xy(batch, self.batch_format)[1]
+            self._expected_rows: Optional[int] = len(self._batch_targets)
         except Exception:  # noqa: BLE001
-            self._expected_rows = None
+            self._batch_targets, self._expected_rows = None, None
         if self._hook_handle is None:  # registered once; _capture works between batch start and end only
             self._hook_handle = pl_module.register_forward_hook(self._capture)
         self._capturing = True
@@ -701,7 +716,7 @@ class ForgettingMonitor(Monitor):
         self._guarded(self._record_batch, outputs, batch, popped)
         self._captured = None
         self._batches_since_flush += 1
-        if self._batches_since_flush >= self.flush_every and not self._disabled:
+        if self._flush_every is not None and self._batches_since_flush >= self._flush_every and not self._disabled:
             self._batches_since_flush = 0
             self._guarded(self._drain)
             events = self._tables.get(f"{self.group}/events")
@@ -721,8 +736,12 @@ class ForgettingMonitor(Monitor):
                     "the LightningModule was not called (pl_module(...)) during training_step")
             raise ForgettingCaptureError(f"{type(self).__name__} found no logits for this training batch: {seen}. "
                                          + _HOW_TO_FIX_LOGITS.format(key=self.outputs_key))
-        _, targets = batch_to_xy(batch, self.batch_format)
-        targets = torch.as_tensor(targets)
+        targets = self._batch_targets  # split from the batch at batch start
+        self._batch_targets = None
+        if targets is None:
+            _, targets = batch_to_xy(batch, self.batch_format)
+        if not isinstance(targets, torch.Tensor):
+            targets = torch.as_tensor(targets)
         if self.index_key is not None:
             try:
                 raw = batch[self.index_key]
@@ -760,6 +779,9 @@ class ForgettingMonitor(Monitor):
         # tensor operations per flush instead of per batch); the clone keeps these values even
         # if the output buffer is reused (CUDA graphs).
         check = source == "sampler" and self._labels is not None
+        if self._flush_every is None:  # the same on every rank: batches have the same shape
+            per_batch = max(1, logits.numel() * logits.element_size())
+            self._flush_every = max(1, min(_AUTO_FLUSH_BATCHES, _AUTO_FLUSH_BYTES // per_batch))
         self._pending.append((index, self._batch_step, self._batch_epoch, logits.detach().clone(),
                               targets.reshape(-1), check))
 
@@ -788,6 +810,9 @@ class ForgettingMonitor(Monitor):
             raise error
         if records is not None and records.index.shape[0]:
             self._apply(records)
+        ended = self._ended_epoch
+        if ended is not None and self._open_epoch is not None and self._open_epoch <= ended:
+            self._close_epoch()  # its end hook ran before these records were processed
 
     def _local_records(self) -> Optional[_Records]:
         """This process's buffered batches -> records (outcomes computed for all at once)."""
@@ -912,14 +937,19 @@ class ForgettingMonitor(Monitor):
     @_charged
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if self.mode == "train" and not self._disabled:
-            step = int(trainer.global_step)
-            self._guarded(self._end_training_epoch, step)
-            if not self._disabled and self.log_scalars:
-                self._log(trainer, self._scalars(), step)
+            self._epoch_pass = None
+            self._ended_epoch = int(trainer.current_epoch)  # closed when its records are processed
+            # Processing at every epoch end would cost more than the rest of the monitor on
+            # short epochs; it happens when a write is due. Under DDP it stays at every epoch
+            # end: a collective point every rank must reach together (clocks differ).
+            if self._dist.active or self._write_due():
+                step = int(trainer.global_step)
+                self._guarded(self._end_training_epoch, step)
+                if not self._disabled and self.log_scalars:
+                    self._log(trainer, self._scalars(), step)
         super().on_train_epoch_end(trainer, pl_module)
 
     def _end_training_epoch(self, step: int) -> None:
-        self._epoch_pass = None
         self._drain()
         self._close_epoch()
         self._batches_since_flush = 0
@@ -932,6 +962,8 @@ class ForgettingMonitor(Monitor):
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self.mode == "train" and not self._disabled:
             self._guarded(self._drain)
+            if not self._disabled and self.log_scalars:
+                self._log(trainer, self._scalars(), int(trainer.global_step))
         super().on_train_end(trainer, pl_module)  # probe mode: the final snapshot
         if not self._disabled:
             if self._summary_stale:
