@@ -49,7 +49,7 @@ PER_BATCH_HOOKS: Tuple[str, ...] = (
 
 
 @functools.lru_cache(maxsize=None)
-def _dispatch_skips_non_callables() -> bool:
+def dispatch_skips_non_callables() -> bool:
     """Whether every installed Lightning skips a callback hook attribute that is not callable.
 
     Lightning's ``_call_callback_hooks`` does ``fn = getattr(callback, hook); if callable(fn):
@@ -86,7 +86,7 @@ def skip_unimplemented_batch_hooks(callback: Any) -> None:
     dispatch is skipped. Only instance attributes are set: a subclass that implements the
     hook (and calls ``super()``) is untouched.
     """
-    if not _dispatch_skips_non_callables():
+    if not dispatch_skips_non_callables():
         return
     for hook in unimplemented_batch_hooks(type(callback)):
         setattr(callback, hook, None)

@@ -5,11 +5,13 @@ Default (``mode="train"``, Toneva et al.'s definition): the correctness of each 
 each presentation is read from the training forward pass of its batch, before the
 optimiser step; no extra forward pass. Two things are captured per training batch:
 
-* the logits: a forward hook on the LightningModule, armed from ``on_train_batch_start``
-  to ``on_train_batch_end``, keeps the first output of ``pl_module(...)`` made in train
-  mode (a tensor, the first element of a tuple, or the ``outputs_key`` entry of a dict).
-  If ``training_step`` returns a dict with ``outputs_key`` (default ``"logits"``), that
-  takes precedence.
+* the logits: a forward hook on the LightningModule (registered at train start) keeps the
+  outputs of ``pl_module(...)`` made in train mode during ``training_step`` (a tensor, the
+  first element of a tuple, or the ``outputs_key`` entry of a dict); at
+  ``on_train_batch_end`` the first with one row per target is the batch's logits. If
+  ``training_step`` returns a dict with ``outputs_key`` (default ``"logits"``), that takes
+  precedence. A batch's step is the global step at the end of the previous batch (or at
+  train start): the step before this batch's optimiser update.
 * the dataset indices: the training DataLoader's batch sampler (its sampler when
   ``batch_size=None``) is made to record every index batch it yields into a FIFO queue,
   popped at each ``on_train_batch_end``. The sampler runs in the main process even with
@@ -62,6 +64,7 @@ from ..probe import BatchFormat, ProbeSet, batch_to_xy
 from ..schedule import EveryNEpochs, Schedule
 from ..store import Field, Table
 from ._base import Monitor, TableSpec, shared_governor
+from ._lightning import dispatch_skips_non_callables
 
 TRAIN_DEFINITION = ("Toneva et al. 2019: correctness of each example at each presentation, from the training "
                     "forward pass of its batch (train mode), before the optimiser step")
@@ -83,6 +86,9 @@ _HOW_TO_FIX_INDEX = (
 
 #: Buffered event rows that force a write whatever ``write_interval`` says (about 8 MiB).
 _MAX_BUFFERED_ROWS = 1 << 18
+
+#: Outputs of pl_module(...) kept per batch while looking for the logits.
+_MAX_CANDIDATES = 4
 
 #: ``flush_every=None``: process the buffered batches every this many batches at most ...
 _AUTO_FLUSH_BATCHES = 256
@@ -386,16 +392,13 @@ class ForgettingMonitor(Monitor):
         self._recorder = _SamplerRecorder()
         self._interception: Optional[Tuple[Any, Any, Any]] = None
         self._hook_handle: Optional[Any] = None
-        self._capturing = False  # between on_train_batch_start and on_train_batch_end
+        self._capturing = False  # during training (the forward hook is registered at train start)
+        self._candidates: List[torch.Tensor] = []  # outputs captured during this batch's training_step
         self._charged_governor: Optional[Any] = None  # the shared governor its per-batch time is charged to
-        self._captured: Optional[torch.Tensor] = None
         self._captured_kind: Optional[str] = None
-        self._expected_rows: Optional[int] = None
-        self._batch_targets: Any = None
         self._flush_every: Optional[int] = self.flush_every  # None: decided at the first batch
         self._ended_epoch: Optional[int] = None  # the last epoch whose end hook ran
-        self._batch_step = 0
-        self._batch_epoch = 0
+        self._batch_step = 0  # the global step of the next batch (the step at the end of the previous one)
         self._pending: List[Tuple[np.ndarray, int, int, torch.Tensor, torch.Tensor, bool]] = []
         self._batches_since_flush = 0
         self._summary_stale = False
@@ -407,7 +410,7 @@ class ForgettingMonitor(Monitor):
 
     def __getstate__(self) -> Dict[str, Any]:
         state = super().__getstate__()
-        for key in ("_recorder", "_interception", "_hook_handle", "_captured", "_pending", "_batch_targets"):
+        for key in ("_recorder", "_interception", "_hook_handle", "_candidates", "_pending"):
             state.pop(key, None)
         state["_needs_runtime_reset"] = True
         return state
@@ -562,7 +565,9 @@ class ForgettingMonitor(Monitor):
                 else:
                     strategy.process_dataloader = previous
         self._pending = []
-        self._captured = None
+        self._candidates = []
+        self._capturing = False
+        self.__dict__.pop("on_train_batch_start", None)  # the inherited hook again (see on_train_start)
 
     # ---------------------------------------------------------------- Lightning hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -618,6 +623,14 @@ class ForgettingMonitor(Monitor):
                 self._guarded(self._agree)
         self._last_write = time.monotonic()
         super().on_train_start(trainer, pl_module)
+        if self.mode == "train" and not self._disabled:
+            self._batch_step = int(trainer.global_step)
+            self._candidates, self._captured_kind = [], None
+            if self._hook_handle is None:
+                self._hook_handle = pl_module.register_forward_hook(self._capture)
+            self._capturing = True
+            if dispatch_skips_non_callables():
+                self.on_train_batch_start = None  # nothing to do per batch start (SWMR: at batch end)
         if self.mode == "train" and resuming and self._tracker is not None:
             # The file now holds the checkpoint's event rows; make the summary agree with them.
             self._guarded(self._write_summary, int(trainer.global_step))
@@ -673,48 +686,41 @@ class ForgettingMonitor(Monitor):
                 "epoch (something else iterates the training loader while training runs), so the recorded dataset "
                 "indices no longer follow the batches. " + _HOW_TO_FIX_INDEX)
 
-    @_charged
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        if self.mode != "train" or self._disabled:
-            return
-        self._batch_step = int(trainer.global_step)
-        self._batch_epoch = int(trainer.current_epoch)
-        self._captured, self._captured_kind = None, None
-        try:  # per-example logits have one row per target (a layout error is reported at batch end)
-            self._batch_targets = batch_to_xy(batch, self.batch_format)[1]
-            self._expected_rows: Optional[int] = len(self._batch_targets)
-        except Exception:  # noqa: BLE001
-            self._batch_targets, self._expected_rows = None, None
-        if self._hook_handle is None:  # registered once; _capture works between batch start and end only
-            self._hook_handle = pl_module.register_forward_hook(self._capture)
-        self._capturing = True
+    # Training mode needs no on_train_batch_start: the step of a batch is the global step at
+    # the end of the previous one (or at train start), the forward hook captures the logits
+    # during training_step, and the targets are read at batch end. On Lightning releases
+    # that skip non-callable hooks, the inherited one (which only switches the file to SWMR
+    # mode, done at batch end here) is left out of the dispatch: see on_train_start.
 
     def _capture(self, module: nn.Module, args: Any, output: Any) -> None:
-        # The first output of pl_module(...) in train mode with one row per example. Others are
-        # skipped: e.g. under DDP, Lightning routes training_step itself through pl_module(...),
-        # whose output (the loss) arrives after those of the calls made inside training_step.
-        if not self._capturing or self._captured is not None or not module.training:
+        # Outputs of pl_module(...) in train mode during training_step; at batch end the first
+        # with one row per target is the batch's logits. Others are skipped: e.g. under DDP,
+        # Lightning routes training_step itself through pl_module(...), whose output (the loss)
+        # arrives after those of the calls made inside training_step.
+        if (not self._capturing or not module.training
+                or getattr(module, "_current_fx_name", "training_step") != "training_step"
+                or len(self._candidates) >= _MAX_CANDIDATES):
             return
         logits = _logits_in(output, self.outputs_key)
-        if logits is not None and logits.ndim >= 1 and (self._expected_rows is None
-                                                         or logits.shape[0] == self._expected_rows):
-            self._captured = logits.detach()
+        if logits is not None and logits.ndim >= 1:
+            self._candidates.append(logits.detach())
         elif self._captured_kind is None:
-            self._captured_kind = (type(output).__name__ if logits is None
-                                   else f"tensor of shape {tuple(logits.shape)}")
+            self._captured_kind = type(output).__name__ if logits is None else f"tensor of shape {tuple(logits.shape)}"
 
     @_charged
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.mode != "train":
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
             return
-        self._capturing = False
         popped = self._recorder.queue.popleft() if self._recorder.queue else False
+        step, self._batch_step = self._batch_step, int(trainer.global_step)
         if self._disabled:
             return
-        self._guarded(self._record_batch, outputs, batch, popped)
-        self._captured = None
+        if self._store is not None and not self._store.swmr:
+            self._store.start_swmr()  # every monitor has declared its tables by now
+        self._guarded(self._record_batch, outputs, batch, popped, step, int(trainer.current_epoch))
+        self._candidates = []
+        self._captured_kind = None
         self._batches_since_flush += 1
         if self._flush_every is not None and self._batches_since_flush >= self._flush_every and not self._disabled:
             self._batches_since_flush = 0
@@ -724,24 +730,23 @@ class ForgettingMonitor(Monitor):
             if self._write_due() or buffered >= _MAX_BUFFERED_ROWS:
                 self._guarded(self._write)
 
-    def _record_batch(self, outputs: Any, batch: Any, popped: Any) -> None:
+    def _record_batch(self, outputs: Any, batch: Any, popped: Any, step: int, epoch: int) -> None:
         if popped is not False:
             self._check_pass(popped[0])
+        _, targets = batch_to_xy(batch, self.batch_format)
+        if not isinstance(targets, torch.Tensor):
+            targets = torch.as_tensor(targets)
+        rows = int(targets.shape[0]) if targets.ndim else 1
         logits = outputs.get(self.outputs_key) if isinstance(outputs, Mapping) else None
         if not isinstance(logits, torch.Tensor):
-            logits = self._captured
+            logits = next((c for c in self._candidates if c.shape[0] == rows), None)
         if logits is None:
-            seen = (f"no output of pl_module(...) held per-example logits (the first was a {self._captured_kind})"
-                    if self._captured_kind else
+            kind = self._captured_kind or (f"tensor of shape {tuple(self._candidates[0].shape)}"
+                                           if self._candidates else None)
+            seen = (f"no output of pl_module(...) held per-example logits (the first was a {kind})" if kind else
                     "the LightningModule was not called (pl_module(...)) during training_step")
             raise ForgettingCaptureError(f"{type(self).__name__} found no logits for this training batch: {seen}. "
                                          + _HOW_TO_FIX_LOGITS.format(key=self.outputs_key))
-        targets = self._batch_targets  # split from the batch at batch start
-        self._batch_targets = None
-        if targets is None:
-            _, targets = batch_to_xy(batch, self.batch_format)
-        if not isinstance(targets, torch.Tensor):
-            targets = torch.as_tensor(targets)
         if self.index_key is not None:
             try:
                 raw = batch[self.index_key]
@@ -782,7 +787,7 @@ class ForgettingMonitor(Monitor):
         if self._flush_every is None:  # the same on every rank: batches have the same shape
             per_batch = max(1, logits.numel() * logits.element_size())
             self._flush_every = max(1, min(_AUTO_FLUSH_BATCHES, _AUTO_FLUSH_BYTES // per_batch))
-        self._pending.append((index, self._batch_step, self._batch_epoch, logits.detach().clone(),
+        self._pending.append((index, step, epoch, logits.detach().clone(),
                               targets.reshape(-1), check))
 
     # ---------------------------------------------------------------- recording
