@@ -292,3 +292,28 @@ def test_unimplemented_batch_hooks_are_skipped_and_overrides_still_run(L, run_pa
     assert steps > 0 and calls == list(range(steps))
     with open_run(run_path) as run:
         assert list(run["probe_metrics"]["step"]) == [0, steps // 2, steps]  # initial + two epoch ends: the monitor itself worked
+
+
+def test_monitors_share_one_batch_end_dispatch(L, run_path):
+    """The monitors that keep Monitor's on_train_batch_end are checked by the first of them
+    (one Lightning dispatch per batch); each still snapshots on its own schedule, and the
+    hooks are back to normal after the fit."""
+    seen = {}
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3:
+                seen.update({m.name: (m.on_train_batch_start, m.on_train_batch_end) for m in monitors})
+
+    monitors = [ProbeMetricsMonitor(run_path, name=name, probe=Probe(size=16), schedule=EveryNSteps(n), budget=False)
+                for name, n in (("a", 2), ("b", 3), ("c", 5))]
+    _, trainer = _fit(L, monitors + [Spy()], epochs=2)
+    steps = trainer.global_step
+    assert seen["a"][0] is None and callable(seen["a"][1])  # the leader
+    assert seen["b"] == (None, None) and seen["c"] == (None, None)
+    with open_run(run_path) as run:
+        for name, n in (("a", 2), ("b", 3), ("c", 5)):
+            expected = sorted(set(range(0, steps + 1, n)) | {steps})
+            assert list(run[f"probe_metrics_{name}"]["step"]) == expected, name
+    for m in monitors:
+        assert "on_train_batch_start" not in vars(m) and "on_train_batch_end" not in vars(m)

@@ -35,7 +35,7 @@ from ..schedule import LogSpacedSteps, Schedule, ScheduleLike, as_schedule
 from ..store import Field, RunStore, Table, wall_time
 from ..store._writer import FixedTable
 from ._distributed import Collectives
-from ._lightning import loggers_of, skip_unimplemented_batch_hooks
+from ._lightning import dispatch_skips_non_callables, loggers_of, skip_unimplemented_batch_hooks
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,11 @@ def shared_governor(trainer: Any) -> Optional[Governor]:
         governor = _trainer_governors[trainer] = Governor(_default_budget)
     return governor
 
+
+#: The monitors of a Trainer's fit whose on_train_batch_end is Monitor's own, in callback
+#: order: the first (the leader) runs the batch-end check of all of them (one Lightning
+#: dispatch per batch instead of one per monitor). Reset at each fit's setup.
+_batch_end_groups: "weakref.WeakKeyDictionary[Any, List[Monitor]]" = weakref.WeakKeyDictionary()
 
 #: Probe inputs are stored in the file by default when they take at most this many bytes.
 _STORE_INPUTS_MAX_BYTES = 16 * 1024 * 1024
@@ -195,6 +200,7 @@ class Monitor:
         self.snapshot_step: Optional[int] = None
         self.snapshot_epoch: Optional[float] = None
         self._loaded_state: Optional[Dict[str, Any]] = None
+        self._batch_end_group: Optional[List["Monitor"]] = None  # set on the leader (see _join_batch_end_group)
         skip_unimplemented_batch_hooks(self)
 
     # ---------------------------------------------------------------- to override
@@ -292,12 +298,16 @@ class Monitor:
             state[key] = None
         state["_dist"] = Collectives(self.collective_timeout)
         state["_tables"] = {}
+        state["_batch_end_group"] = None
+        for hook in ("on_train_batch_start", "on_train_batch_end"):
+            state.pop(hook, None)
         return state
 
     # ---------------------------------------------------------------- Lightning hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if str(stage) not in ("fit", "TrainerFn.FITTING"):
             return
+        _batch_end_groups[trainer] = []  # every monitor's setup runs before any on_train_start
         self._writer = bool(trainer.is_global_zero)
         self._dist.setup()  # every rank, same order: creates this monitor's process group
         if self._writer:  # fail fast on an unusable location; existence is checked once resume is known
@@ -308,6 +318,8 @@ class Monitor:
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         # Every strategy has restored checkpoints (and called load_state_dict) by now.
+        self._restore_batch_hooks()
+        self._join_batch_end_group(trainer)
         self._resuming = self._loaded_state is not None
         self._governor = shared_governor(trainer) if self.budget is None else as_governor(self.budget)
         if self._governor is not None:
@@ -388,9 +400,44 @@ class Monitor:
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self._store is not None and not self._store.swmr:
-            self._store.start_swmr()
+            self._store.start_swmr()  # every monitor has declared its tables by the first batch
+        if (type(self).on_train_batch_start is Monitor.on_train_batch_start
+                and dispatch_skips_non_callables()):
+            self.on_train_batch_start = None  # nothing more to do per batch: out of Lightning's dispatch
+
+    # A Lightning dispatch costs more than a monitor's batch-end check (a few µs each, per
+    # monitor, per step): the monitors that keep Monitor's on_train_batch_end form one group
+    # per fit, whose first member checks all of them, in callback order; the others' hooks
+    # are instance attributes None, which Lightning skips.
+    def _join_batch_end_group(self, trainer: Any) -> None:
+        self._batch_end_group = None
+        if type(self).on_train_batch_end is not Monitor.on_train_batch_end or not dispatch_skips_non_callables():
+            return
+        group = _batch_end_groups.get(trainer)
+        if group is None:
+            return
+        if group:
+            self.on_train_batch_end = None  # the group's leader calls _batch_end
+        else:
+            self._batch_end_group = group
+        group.append(self)
+
+    def _restore_batch_hooks(self) -> None:
+        """Undo the per-fit instance attributes that take hooks out of Lightning's dispatch."""
+        self.__dict__.pop("on_train_batch_start", None)
+        self.__dict__.pop("on_train_batch_end", None)
+        self._batch_end_group = None
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        group = self._batch_end_group
+        if group is None:
+            self._batch_end(trainer, pl_module, batch_idx)
+            return
+        for monitor in group:
+            monitor._batch_end(trainer, pl_module, batch_idx)
+
+    def _batch_end(self, trainer: Any, pl_module: nn.Module, batch_idx: int) -> None:
+        """After each training batch: note an epoch's last batch, take a due snapshot."""
         step = trainer.global_step
         batches = trainer.num_training_batches
         if isinstance(batches, int) and batch_idx + 1 >= batches:
@@ -450,6 +497,7 @@ class Monitor:
         self._release()
 
     def _release(self) -> None:
+        self._restore_batch_hooks()
         if self._store is not None:
             store, self._store = self._store, None
             store.release(self.state_key)
