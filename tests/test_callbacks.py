@@ -317,3 +317,27 @@ def test_monitors_share_one_batch_end_dispatch(L, run_path):
             assert list(run[f"probe_metrics_{name}"]["step"]) == expected, name
     for m in monitors:
         assert "on_train_batch_start" not in vars(m) and "on_train_batch_end" not in vars(m)
+
+
+def test_monitors_work_where_lightning_would_call_every_hook(L, run_path, monkeypatch):
+    """A Lightning release whose dispatch calls non-callable hooks: no hook is replaced by
+    None, and every monitor still snapshots on its own schedule."""
+    from lightning_ntk.callbacks import _base, _lightning
+
+    monkeypatch.setattr(_lightning, "dispatch_skips_non_callables", lambda: False)
+    monkeypatch.setattr(_base, "dispatch_skips_non_callables", lambda: False)
+    monitors = [ProbeMetricsMonitor(run_path, name=name, probe=Probe(size=16), schedule=EveryNSteps(n), budget=False)
+                for name, n in (("a", 2), ("b", 3))]
+    replaced = []
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            replaced.extend(h for m in monitors for h, v in vars(m).items() if h.startswith("on_") and v is None)
+
+    replaced.extend(h for m in monitors for h, v in vars(m).items() if h.startswith("on_") and v is None)
+    _, trainer = _fit(L, monitors + [Spy()], epochs=2)
+    assert replaced == []
+    steps = trainer.global_step
+    with open_run(run_path) as run:
+        for name, n in (("a", 2), ("b", 3)):
+            assert list(run[f"probe_metrics_{name}"]["step"]) == sorted(set(range(0, steps + 1, n)) | {steps})

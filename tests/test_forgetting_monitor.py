@@ -36,7 +36,7 @@ def noisy_blobs(n: int = 96, seed: int = 0) -> TensorDataset:
     return TensorDataset(centers[y] + torch.randn(n, 6, generator=g), y)
 
 
-def recording_module(L, *, lr=0.5, dropout=0.0, call_self=True, return_dict=False, loader_fn=None):
+def recording_module(L, *, lr=0.5, dropout=0.0, call_self=True, return_dict=False, loader_fn=None, extra_calls=0):
     """A LightningModule that records, per training batch, what its own forward pass gave."""
 
     class Recording(L.LightningModule):
@@ -50,6 +50,8 @@ def recording_module(L, *, lr=0.5, dropout=0.0, call_self=True, return_dict=Fals
 
         def training_step(self, batch, batch_idx):
             x, y, index = batch
+            for k in range(1, extra_calls + 1):  # other outputs of self(...) before the logits
+                self(x[:k])
             logits = self(x) if call_self else self.net(x)
             z = logits.detach().double()
             log_p = torch.log_softmax(z, 1)[torch.arange(len(y)), y]
@@ -259,6 +261,52 @@ def test_write_interval_decides_when_the_file_is_written(L, run_path, write_inte
     assert_file_matches(run_path, module.seen, 96)
     # flush_every=None: 256 batches, as 256 batches of these logits (10 x 3 float32) fit 16 MiB
     assert monitor.flush_every is None and monitor._flush_every == 256
+
+
+def test_epoch_ends_process_every_write_interval_whatever_the_flush_points(L, run_path):
+    """Writes at flush points (every batch here) do not postpone the epoch-end processing:
+    it has its own write_interval clock (a fake one: one second per batch)."""
+    monitor = ForgettingMonitor(run_path, on_error="raise", flush_every=1, write_interval=4.5)
+    clock = [0.0]
+    monitor._clock = lambda: clock[0]
+    logged = []
+
+    class Tick(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            clock[0] += 1.0
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            if monitor._store._background is not None:  # what was handed over is in the file
+                monitor._store._background.wait_idle()
+            logged.append((trainer.global_step, "forgetting/unforgettable_fraction" in trainer.callback_metrics,
+                           monitor._tables["forgetting/examples"].written_step))
+
+    module = recording_module(L)
+    fit(L, [monitor, Tick()], module, WithIndex(noisy_blobs()), epochs=3)
+    # epochs of 10 batches (10 s): every epoch end is 10 s after the previous processing
+    assert logged == [(10, True, 10), (20, True, 20), (30, True, 30)]
+    assert_file_matches(run_path, module.seen, 96)
+
+
+def test_logits_found_after_many_other_forward_calls(L, run_path):
+    """Outputs of other row counts made before the logits in training_step are passed over."""
+    module = recording_module(L, extra_calls=6)
+    fit(L, [ForgettingMonitor(run_path, on_error="raise")], module, WithIndex(noisy_blobs()), epochs=2)
+    assert_file_matches(run_path, module.seen, 96)
+
+
+def test_a_subclass_batch_start_hook_is_still_called(L, run_path):
+    calls = []
+
+    class Counting(ForgettingMonitor):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+            calls.append(batch_idx)
+
+    module = recording_module(L)
+    t = fit(L, [Counting(run_path, on_error="raise")], module, WithIndex(noisy_blobs()), epochs=2)
+    assert len(calls) == t.global_step == 20
+    assert_file_matches(run_path, module.seen, 96)
 
 
 # --------------------------------------------------------------------------------------

@@ -416,11 +416,12 @@ class Monitor:
         group = _batch_end_groups.get(trainer)
         if group is None:
             return
-        if group:
-            self.on_train_batch_end = None  # the group's leader calls _batch_end
+        if self not in group:  # (on_train_start again within one setup: already a member)
+            group.append(self)
+        if group[0] is self:
+            self._batch_end_group = group  # the leader: checks every member at batch end
         else:
-            self._batch_end_group = group
-        group.append(self)
+            self.on_train_batch_end = None
 
     def _restore_batch_hooks(self) -> None:
         """Undo the per-fit instance attributes that take hooks out of Lightning's dispatch."""

@@ -53,7 +53,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, fields
-from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -87,13 +87,16 @@ _HOW_TO_FIX_INDEX = (
 #: Buffered event rows that force a write whatever ``write_interval`` says (about 8 MiB).
 _MAX_BUFFERED_ROWS = 1 << 18
 
-#: Outputs of pl_module(...) kept per batch while looking for the logits.
-_MAX_CANDIDATES = 4
+#: Outputs of pl_module(...) kept per batch while looking for the logits (the first of
+#: each row count, at most this many row counts).
+_MAX_CANDIDATES = 8
 
 #: ``flush_every=None``: process the buffered batches every this many batches at most ...
 _AUTO_FLUSH_BATCHES = 256
 #: ... and before their logits exceed this many bytes (decided from the first batch).
 _AUTO_FLUSH_BYTES = 16 << 20
+#: ``flush_every=None`` under several processes.
+_DDP_FLUSH_BATCHES = 64
 
 
 
@@ -322,13 +325,15 @@ class ForgettingMonitor(Monitor):
             length of the training dataset).
         flush_every: process the buffered batches (outcomes, tracker, event rows) every
             this many batches; bounds the logits kept in memory. Default (None): every
-            256 batches, fewer when that many batches of logits would exceed 16 MiB.
+            256 batches, fewer when that many batches of logits would exceed 16 MiB
+            (decided from the first batch); under several processes, every 64 batches.
         write_interval: at the first epoch end after this many seconds since the last
-            write (default 5; 0: at every epoch end), process the buffered batches, log
-            the scalars, rewrite the summary and write to the file (event rows, flush,
-            fsync); every ``flush_every`` batches, write the event rows if this much time
-            passed. Always at the end of training, before a checkpoint and on an
-            exception; event rows are also written once 2^18 are buffered.
+            epoch end that did (default 5; 0: at every epoch end), process the buffered
+            batches, log the scalars, rewrite the summary and write to the file (event
+            rows, flush, fsync); every ``flush_every`` batches, write the event rows if
+            this long passed since the last write. Always at the end of training, before a
+            checkpoint and on an exception; event rows are also written once 2^18 are
+            buffered.
         schedule, probe, forward_fn, batch_size: ``mode="probe"`` only (default schedule:
             every epoch).
         **kwargs: see :class:`~lightning_ntk.callbacks.Monitor`.
@@ -406,6 +411,8 @@ class ForgettingMonitor(Monitor):
         self._no_sampler_reason: Optional[str] = None
         self._epoch_pass: Optional[int] = None
         self._last_write = -math.inf
+        self._last_epoch_processing = -math.inf  # epoch ends process the buffer every write_interval
+        self._scalars_logged_at: Optional[int] = None
         self._deferred_error: Optional[BaseException] = None
 
     def __getstate__(self) -> Dict[str, Any]:
@@ -621,15 +628,20 @@ class ForgettingMonitor(Monitor):
             self._guarded(self._prepare_training, trainer)
             if self._dist.active:
                 self._guarded(self._agree)
-        self._last_write = time.monotonic()
+        self._last_write = self._last_epoch_processing = self._clock()
+        self._scalars_logged_at = None
         super().on_train_start(trainer, pl_module)
         if self.mode == "train" and not self._disabled:
+            # Under DDP the processing points are collectives: a fixed count every rank knows
+            # (an automatic one would be decided from each rank's first batch).
+            self._flush_every = self.flush_every or (_DDP_FLUSH_BATCHES if self._dist.active else None)
             self._batch_step = int(trainer.global_step)
             self._candidates, self._captured_kind = [], None
             if self._hook_handle is None:
                 self._hook_handle = pl_module.register_forward_hook(self._capture)
             self._capturing = True
-            if dispatch_skips_non_callables():
+            if (dispatch_skips_non_callables()
+                    and type(self).on_train_batch_start is Monitor.on_train_batch_start):
                 self.on_train_batch_start = None  # nothing to do per batch start (SWMR: at batch end)
         if self.mode == "train" and resuming and self._tracker is not None:
             # The file now holds the checkpoint's event rows; make the summary agree with them.
@@ -698,12 +710,13 @@ class ForgettingMonitor(Monitor):
         # Lightning routes training_step itself through pl_module(...), whose output (the loss)
         # arrives after those of the calls made inside training_step.
         if (not self._capturing or not module.training
-                or getattr(module, "_current_fx_name", "training_step") != "training_step"
-                or len(self._candidates) >= _MAX_CANDIDATES):
+                or getattr(module, "_current_fx_name", "training_step") != "training_step"):
             return
         logits = _logits_in(output, self.outputs_key)
         if logits is not None and logits.ndim >= 1:
-            self._candidates.append(logits.detach())
+            rows = logits.shape[0]  # the first output of each row count is kept
+            if len(self._candidates) < _MAX_CANDIDATES and all(c.shape[0] != rows for c in self._candidates):
+                self._candidates.append(logits.detach())
         elif self._captured_kind is None:
             self._captured_kind = type(output).__name__ if logits is None else f"tensor of shape {tuple(logits.shape)}"
 
@@ -913,14 +926,17 @@ class ForgettingMonitor(Monitor):
             self._tracker.end_epoch()
         self._open_epoch = None
 
+    #: The clock of write_interval (a fake one in tests).
+    _clock: Callable[[], float] = staticmethod(time.monotonic)
+
     def _write_due(self) -> bool:
-        return time.monotonic() - self._last_write >= self.write_interval
+        return self._clock() - self._last_write >= self.write_interval
 
     def _write(self) -> None:
         """Buffered event rows (and a pending summary rewrite) to the file: flush, fsync."""
         if self._store is not None:
             self._store.flush_async()  # the writer thread writes; an earlier write's error surfaces here
-        self._last_write = time.monotonic()
+        self._last_write = self._clock()
 
     def _write_summary(self, step: int) -> None:
         examples = self._tables.get(f"{self.group}/examples") if self._writer else None
@@ -947,19 +963,24 @@ class ForgettingMonitor(Monitor):
             # Processing at every epoch end would cost more than the rest of the monitor on
             # short epochs; it happens when a write is due. Under DDP it stays at every epoch
             # end: a collective point every rank must reach together (clocks differ).
-            if self._dist.active or self._write_due():
+            if self._dist.active or self._clock() - self._last_epoch_processing >= self.write_interval:
+                self._last_epoch_processing = self._clock()
                 step = int(trainer.global_step)
                 self._guarded(self._end_training_epoch, step)
                 if not self._disabled and self.log_scalars:
-                    self._log(trainer, self._scalars(), step)
+                    self._log_scalars(trainer, step)
         super().on_train_epoch_end(trainer, pl_module)
+
+    def _log_scalars(self, trainer: Any, step: int) -> None:
+        if self._scalars_logged_at != step:  # once per step (an epoch end can be the end of training)
+            self._scalars_logged_at = step
+            self._log(trainer, self._scalars(), step)
 
     def _end_training_epoch(self, step: int) -> None:
         self._drain()
         self._close_epoch()
         self._batches_since_flush = 0
-        if self._write_due():
-            self._write_summary(step)
+        self._write_summary(step)  # at most every write_interval: the summary, the event rows
 
     def _flush_all(self) -> None:
         pass  # on_train_end flushes after the summary, under this monitor's own error handling
@@ -968,7 +989,7 @@ class ForgettingMonitor(Monitor):
         if self.mode == "train" and not self._disabled:
             self._guarded(self._drain)
             if not self._disabled and self.log_scalars:
-                self._log(trainer, self._scalars(), int(trainer.global_step))
+                self._log_scalars(trainer, int(trainer.global_step))
         super().on_train_end(trainer, pl_module)  # probe mode: the final snapshot
         if not self._disabled:
             if self._summary_stale:

@@ -23,7 +23,6 @@ import errno
 import json
 import logging
 import os
-import sys
 import threading
 import time
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -821,7 +820,6 @@ class _BackgroundWriter:
             log.error("run file %s: %s", self.store.path, error)
 
     def _run(self) -> None:
-        _lower_thread_priority()
         while True:
             with self._cond:
                 while not self._pending and not self._stopping:
@@ -840,24 +838,6 @@ class _BackgroundWriter:
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
-
-
-#: Nice increment of the writer thread (Linux): its compression and writes yield the CPU to
-#: the training's threads and run when they leave a core idle (a data-loader wait, a GPU
-#: kernel, Python between steps). Waits for the writer (a checkpoint, the end of training)
-#: leave the training threads idle, so they are not slowed.
-WRITER_NICE = 10
-
-
-def _lower_thread_priority() -> None:
-    """Raise the calling thread's nice value by WRITER_NICE (Linux: per-thread priorities)."""
-    if not sys.platform.startswith("linux") or not hasattr(os, "setpriority"):
-        return
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + WRITER_NICE))
-    except OSError:  # not permitted in this sandbox: the default priority
-        pass
 
 
 def _cause(exc: BaseException) -> str:
