@@ -288,6 +288,30 @@ def test_epoch_ends_process_every_write_interval_whatever_the_flush_points(L, ru
     assert_file_matches(run_path, module.seen, 96)
 
 
+def test_common_batches_take_the_short_path_and_match_the_reference(L, run_path, monkeypatch):
+    """After the first batch of each pass, (x, y, ...) batches with sampler indices take
+    _record_common_batch; the file still equals the reference, and a batch that breaks
+    the layout (here: a second captured output of another row count) takes the full path."""
+    full = []
+    original = ForgettingMonitor._record_batch
+
+    def counting(self, outputs, batch, popped, step, epoch):
+        full.append(step)
+        return original(self, outputs, batch, popped, step, epoch)
+
+    monkeypatch.setattr(ForgettingMonitor, "_record_batch", counting)
+    module = recording_module(L)
+    fit(L, [ForgettingMonitor(run_path, on_error="raise")], module, WithIndex(noisy_blobs()), epochs=3)
+    assert full == [0, 10, 20]  # the first batch of each epoch
+    assert_file_matches(run_path, module.seen, 96)
+    full.clear()
+    module = recording_module(L, extra_calls=1)
+    fit(L, [ForgettingMonitor(str(run_path) + ".2.h5", on_error="raise")], module, WithIndex(noisy_blobs()),
+        epochs=1)
+    assert full == list(range(10))
+    assert_file_matches(str(run_path) + ".2.h5", module.seen, 96)
+
+
 def test_logits_found_after_many_other_forward_calls(L, run_path):
     """Outputs of other row counts made before the logits in training_step are passed over."""
     module = recording_module(L, extra_calls=6)

@@ -399,6 +399,7 @@ class ForgettingMonitor(Monitor):
         self._hook_handle: Optional[Any] = None
         self._capturing = False  # during training (the forward hook is registered at train start)
         self._candidates: List[torch.Tensor] = []  # outputs captured during this batch's training_step
+        self._common_layout = False  # see _record_common_batch
         self._charged_governor: Optional[Any] = None  # the shared governor its per-batch time is charged to
         self._captured_kind: Optional[str] = None
         self._flush_every: Optional[int] = self.flush_every  # None: decided at the first batch
@@ -637,6 +638,7 @@ class ForgettingMonitor(Monitor):
             self._flush_every = self.flush_every or (_DDP_FLUSH_BATCHES if self._dist.active else None)
             self._batch_step = int(trainer.global_step)
             self._candidates, self._captured_kind = [], None
+            self._common_layout = False
             if self._hook_handle is None:
                 self._hook_handle = pl_module.register_forward_hook(self._capture)
             self._capturing = True
@@ -729,9 +731,10 @@ class ForgettingMonitor(Monitor):
         step, self._batch_step = self._batch_step, int(trainer.global_step)
         if self._disabled:
             return
-        if self._store is not None and not self._store.swmr:
-            self._store.start_swmr()  # every monitor has declared its tables by now
-        self._guarded(self._record_batch, outputs, batch, popped, step, int(trainer.current_epoch))
+        if not self._record_common_batch(outputs, batch, popped, step, trainer):
+            if self._store is not None and not self._store.swmr:
+                self._store.start_swmr()  # every monitor has declared its tables by now
+            self._guarded(self._record_batch, outputs, batch, popped, step, int(trainer.current_epoch))
         self._candidates = []
         self._captured_kind = None
         self._batches_since_flush += 1
@@ -743,6 +746,30 @@ class ForgettingMonitor(Monitor):
             if self._write_due() or buffered >= _MAX_BUFFERED_ROWS:
                 self._guarded(self._write)
 
+    def _record_common_batch(self, outputs: Any, batch: Any, popped: Any, step: int, trainer: Any) -> bool:
+        """The common case, once a batch of this epoch went through :meth:`_record_batch` and
+        found it: a ``(x, y, ...)`` batch with a 1-D target tensor, indices from the sampler
+        (same pass), one captured output with a row per target, nothing in ``outputs``.
+        Appends what ``_record_batch`` would and returns True; False: take the full path
+        (which checks everything and says what is wrong). The monitor's whole per-batch
+        cost on small steps is Python, so this path is short."""
+        candidates = self._candidates
+        if (not self._common_layout or popped is False or popped[0] != self._epoch_pass
+                or len(candidates) != 1 or type(batch) not in (tuple, list) or len(batch) < 2):
+            return False
+        if isinstance(outputs, dict):
+            if self.outputs_key in outputs or outputs.get("index") is not None:
+                return False
+        elif outputs is not None and not isinstance(outputs, torch.Tensor):
+            return False
+        targets, index, logits = batch[1], popped[1], candidates[0]
+        if (type(targets) is not torch.Tensor or targets.ndim != 1 or type(index) is not list
+                or len(index) != targets.shape[0] or logits.shape[0] != targets.shape[0]):
+            return False
+        self._pending.append((index, step, int(trainer.current_epoch), logits.clone(), targets,
+                              self._labels is not None))
+        return True
+
     def _record_batch(self, outputs: Any, batch: Any, popped: Any, step: int, epoch: int) -> None:
         if popped is not False:
             self._check_pass(popped[0])
@@ -751,7 +778,8 @@ class ForgettingMonitor(Monitor):
             targets = torch.as_tensor(targets)
         rows = int(targets.shape[0]) if targets.ndim else 1
         logits = outputs.get(self.outputs_key) if isinstance(outputs, Mapping) else None
-        if not isinstance(logits, torch.Tensor):
+        from_candidates = not isinstance(logits, torch.Tensor)
+        if from_candidates:
             logits = next((c for c in self._candidates if c.shape[0] == rows), None)
         if logits is None:
             kind = self._captured_kind or (f"tensor of shape {tuple(self._candidates[0].shape)}"
@@ -802,6 +830,10 @@ class ForgettingMonitor(Monitor):
             self._flush_every = max(1, min(_AUTO_FLUSH_BATCHES, _AUTO_FLUSH_BYTES // per_batch))
         self._pending.append((index, step, epoch, logits.detach().clone(),
                               targets.reshape(-1), check))
+        # The layout _record_common_batch takes from the next batch of this pass on.
+        self._common_layout = (self.batch_format is None and self.index_key is None and source == "sampler"
+                               and isinstance(popped[1], list) and from_candidates and len(self._candidates) == 1
+                               and targets.ndim == 1)
 
     # ---------------------------------------------------------------- recording
     def _drain(self) -> None:
