@@ -64,7 +64,6 @@ from ..probe import BatchFormat, ProbeSet, batch_to_xy
 from ..schedule import EveryNEpochs, Schedule
 from ..store import Field, Table
 from ._base import Monitor, TableSpec, shared_governor
-from ._lightning import dispatch_skips_non_callables
 
 TRAIN_DEFINITION = ("Toneva et al. 2019: correctness of each example at each presentation, from the training "
                     "forward pass of its batch (train mode), before the optimiser step")
@@ -99,7 +98,6 @@ _AUTO_FLUSH_BYTES = 16 << 20
 _DDP_FLUSH_BATCHES = 64
 
 
-
 def _charged(hook: Any) -> Any:
     """Time a per-batch hook of the monitor and charge it to the budget governor (the
     presentations must all be recorded, so this time cannot be skipped; it makes the other
@@ -116,6 +114,7 @@ def _charged(hook: Any) -> Any:
 
     timed.__name__, timed.__qualname__, timed.__doc__ = hook.__name__, hook.__qualname__, hook.__doc__
     return timed
+
 
 class ForgettingCaptureError(RuntimeError):
     """The logits or the dataset indices of a training batch could not be captured."""
@@ -575,7 +574,6 @@ class ForgettingMonitor(Monitor):
         self._pending = []
         self._candidates = []
         self._capturing = False
-        self.__dict__.pop("on_train_batch_start", None)  # the inherited hook again (see on_train_start)
 
     # ---------------------------------------------------------------- Lightning hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -642,9 +640,6 @@ class ForgettingMonitor(Monitor):
             if self._hook_handle is None:
                 self._hook_handle = pl_module.register_forward_hook(self._capture)
             self._capturing = True
-            if (dispatch_skips_non_callables()
-                    and type(self).on_train_batch_start is Monitor.on_train_batch_start):
-                self.on_train_batch_start = None  # nothing to do per batch start (SWMR: at batch end)
         if self.mode == "train" and resuming and self._tracker is not None:
             # The file now holds the checkpoint's event rows; make the summary agree with them.
             self._guarded(self._write_summary, int(trainer.global_step))
@@ -700,11 +695,11 @@ class ForgettingMonitor(Monitor):
                 "epoch (something else iterates the training loader while training runs), so the recorded dataset "
                 "indices no longer follow the batches. " + _HOW_TO_FIX_INDEX)
 
-    # Training mode needs no on_train_batch_start: the step of a batch is the global step at
-    # the end of the previous one (or at train start), the forward hook captures the logits
-    # during training_step, and the targets are read at batch end. On Lightning releases
-    # that skip non-callable hooks, the inherited one (which only switches the file to SWMR
-    # mode, done at batch end here) is left out of the dispatch: see on_train_start.
+    # Training mode needs no on_train_batch_start of its own: the step of a batch is the
+    # global step at the end of the previous one (or at train start), the forward hook
+    # captures the logits during training_step, and the targets are read at batch end. The
+    # inherited hook switches the file to SWMR mode at the first batch and then leaves
+    # Lightning's dispatch (Monitor.on_train_batch_start).
 
     def _capture(self, module: nn.Module, args: Any, output: Any) -> None:
         # Outputs of pl_module(...) in train mode during training_step; at batch end the first
@@ -732,8 +727,6 @@ class ForgettingMonitor(Monitor):
         if self._disabled:
             return
         if not self._record_common_batch(outputs, batch, popped, step, trainer):
-            if self._store is not None and not self._store.swmr:
-                self._store.start_swmr()  # every monitor has declared its tables by now
             self._guarded(self._record_batch, outputs, batch, popped, step, int(trainer.current_epoch))
         self._candidates = []
         self._captured_kind = None
