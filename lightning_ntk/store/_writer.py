@@ -191,7 +191,11 @@ class Table:
                 if name == self.key:
                     continue
                 self._ds[name][n0:n1] = self._stacked(name, buffer)
-            # The key goes last: until it is written the row reads as incomplete (-1).
+            # The key goes last: until it is written the row reads as incomplete (-1). HDF5
+            # writes its cached chunks and extents out in no set order, so the data reaches
+            # the OS first: a process killed in the middle of the final flush cannot leave a
+            # key on disk without its row.
+            self._store.file.flush()
             self._ds[self.key][n0:n1] = self._stacked(self.key, buffer)
             self._committed = n1
         finally:
