@@ -112,7 +112,18 @@ def presentation_outcomes(logits: torch.Tensor, targets: torch.Tensor, *,
     z_true = zf.gather(1, column).squeeze(1)
     log_p_true = z_true - torch.logsumexp(zf, dim=1)
     margin = z_true - zf.scatter(1, column, -torch.inf).amax(dim=1)
-    correct = zf.argmax(dim=1) == y
+    if zf.is_cuda or not y.numel():
+        correct = zf.argmax(dim=1) == y
+    else:
+        # On CPU an argmax over a short class axis costs more than the rest together. A
+        # positive margin means the target is the only maximum, a negative one that it is
+        # not a maximum; ties (margin 0) and non-finite logits are settled by argmax on
+        # those rows alone, so the result is argmax's, first maximum winning a tie.
+        correct = margin > 0
+        unsettled = (margin == 0) | ~torch.isfinite(margin)
+        if bool(unsettled.any()):
+            rows = unsettled.nonzero().squeeze(1)
+            correct[rows] = zf[rows].argmax(dim=1) == y[rows]
     return PresentationOutcomes(correct=correct, loss=-log_p_true, margin=margin,
                                 p_true=log_p_true.exp())
 
@@ -185,6 +196,7 @@ class ForgettingTracker:
         for name, (dtype, init) in _SLOT_FIELDS.items():
             setattr(self, "_" + name, np.full(idx.shape[0], init, dtype=dtype))
         self._num_updates = 0
+        self._scratch: Optional[np.ndarray] = None  # see _has_repeats
 
     # ---- index handling --------------------------------------------------------------
     def _set_index(self, idx: np.ndarray) -> None:
@@ -269,6 +281,10 @@ class ForgettingTracker:
         if pos.size == 0:
             self._num_updates += 1
             return
+        self._num_updates += 1
+        if not self._has_repeats(pos):  # the common case: each example once in this batch
+            self._record(pos, c, p, st)
+            return
         # occurrence number of each slot within this batch (0 for a first occurrence)
         order = np.argsort(pos, kind="stable")
         sp = pos[order]
@@ -286,10 +302,22 @@ class ForgettingTracker:
                 keep = occ == 0
                 pos, c, occ, st = pos[keep], c[keep], occ[keep], st[keep]
                 p = None if p is None else p[keep]
-        self._num_updates += 1
         for r in range(int(occ.max()) + 1):
             sel = occ == r
             self._record(pos[sel], c[sel], None if p is None else p[sel], st[sel])
+
+    def _has_repeats(self, pos: np.ndarray) -> bool:
+        """Whether a slot occurs more than once in ``pos`` (O(len(pos)), with a scratch
+        array of one entry per slot: each position writes its number, and a repeated slot
+        reads back another position's)."""
+        if pos.shape[0] < 2:
+            return False
+        scratch = self._scratch
+        if scratch is None or scratch.shape[0] != self._index.shape[0]:
+            scratch = self._scratch = np.empty(self._index.shape[0], dtype=np.int64)
+        numbers = np.arange(pos.shape[0])
+        scratch[pos] = numbers
+        return not np.array_equal(scratch[pos], numbers)
 
     def _record(self, s: np.ndarray, c: np.ndarray, p: Optional[np.ndarray], step: np.ndarray) -> None:
         prev = self._last_correct[s]

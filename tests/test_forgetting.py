@@ -394,6 +394,32 @@ def test_presentation_outcomes_equal_manual_float64():
     assert not bool(out.correct[3]) and float(out.margin[3]) == 0.0
 
 
+def test_presentation_outcomes_correct_is_first_maximum_with_ties_and_non_finite_logits():
+    """correct = (first maximum == target), as a Python loop computes it, on integer-valued
+    logits (many ties, target first / not first among the maxima) and NaN / inf rows."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randint(-2, 3, (400, 5), generator=g).float()
+    targets = torch.randint(0, 5, (400,), generator=g)
+    logits[0] = torch.tensor([3.0, 3.0, 0.0, 0.0, 0.0])
+    targets[0] = 0  # tie, target is the first maximum: correct
+    logits[1] = torch.tensor([float("nan"), 1.0, 0.0, 0.0, 0.0])
+    logits[2] = torch.tensor([0.0, float("inf"), 0.0, 0.0, 0.0])
+    targets[2] = 1
+    logits[3] = torch.tensor([float("-inf")] * 5)
+    logits[4] = torch.tensor([0.0, float("inf"), float("inf"), 0.0, 0.0])
+    targets[4] = 2  # tie at +inf, not the first: incorrect
+    out = presentation_outcomes(logits, targets)
+    expected = [int(torch.argmax(row)) == int(t) for row, t in zip(logits, targets)]
+    for i in range(logits.shape[0]):
+        z = logits[i].tolist()
+        if not any(math.isnan(v) for v in z):
+            first = max(range(len(z)), key=lambda c: (z[c], -c))
+            assert expected[i] == (first == int(targets[i]))
+    assert out.correct.tolist() == expected
+    assert expected[0] and not expected[4] and expected[2]
+    assert 0 < sum(expected) < len(expected)
+
+
 def test_presentation_outcomes_binary_single_logit():
     z = torch.tensor([2.0, -1.0, 0.5, 0.0])
     y = torch.tensor([1, 1, 0, 0])

@@ -97,20 +97,23 @@ _AUTO_FLUSH_BYTES = 16 << 20
 #: ``flush_every=None`` under several processes.
 _DDP_FLUSH_BATCHES = 64
 
+#: Per-batch time is handed to the governor once this many seconds have accumulated.
+_CHARGE_EVERY = 1e-3
+
+_perf_counter = time.perf_counter
+
 
 def _charged(hook: Any) -> Any:
-    """Time a per-batch hook of the monitor and charge it to the budget governor (the
-    presentations must all be recorded, so this time cannot be skipped; it makes the other
-    monitors' snapshots give way instead)."""
+    """Time a hook of the monitor and charge it to the budget governor (the presentations
+    must all be recorded, so this time cannot be skipped; it makes the other monitors'
+    snapshots give way instead)."""
 
     def timed(self: "ForgettingMonitor", *args: Any, **kwargs: Any) -> Any:
-        started = time.perf_counter()
+        started = _perf_counter()
         try:
             return hook(self, *args, **kwargs)
         finally:
-            governor = self._charged_governor
-            if governor is not None:
-                governor.charge(time.perf_counter() - started)
+            self._charge(_perf_counter() - started)
 
     timed.__name__, timed.__qualname__, timed.__doc__ = hook.__name__, hook.__qualname__, hook.__doc__
     return timed
@@ -400,6 +403,7 @@ class ForgettingMonitor(Monitor):
         self._candidates: List[torch.Tensor] = []  # outputs captured during this batch's training_step
         self._common_layout = False  # see _record_common_batch
         self._charged_governor: Optional[Any] = None  # the shared governor its per-batch time is charged to
+        self._uncharged = 0.0  # per-batch seconds not yet handed to it (see _charge)
         self._captured_kind: Optional[str] = None
         self._flush_every: Optional[int] = self.flush_every  # None: decided at the first batch
         self._ended_epoch: Optional[int] = None  # the last epoch whose end hook ran
@@ -408,6 +412,7 @@ class ForgettingMonitor(Monitor):
         self._batches_since_flush = 0
         self._summary_stale = False
         self._labels: Optional[np.ndarray] = None
+        self._labels_of: Any = None  # the dataset _labels were read from
         self._no_sampler_reason: Optional[str] = None
         self._epoch_pass: Optional[int] = None
         self._last_write = -math.inf
@@ -417,7 +422,7 @@ class ForgettingMonitor(Monitor):
 
     def __getstate__(self) -> Dict[str, Any]:
         state = super().__getstate__()
-        for key in ("_recorder", "_interception", "_hook_handle", "_candidates", "_pending"):
+        for key in ("_recorder", "_interception", "_hook_handle", "_candidates", "_pending", "_labels_of"):
             state.pop(key, None)
         state["_needs_runtime_reset"] = True
         return state
@@ -671,9 +676,12 @@ class ForgettingMonitor(Monitor):
         loader = getattr(trainer, "train_dataloader", None)
         if loader is None or isinstance(loader, (Mapping, list, tuple)):
             return
-        # Labels of a TensorDataset check that recorded indices match the batches (cheap, exact).
-        self._labels = (_tensor_dataset_labels(getattr(loader, "dataset", None))
-                        if self.batch_format is None else None)
+        # Labels of a TensorDataset check that recorded indices match the batches (cheap, exact);
+        # read again only when the loader's dataset is another object.
+        dataset = getattr(loader, "dataset", None)
+        if dataset is not self._labels_of or dataset is None:
+            self._labels = _tensor_dataset_labels(dataset) if self.batch_format is None else None
+            self._labels_of = dataset
         sampler = self._recorder.index_sampler(loader)
         if sampler is None or not self._recorder.is_recording(sampler):
             # Not prepared through strategy.process_dataloader: record from now on. Batches of an
@@ -705,50 +713,75 @@ class ForgettingMonitor(Monitor):
         # Outputs of pl_module(...) in train mode during training_step; at batch end the first
         # with one row per target is the batch's logits. Others are skipped: e.g. under DDP,
         # Lightning routes training_step itself through pl_module(...), whose output (the loss)
-        # arrives after those of the calls made inside training_step.
+        # arrives after those of the calls made inside training_step. Runs at every forward
+        # call of the module: the common case (a tensor, the first call of the batch) is short.
         if (not self._capturing or not module.training
                 or getattr(module, "_current_fx_name", "training_step") != "training_step"):
             return
-        logits = _logits_in(output, self.outputs_key)
-        if logits is not None and logits.ndim >= 1:
-            rows = logits.shape[0]  # the first output of each row count is kept
-            if len(self._candidates) < _MAX_CANDIDATES and all(c.shape[0] != rows for c in self._candidates):
-                self._candidates.append(logits.detach())
-        elif self._captured_kind is None:
-            self._captured_kind = type(output).__name__ if logits is None else f"tensor of shape {tuple(logits.shape)}"
+        logits = output if type(output) is torch.Tensor else _logits_in(output, self.outputs_key)
+        if logits is None or logits.ndim < 1:
+            if self._captured_kind is None:
+                self._captured_kind = (type(output).__name__ if logits is None
+                                       else f"tensor of shape {tuple(logits.shape)}")
+            return
+        candidates = self._candidates
+        if candidates:  # the first output of each row count is kept
+            if len(candidates) >= _MAX_CANDIDATES:
+                return
+            rows = logits.shape[0]
+            for candidate in candidates:
+                if candidate.shape[0] == rows:
+                    return
+        candidates.append(logits.detach())
 
-    @_charged
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.mode != "train":
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
             return
-        popped = self._recorder.queue.popleft() if self._recorder.queue else False
-        step, self._batch_step = self._batch_step, int(trainer.global_step)
-        if self._disabled:
-            return
-        if not self._record_common_batch(outputs, batch, popped, step, trainer):
-            self._guarded(self._record_batch, outputs, batch, popped, step, int(trainer.current_epoch))
-        self._candidates = []
-        self._captured_kind = None
-        self._batches_since_flush += 1
-        if self._flush_every is not None and self._batches_since_flush >= self._flush_every and not self._disabled:
-            self._batches_since_flush = 0
-            self._guarded(self._drain)
-            events = self._tables.get(f"{self.group}/events")
-            buffered = events.n_rows - events.n_committed if isinstance(events, Table) else 0
-            if self._write_due() or buffered >= _MAX_BUFFERED_ROWS:
-                self._guarded(self._write)
+        started = _perf_counter()
+        try:
+            queue = self._recorder.queue
+            popped = queue.popleft() if queue else False
+            step = self._batch_step
+            self._batch_step = int(trainer.global_step)
+            if self._disabled:
+                return
+            if not (self._common_layout and self._record_common_batch(outputs, batch, popped, step, trainer)):
+                self._guarded(self._record_batch, outputs, batch, popped, step, int(trainer.current_epoch))
+            self._candidates = []
+            self._captured_kind = None
+            self._batches_since_flush += 1
+            if (self._flush_every is not None and self._batches_since_flush >= self._flush_every
+                    and not self._disabled):
+                self._batches_since_flush = 0
+                self._guarded(self._drain)
+                events = self._tables.get(f"{self.group}/events")
+                buffered = events.n_rows - events.n_committed if isinstance(events, Table) else 0
+                if self._write_due() or buffered >= _MAX_BUFFERED_ROWS:
+                    self._guarded(self._write)
+        finally:
+            self._charge(_perf_counter() - started)
+
+    def _charge(self, seconds: float) -> None:
+        """Charge per-batch time to the shared governor, in portions of at least
+        ``_CHARGE_EVERY`` seconds (a call into the governor per batch costs a few µs)."""
+        self._uncharged += seconds
+        if self._uncharged >= _CHARGE_EVERY:
+            governor = self._charged_governor
+            if governor is not None:
+                governor.charge(self._uncharged)
+            self._uncharged = 0.0
 
     def _record_common_batch(self, outputs: Any, batch: Any, popped: Any, step: int, trainer: Any) -> bool:
-        """The common case, once a batch of this epoch went through :meth:`_record_batch` and
-        found it: a ``(x, y, ...)`` batch with a 1-D target tensor, indices from the sampler
+        """The common case (called when ``_common_layout``), once a batch of this epoch went
+        through :meth:`_record_batch` and found it: a ``(x, y, ...)`` batch with a 1-D target tensor, indices from the sampler
         (same pass), one captured output with a row per target, nothing in ``outputs``.
         Appends what ``_record_batch`` would and returns True; False: take the full path
         (which checks everything and says what is wrong). The monitor's whole per-batch
         cost on small steps is Python, so this path is short."""
         candidates = self._candidates
-        if (not self._common_layout or popped is False or popped[0] != self._epoch_pass
-                or len(candidates) != 1 or type(batch) not in (tuple, list) or len(batch) < 2):
+        if (popped is False or popped[0] != self._epoch_pass or len(candidates) != 1
+                or type(batch) not in (tuple, list) or len(batch) < 2):
             return False
         if isinstance(outputs, dict):
             if self.outputs_key in outputs or outputs.get("index") is not None:
@@ -1011,6 +1044,9 @@ class ForgettingMonitor(Monitor):
         pass  # on_train_end flushes after the summary, under this monitor's own error handling
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._charged_governor is not None and self._uncharged:
+            self._charged_governor.charge(self._uncharged)
+        self._uncharged = 0.0
         if self.mode == "train" and not self._disabled:
             self._guarded(self._drain)
             if not self._disabled and self.log_scalars:
