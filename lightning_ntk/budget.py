@@ -10,8 +10,12 @@ time. Before a scheduled snapshot it predicts its cost (the running mean of that
 monitor's past snapshots) and allows it only if the inequality still holds afterwards.
 The first snapshot of each monitor and the final one (end of training) are always taken:
 they anchor every curve (distance to init, final kernel); their cost counts all the same,
-so later snapshots wait until training has paid for them. Skipped snapshots are
-recorded with the reason by the monitor.
+so later snapshots wait until training has paid for them, and every discretionary
+snapshot leaves room for the final ones (the expected cost of one more snapshot of each
+monitor is held in reserve). The total therefore stays within the budget whenever the
+training is long enough to pay for the forced first and last snapshots, i.e. longer
+than (their cost) / b; a shorter training costs those two snapshots and nothing more.
+Skipped snapshots are recorded with the reason by the monitor.
 
 One governor can be shared by several monitors (one budget for all of them, which is
 how "5% for everything" is enforced); ``budget=0.05`` on a single monitor gives it its
@@ -97,6 +101,13 @@ class Governor:
             cost.last = float(seconds)
             self._spent += float(seconds)
 
+    def reserved(self) -> float:
+        """Seconds kept free for the final snapshots, which are always taken: the expected
+        cost of one more snapshot of every monitor that has taken one. A discretionary
+        snapshot is allowed only if it leaves them room, so that the total, final ones
+        included, stays within the budget once training has paid for the forced ones."""
+        return sum(cost.mean for cost in self._costs.values() if cost.count)
+
     def charge(self, seconds: float) -> None:
         """Account instrumentation time that is not a skippable snapshot (per-batch
         bookkeeping such as forgetting events): it counts against the budget, so the
@@ -109,7 +120,8 @@ class Governor:
         """Whether ``monitor`` may take its due snapshot now.
 
         ``forced`` (first / final snapshot) is always allowed. Otherwise allowed when the
-        spent time plus this monitor's expected cost stays within budget × training time.
+        spent time plus this monitor's expected cost plus :meth:`reserved` (the final
+        snapshots still to come) stays within budget × training time.
         """
         self.start()
         if forced:
@@ -118,7 +130,7 @@ class Governor:
             cost = self._costs.get(monitor)
             if cost is None or cost.count == 0:
                 return True  # nothing known yet: its first snapshot
-            allowed = self._spent + cost.mean <= self.budget * self.training_time()
+            allowed = self._spent + cost.mean + self.reserved() <= self.budget * self.training_time()
             if not allowed:
                 self._skipped[monitor] = self._skipped.get(monitor, 0) + 1
             return allowed
