@@ -732,7 +732,10 @@ class ForgettingMonitor(Monitor):
             for candidate in candidates:
                 if candidate.shape[0] == rows:
                     return
-        candidates.append(logits.detach())
+        # A copy taken now, while the output is in cache (at batch end, after the backward
+        # pass and the optimiser step, the first read of it costs several times more): the
+        # forward pass's values, whatever happens to the tensor afterwards.
+        candidates.append(logits.detach().clone())
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.mode != "train":
@@ -792,7 +795,7 @@ class ForgettingMonitor(Monitor):
         if (type(targets) is not torch.Tensor or targets.ndim != 1 or type(index) is not list
                 or len(index) != targets.shape[0] or logits.shape[0] != targets.shape[0]):
             return False
-        self._pending.append((index, step, int(trainer.current_epoch), logits.clone(), targets,
+        self._pending.append((index, step, int(trainer.current_epoch), logits, targets,
                               self._labels is not None))
         return True
 
@@ -848,13 +851,14 @@ class ForgettingMonitor(Monitor):
                 "collate_fn that changes the batch size, or a module output that is not per-example logits breaks "
                 "the pairing. " + _HOW_TO_FIX_INDEX)
         # Outcomes are computed at the next flush, over every buffered batch at once (a few
-        # tensor operations per flush instead of per batch); the clone keeps these values even
-        # if the output buffer is reused (CUDA graphs).
+        # tensor operations per flush instead of per batch); captured outputs were copied by
+        # the forward hook, logits returned by training_step are copied here, so the values
+        # stay even if an output buffer is reused (CUDA graphs) or changed in place.
         check = source == "sampler" and self._labels is not None
         if self._flush_every is None:  # the same on every rank: batches have the same shape
             per_batch = max(1, logits.numel() * logits.element_size())
             self._flush_every = max(1, min(_AUTO_FLUSH_BATCHES, _AUTO_FLUSH_BYTES // per_batch))
-        self._pending.append((index, step, epoch, logits.detach().clone(),
+        self._pending.append((index, step, epoch, logits if from_candidates else logits.detach().clone(),
                               targets.reshape(-1), check))
         # The layout _record_common_batch takes from the next batch of this pass on.
         self._common_layout = (self.batch_format is None and self.index_key is None and source == "sampler"
