@@ -21,15 +21,14 @@ DigitsCNN and LightningModule (cross-entropy, SGD lr 0.05, momentum 0.9, batch 6
    the same numbers of examples removed at random for comparison. Test accuracy: mean
    and standard deviation over retraining seeds (and, for random removal, over random
    subsets: one per retraining seed).
-3. Overhead on the demo training (``DEMO_EPOCHS`` = 100 epochs, with its validation loader): (a) the wall
-   time spent inside the monitor's hooks (its Lightning hooks and the forward hook; the
-   sampler's recording, a list copy per batch, is not included) as a share of the
-   training's wall time, measured in the same run, which stays meaningful on a busy
-   machine; (b) A/B: the training without and with the monitor, alternating,
-   ``--repeats`` times each, ratio of median wall (and process CPU) times, which needs
-   an otherwise idle machine to resolve 2%; (c) per training step, the main thread's CPU
-   time between consecutive batch starts (median over a run's steps, paired runs): the
-   per-batch work alone, resolved to ~15 µs even on a shared machine.
+3. Overhead on the demo training (``DEMO_EPOCHS`` = 100 epochs, with its validation loader),
+   ``--repeats`` alternating runs without and with the monitor: (a) accounted in each run
+   with the monitor (``benchmarks/_accounting.py``): the time of Lightning's dispatches
+   of the monitor's hooks and of the hooks themselves (less what the same dispatches
+   cost without it, from the runs without), the forward hook, and the CPU time of the
+   run file's writer thread, as a share of the same run's time without them, which stays
+   meaningful when the machine's speed drifts; (b) A/B: ratios of median (and minimum)
+   wall and process CPU times, which need an otherwise idle machine to resolve 2%.
 """
 from __future__ import annotations
 
@@ -49,10 +48,13 @@ from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lightning_ntk import callbacks  # noqa: E402
-from lightning_ntk.callbacks._lightning import adapter, default_namespace  # noqa: E402
-from lightning_ntk.callbacks.forgetting import ForgettingMonitor as _ForgettingLogic  # noqa: E402
+from lightning_ntk.callbacks._lightning import default_namespace  # noqa: E402
 from lightning_ntk.demo import DEMO_EPOCHS, DigitsCNN, digits_split, make_lightning_module  # noqa: E402
 from lightning_ntk.forgetting import rank, read_examples  # noqa: E402
+from lightning_ntk.store import RunStore  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _accounting import HookClock, accounted_seconds, overhead_share, per_call_baseline  # noqa: E402
 
 ForgettingMonitor = callbacks.ForgettingMonitor
 L = default_namespace()
@@ -137,100 +139,69 @@ def pruning(train, test, paths, epochs, retrain_seeds, fractions=(0.1, 0.2, 0.3)
               f"{np.mean(at_random):>10.4f} ({np.std(at_random):.4f}) {share:>37.3f}")
 
 
-_TIMED_HOOKS = ("setup", "on_train_start", "on_train_epoch_start", "on_train_batch_start", "on_train_batch_end",
-                "on_train_epoch_end", "on_train_end", "teardown", "state_dict", "_capture")
-
-
-def _timed_monitor_class():
-    """ForgettingMonitor whose hooks (and forward hook) add their wall time to ``spent``."""
-
-    class Timed(_ForgettingLogic):
-        spent = 0.0
-
-    def wrap(name):
-        original = getattr(_ForgettingLogic, name)
-
-        def timed(self, *args, **kwargs):
-            started = time.perf_counter()
-            try:
-                return original(self, *args, **kwargs)
-            finally:
-                Timed.spent += time.perf_counter() - started
-
-        return timed
-
-    for name in _TIMED_HOOKS:
-        setattr(Timed, name, wrap(name))
-    return adapter(Timed, "ForgettingMonitor", base=callbacks.Monitor), Timed
-
-
 def overhead(repeats: int, epochs: int = DEMO_EPOCHS, seed: int = 0):
+    """Section 3: the monitor's cost on the demo training, accounted in each run, and A/B."""
     train, val = digits_split(seed=seed)
     wall = {"without": [], "with": []}
     cpu = {"without": [], "with": []}
-    step_cpu = {"without": [], "with": []}  # median main-thread CPU time of a training step, per run
-    shares = []
+    runs = {"without": [], "with": []}
+    writer_cpu = []
     workdir = tempfile.mkdtemp(prefix="forgetting_overhead_")
+    path = os.path.join(workdir, "demo.h5")
     load_before = os.getloadavg()[0]
-    TimedMonitor, Timed = _timed_monitor_class()
-
-    class StepClock(L.Callback):
-        """Main-thread CPU time between consecutive batch starts of one epoch (the second
-        epoch on): the per-batch work of the monitor, little disturbed by other processes
-        (a descheduled thread's CPU clock stops)."""
-
-        def __init__(self):
-            self.marks = []
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self.marks.append((trainer.current_epoch, batch_idx, time.thread_time()))
-
-        def median_step(self) -> float:
-            return statistics.median(b[2] - a[2] for a, b in zip(self.marks, self.marks[1:])
-                                     if a[0] >= 1 and b[0] == a[0] and b[1] == a[1] + 1)
+    clock = HookClock().install()
 
     def one(with_monitor: bool) -> tuple:
         torch.manual_seed(seed)
         module = make_lightning_module(DigitsCNN(), namespace=L)
-        clock = StepClock()
-        monitors = [clock] + ([TimedMonitor(os.path.join(workdir, "demo.h5"), overwrite=True)] if with_monitor else [])
+        monitors = [ForgettingMonitor(path, overwrite=True)] if with_monitor else []
         trainer = lightning_trainer(epochs, monitors)
-        Timed.spent = 0.0
+        clock.reset()
         started, started_cpu = time.perf_counter(), time.process_time()
         trainer.fit(module, DataLoader(train, batch_size=BATCH, shuffle=True), DataLoader(val, batch_size=256))
         elapsed = time.perf_counter() - started
+        run = dict(clock.snapshot(), wall=elapsed)
         if with_monitor:
-            shares.append(Timed.spent / elapsed)
-        step_cpu["with" if with_monitor else "without"].append(clock.median_step())
-        return elapsed, time.process_time() - started_cpu
+            writer_cpu.append(RunStore.closed_stats[os.path.realpath(path)]["background_cpu_s"])
+        return elapsed, time.process_time() - started_cpu, run
 
-    one(False), one(True)  # warm-up (imports, allocator)
-    shares.clear()
-    for r in range(repeats):
-        order = (False, True) if r % 2 == 0 else (True, False)
-        for with_monitor in order:
-            key = "with" if with_monitor else "without"
-            w, c = one(with_monitor)
-            wall[key].append(w)
-            cpu[key].append(c)
+    try:
+        one(False), one(True)  # warm-up (imports, allocator)
+        writer_cpu.clear()
+        for r in range(repeats):
+            order = (False, True) if r % 2 == 0 else (True, False)
+            for with_monitor in order:
+                key = "with" if with_monitor else "without"
+                w, c, run = one(with_monitor)
+                wall[key].append(w)
+                cpu[key].append(c)
+                runs[key].append(run)
+    finally:
+        clock.remove()
+    baseline = per_call_baseline(runs["without"])
+    accounted = [accounted_seconds(run, baseline) for run in runs["with"]]
+    thread = [overhead_share(a, run["wall"]) for a, run in zip(accounted, runs["with"])]
+    writer = [w / (run["wall"] - a) for w, a, run in zip(writer_cpu, accounted, runs["with"])]
+    capture = [run["capture_s"] / (run["wall"] - a) for a, run in zip(accounted, runs["with"])]
+    total = [t + w for t, w in zip(thread, writer)]
     print(f"\n3. overhead on the demo training ({epochs} epochs, batch {BATCH}, validation each epoch, "
           f"{torch.get_num_threads()} threads), {repeats} alternating repeats each; load average "
           f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
-    print(f"   time inside the monitor's hooks (Lightning hooks + forward hook) / wall time of the training with it: "
-          f"median {100 * statistics.median(shares):.2f}% (all: {', '.join(f'{100 * x:.2f}%' for x in shares)})")
+    print("   accounted in each run with the monitor (benchmarks/_accounting.py), as a share of the same run's "
+          "time without it:")
+    print(f"     training thread (Lightning's dispatch of its hooks, the hooks, the forward hook): median "
+          f"{100 * statistics.median(thread):.2f}% (all: {', '.join(f'{100 * x:.2f}%' for x in thread)}); "
+          f"of which the forward hook {100 * statistics.median(capture):.2f}%")
+    print(f"     writer thread CPU (HDF5 writes, gzip, fsync; beside the training thread): median "
+          f"{100 * statistics.median(writer):.2f}%")
+    print(f"     both: median {100 * statistics.median(total):.2f}%, max {100 * max(total):.2f}%")
     for label, times in (("wall time", wall), ("process CPU time", cpu)):
         a, b = statistics.median(times["without"]), statistics.median(times["with"])
         pairs = [w / wo for w, wo in zip(times["with"], times["without"])]
-        print(f"   A/B {label}: without {a:.3f} s, with {b:.3f} s (medians); ratio {b / a:.4f} "
-              f"-> overhead {100 * (b / a - 1):+.2f}%; per-pair ratios "
+        print(f"   A/B {label}: without {a:.3f} s, with {b:.3f} s (medians; minima {min(times['without']):.3f} s, "
+              f"{min(times['with']):.3f} s); ratio of medians {b / a:.4f}, of minima "
+              f"{min(times['with']) / min(times['without']):.4f}; per-pair ratios "
               f"{', '.join(f'{p:.3f}' for p in pairs)} (median {statistics.median(pairs):.4f})")
-    diffs = [w - wo for w, wo in zip(step_cpu["with"], step_cpu["without"])]
-    base = statistics.median(step_cpu["without"])
-    print(f"   per training step, main-thread CPU time (median over the steps of a run): without "
-          f"{1e6 * base:.0f} us, with {1e6 * statistics.median(step_cpu['with']):.0f} us; paired differences "
-          f"{', '.join(f'{1e6 * d:+.0f}' for d in diffs)} us (median {1e6 * statistics.median(diffs):+.1f} us = "
-          f"{statistics.median(diffs) / base:+.2%} of a step; the processing every 256 batches, epoch ends and the "
-          "writer thread are not in it)")
 
 
 def main() -> None:
