@@ -112,6 +112,21 @@ def accounted_seconds(run: Dict[str, Any], baseline: Dict[str, float]) -> float:
     return total
 
 
+def per_hook(runs: List[Dict[str, Any]], baseline: Dict[str, float]) -> Dict[str, float]:
+    """Median over ``runs`` of each hook's accounted share of the run's time (the forward
+    hook as ``forward hook``); hooks under 0.01% in every run are left out."""
+    import statistics
+
+    shares: Dict[str, List[float]] = collections.defaultdict(list)
+    for run in runs:
+        wall = run["wall"] - accounted_seconds(run, baseline)
+        shares["forward hook"].append(run["capture_s"] / wall)
+        for hook, seconds in run["seconds"].items():
+            shares[hook].append((seconds - run["calls"][hook] * baseline.get(hook, 0.0)) / wall)
+    return {hook: statistics.median(v) for hook, v in sorted(shares.items(), key=lambda kv: -statistics.median(kv[1]))
+            if max(abs(x) for x in v) >= 1e-4}
+
+
 def overhead_share(accounted: float, wall: float, extra: Optional[float] = None) -> float:
     """(accounted [+ extra]) / (wall - accounted): the overhead over the same run without it."""
     return (accounted + (extra or 0.0)) / max(1e-12, wall - accounted)

@@ -54,7 +54,7 @@ from lightning_ntk.forgetting import rank, read_examples  # noqa: E402
 from lightning_ntk.store import RunStore  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _accounting import HookClock, accounted_seconds, overhead_share, per_call_baseline  # noqa: E402
+from _accounting import HookClock, accounted_seconds, overhead_share, per_call_baseline, per_hook  # noqa: E402
 
 ForgettingMonitor = callbacks.ForgettingMonitor
 L = default_namespace()
@@ -192,6 +192,8 @@ def overhead(repeats: int, epochs: int = DEMO_EPOCHS, seed: int = 0):
     print(f"     training thread (Lightning's dispatch of its hooks, the hooks, the forward hook): median "
           f"{100 * statistics.median(thread):.2f}% (all: {', '.join(f'{100 * x:.2f}%' for x in thread)}); "
           f"of which the forward hook {100 * statistics.median(capture):.2f}%")
+    print("     by hook (median): " + ", ".join(f"{hook} {100 * share:+.2f}%"
+                                          for hook, share in per_hook(runs["with"], baseline).items()))
     print(f"     writer thread CPU (HDF5 writes, gzip, fsync; beside the training thread): median "
           f"{100 * statistics.median(writer):.2f}%")
     print(f"     both: median {100 * statistics.median(total):.2f}%, max {100 * max(total):.2f}%")

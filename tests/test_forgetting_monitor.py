@@ -510,3 +510,21 @@ def test_tracker_update_with_per_example_steps_equals_the_reference():
     for key in ("confidence", "variability", "correctness"):
         np.testing.assert_allclose(summary[key], ref[key], rtol=1e-12, err_msg=key)
     assert ref["forgetting_count"].sum() > 0
+
+
+def test_kept_logits_are_detached_and_copied_only_off_the_cpu():
+    """Buffered logits: on the CPU the output itself (detached, same memory), elsewhere a
+    copy (a CUDA graph replays into the same output buffer); the meta device stands in."""
+    from lightning_ntk.callbacks.forgetting import _kept
+
+    out = nn.Linear(3, 4)(torch.randn(5, 3))
+    kept = _kept(out)
+    assert not kept.requires_grad and kept.grad_fn is None
+    assert kept.data_ptr() == out.data_ptr() and torch.equal(kept, out.detach())
+    out.detach().add_(1)  # the same memory: an in-place change shows (nothing does this on the CPU)
+    assert kept._version == 1 and torch.equal(kept, out.detach())
+    meta = torch.empty(5, 4, device="meta", requires_grad=True) * 2
+    kept_meta = _kept(meta)
+    assert kept_meta.device.type == "meta" and not kept_meta.requires_grad
+    meta.detach().add_(1)  # a copy: the original's in-place change does not reach it
+    assert kept_meta._version == 0

@@ -771,7 +771,9 @@ class ForgettingMonitor(Monitor):
                 if self._write_due() or buffered >= _MAX_BUFFERED_ROWS:
                     self._guarded(self._write)
         finally:
-            self._charge(_perf_counter() - started)
+            self._uncharged += _perf_counter() - started
+            if self._uncharged >= _CHARGE_EVERY:
+                self._charge(0.0)
 
     def _charge(self, seconds: float) -> None:
         """Charge per-batch time to the shared governor, in portions of at least
@@ -803,8 +805,10 @@ class ForgettingMonitor(Monitor):
         if (type(targets) is not torch.Tensor or targets.ndim != 1 or type(index) is not list
                 or len(index) != targets.shape[0] or logits.shape[0] != targets.shape[0]):
             return False
-        self._pending.append((index, step, int(trainer.current_epoch), _kept(logits), targets,
-                              self._labels is not None))
+        kept = logits.detach()  # _kept, inline: this runs at every batch
+        if not kept.is_cpu:
+            kept = kept.clone()
+        self._pending.append((index, step, int(trainer.current_epoch), kept, targets, self._labels is not None))
         return True
 
     def _record_batch(self, outputs: Any, batch: Any, popped: Any, step: int, epoch: int) -> None:
@@ -909,7 +913,11 @@ class ForgettingMonitor(Monitor):
         sizes = np.array([len(p[0]) for p in pending], dtype=np.int64)
         index = _concat_indices([p[0] for p in pending], int(sizes.sum()))
         logits = torch.cat([p[3] for p in pending])
-        targets = torch.cat([p[4].to(logits.device) for p in pending])
+        target_parts = [p[4] for p in pending]
+        try:  # one move for all of them (a .to per batch costs more than the concatenation)
+            targets = torch.cat(target_parts).to(logits.device)
+        except RuntimeError:  # targets on several devices
+            targets = torch.cat([t.to(logits.device) for t in target_parts])
         outcomes = presentation_outcomes(logits, targets, check_targets=False)
         values = torch.stack([outcomes.correct.float(), outcomes.loss.float(), outcomes.margin.float(),
                               outcomes.p_true.float()]).cpu().numpy()
