@@ -29,7 +29,13 @@ all six monitors with the 5% governor and with ``budget=0.02``.
 Each configuration is run once, right after a baseline run; its overhead is against the
 median of all baseline runs (the machine's drift shows in their spread).
 
-Columns: wall time of ``trainer.fit``; overhead = time / baseline − 1; snapshots taken
+Columns: wall time of ``trainer.fit``; overhead = time / baseline − 1 (an A/B ratio: on a
+shared machine the baseline alone spreads by ±10% or more, see its runs); "acct %" = the
+monitors' cost accounted inside the run (``_accounting.py``: Lightning's dispatches of their
+hooks and the hooks themselves, snapshots included, less what the same dispatches cost
+without monitors, plus ForgettingMonitor's forward hook) over the same run's time without
+it; "wcpu %" = the CPU time of the run file's writer thread (beside the training thread)
+over that same time; snapshots taken
 and skipped by the governor; "snap s" = seconds the snapshots took on the training
 thread (measurement and hand-over to the store, the governor's account); as percentages
 of the snapshot seconds: "hand %" = the store's time on the training thread at each
@@ -63,6 +69,12 @@ from lightning_ntk.callbacks._lightning import default_namespace  # noqa: E402
 from lightning_ntk.demo import DEMO_EPOCHS, DigitsCNN, digits_split, make_lightning_module  # noqa: E402
 from lightning_ntk.store import RunStore  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _accounting import HookClock, accounted_seconds, overhead_share, per_call_baseline  # noqa: E402
+
+#: Times every callback dispatch and ForgettingMonitor's forward hook (see _accounting.py).
+CLOCK = HookClock()
+
 MONITORS = {
     "probe_metrics": callbacks.ProbeMetricsMonitor,
     "ntk": callbacks.NTKMonitor,
@@ -92,12 +104,14 @@ def train(path: Optional[str], names: List[str], budget: Any, epochs: int, seed:
                             deterministic=True)
         train_loader = DataLoader(train_set, batch_size=64, shuffle=True)
         val_loader = DataLoader(val_set, batch_size=256)
+        CLOCK.reset()
         started = time.perf_counter()
         trainer.fit(module, train_loader, val_loader)
         seconds = time.perf_counter() - started
     finally:
         set_default_budget(previous)
-    out: Dict[str, Any] = {"seconds": seconds, "snapshots": 0, "snapshot_s": 0.0, "store_s": 0.0, "skipped": 0}
+    out: Dict[str, Any] = {"seconds": seconds, "snapshots": 0, "snapshot_s": 0.0, "store_s": 0.0, "skipped": 0,
+                           "hooks": dict(CLOCK.snapshot(), wall=seconds)}
     for monitor in monitors:
         out["snapshots"] += int(monitor.timings["snapshots"])
         out["snapshot_s"] += monitor.timings["snapshot_s"]
@@ -107,6 +121,7 @@ def train(path: Optional[str], names: List[str], budget: Any, epochs: int, seed:
             out["skipped"] += governor.skipped(monitor.group)
     stats = RunStore.closed_stats.get(os.path.realpath(path)) if path else None
     out["writer_s"] = stats["background_s"] if stats else 0.0
+    out["writer_cpu_s"] = stats["background_cpu_s"] if stats else 0.0
     out["blocking_s"] = stats["blocking_s"] if stats else 0.0
     return out
 
@@ -117,57 +132,75 @@ def main() -> None:
     parser.add_argument("--long-epochs", type=int, default=0, help="epochs of the long section (0: skip it)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="all monitors only (no per-monitor rows)")
+    parser.add_argument("--long-only", action="store_true",
+                        help="with --long-epochs: the long section only (and the demo's baselines, for the dispatch costs)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     configs = []
-    if not args.quick:
+    if args.long_only and not args.long_epochs:
+        parser.error("--long-only needs --long-epochs N")
+    if args.long_only:
+        pass
+    elif not args.quick:
         for name in MONITORS:
             configs.append((f"{name} (5% governor)", [name], "default"))
             configs.append((f"{name} (no governor)", [name], False))
-    configs += [("all six (5% governor)", list(MONITORS), "default"),
-                ("all six (budget=0.02)", list(MONITORS), 0.02),
-                ("all six (no governor)", list(MONITORS), False)]
+    if not args.long_only:
+        configs += [("all six (5% governor)", list(MONITORS), "default"),
+                    ("all six (budget=0.02)", list(MONITORS), 0.02),
+                    ("all six (no governor)", list(MONITORS), False)]
     print(f"# overhead on the demo training: {args.epochs} epochs, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads, "
           f"load average at start {os.getloadavg()[0]:.2f}", flush=True)
-    baseline: List[float] = []
+    CLOCK.install()
+    baseline: List[Dict[str, Any]] = []
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         train(None, [], "default", 1)  # warm-up: imports, first-call costs
-        baseline.append(train(None, [], "default", args.epochs)["seconds"])
+        baseline.append(train(None, [], "default", args.epochs))
         for i, (label, names, budget) in enumerate(configs):
             path = os.path.join(tmp, f"run{i}.h5")
             rows.append((label, train(path, names, budget, args.epochs)))
-            baseline.append(train(None, [], "default", args.epochs)["seconds"])
+            baseline.append(train(None, [], "default", args.epochs))
             print(f"  done: {label} ({rows[-1][1]['seconds']:.1f} s)", file=sys.stderr, flush=True)
-        baseline.append(train(None, [], "default", args.epochs)["seconds"])
-    print_table(f"{args.epochs} epochs (the demo)", baseline, rows)
+        baseline.append(train(None, [], "default", args.epochs))
+    if rows:
+        print_table(f"{args.epochs} epochs (the demo)", baseline, rows)
     if args.long_epochs and not args.quick:
         long_configs = [("all six (5% governor)", "default"), ("all six (budget=0.02)", 0.02)]
-        baseline, rows = [], []
+        long_baseline, rows = [], []
         with tempfile.TemporaryDirectory() as tmp:
-            baseline.append(train(None, [], "default", args.long_epochs)["seconds"])
+            long_baseline.append(train(None, [], "default", args.long_epochs))
             for i, (label, budget) in enumerate(long_configs):
                 rows.append((label, train(os.path.join(tmp, f"long{i}.h5"), list(MONITORS), budget, args.long_epochs)))
                 print(f"  done: long {label} ({rows[-1][1]['seconds']:.1f} s)", file=sys.stderr, flush=True)
-            baseline.append(train(None, [], "default", args.long_epochs)["seconds"])
-        print_table(f"{args.long_epochs} epochs (long)", baseline, rows)
+            long_baseline.append(train(None, [], "default", args.long_epochs))
+        # Per-dispatch costs without monitors do not depend on the training's length: the
+        # demo section's baselines (more runs) give them.
+        print_table(f"{args.long_epochs} epochs (long)", long_baseline, rows, dispatch_baseline=baseline)
+    CLOCK.remove()
 
 
-def print_table(title: str, baseline: List[float], rows: List[Any]) -> None:
-    base = statistics.median(baseline)
-    print(f"\n## {title}: baseline (no monitor) median {base:.2f} s over {len(baseline)} runs "
-          f"({', '.join(f'{b:.2f}' for b in baseline)}); spread ±{(max(baseline) - min(baseline)) / 2 / base:.1%}")
-    head = (f"{'configuration':<34} {'time s':>7} {'overhead':>9} {'snaps':>6} {'skipped':>7} {'snap s':>7} "
-            f"{'hand %':>7} {'sync %':>7} {'writer %':>9}")
+def print_table(title: str, baseline: List[Dict[str, Any]], rows: List[Any],
+                dispatch_baseline: Optional[List[Dict[str, Any]]] = None) -> None:
+    walls = [b["seconds"] for b in baseline]
+    base = statistics.median(walls)
+    per_call = per_call_baseline([b["hooks"] for b in (dispatch_baseline or baseline)])
+    print(f"\n## {title}: baseline (no monitor) median {base:.2f} s over {len(walls)} runs "
+          f"({', '.join(f'{b:.2f}' for b in walls)}); spread ±{(max(walls) - min(walls)) / 2 / base:.1%}")
+    head = (f"{'configuration':<34} {'time s':>7} {'overhead':>9} {'acct %':>7} {'wcpu %':>7} {'snaps':>6} "
+            f"{'skipped':>7} {'snap s':>7} {'hand %':>7} {'sync %':>7} {'writer %':>9}")
     print(head)
     print("-" * len(head))
     for label, r in rows:
         snap = r["snapshot_s"]
         pct = {k: f"{100 * r[k] / snap:.2f}" if snap else "-" for k in ("store_s", "blocking_s", "writer_s")}
-        print(f"{label:<34} {r['seconds']:>7.2f} {r['seconds'] / base - 1:>+9.1%} {r['snapshots']:>6} "
-              f"{r['skipped']:>7} {snap:>7.2f} {pct['store_s']:>7} {pct['blocking_s']:>7} {pct['writer_s']:>9}",
-              flush=True)
+        accounted = accounted_seconds(r["hooks"], per_call)
+        thread = overhead_share(accounted, r["seconds"])
+        writer_cpu = r["writer_cpu_s"] / max(1e-12, r["seconds"] - accounted)
+        print(f"{label:<34} {r['seconds']:>7.2f} {r['seconds'] / base - 1:>+9.1%} {100 * thread:>7.2f} "
+              f"{100 * writer_cpu:>7.2f} {r['snapshots']:>6} {r['skipped']:>7} {snap:>7.2f} {pct['store_s']:>7} "
+              f"{pct['blocking_s']:>7} {pct['writer_s']:>9}", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,12 @@ build them from YAML (``class_path: lightning_ntk.schedule.LogSpacedSteps``).
 from __future__ import annotations
 
 import bisect
+import sys
 from abc import ABC, abstractmethod
 from typing import Any, Dict, List, Optional, Sequence, Union
+
+#: "No step": what :meth:`Schedule.next_due_after` returns when no later step is due.
+NEVER = sys.maxsize
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -43,6 +47,22 @@ class Schedule(ABC):
         """True if a snapshot is due at the end of (0-based) epoch ``epoch``."""
         return False
 
+    def next_due_after(self, step: int) -> int:
+        """A step ``s > step`` such that no step in ``(step, s)`` is due: monitors need not
+        check the steps before it (:data:`NEVER` if none is due any more). A lower bound
+        of the next due step, exact for the built-in schedules; ``step + 1`` (check every
+        step) for a schedule whose rule it does not know, such as a subclass that
+        overrides ``due_at_step`` or ``_due_at_step`` without ``_next_due_after``."""
+        if step < 0:
+            return 0
+        if not _knows_next_due(type(self)):
+            return step + 1
+        return max(step + 1, self._next_due_after(step))
+
+    def _next_due_after(self, step: int) -> int:
+        """Schedule-specific :meth:`next_due_after` for ``step >= 0``."""
+        return step + 1
+
     def steps_up_to(self, last: int) -> List[int]:
         """All steps in ``[0, last]`` at which a snapshot is due (epoch ends not included)."""
         return [s for s in range(0, last + 1) if self.due_at_step(s)]
@@ -65,6 +85,9 @@ class EveryNSteps(Schedule):
     def _due_at_step(self, step: int) -> bool:
         return step % self.n == 0
 
+    def _next_due_after(self, step: int) -> int:
+        return (step // self.n + 1) * self.n
+
 
 class EveryNEpochs(Schedule):
     """A snapshot at the end of every ``n``-th epoch (epochs ``n-1, 2n-1, ...``, 0-based)."""
@@ -75,6 +98,9 @@ class EveryNEpochs(Schedule):
 
     def _due_at_step(self, step: int) -> bool:
         return False
+
+    def _next_due_after(self, step: int) -> int:
+        return NEVER
 
     def due_at_epoch_end(self, epoch: int) -> bool:
         return (epoch + 1) % self.n == 0
@@ -118,6 +144,13 @@ class LogSpacedSteps(Schedule):
             return following - previous > self.max_interval
         return False
 
+    def _next_due_after(self, step: int) -> int:
+        self._extend_to(step + 1)
+        following = self._points[bisect.bisect_right(self._points, step)]
+        if self.max_interval is not None:  # a lower bound: the next multiple may be due
+            following = min(following, (step // self.max_interval + 1) * self.max_interval)
+        return following
+
 
 class StepList(Schedule):
     """Snapshots at an explicit list of optimizer steps."""
@@ -130,6 +163,28 @@ class StepList(Schedule):
 
     def _due_at_step(self, step: int) -> bool:
         return step in self._set
+
+    def _next_due_after(self, step: int) -> int:
+        pos = bisect.bisect_right(self.steps, step)
+        return self.steps[pos] if pos < len(self.steps) else NEVER
+
+
+def _defining_class(cls: type, name: str) -> Optional[type]:
+    return next((klass for klass in cls.__mro__ if name in klass.__dict__), None)
+
+
+_KNOWS_NEXT_DUE: Dict[type, bool] = {}
+
+
+def _knows_next_due(cls: type) -> bool:
+    """Whether ``cls``'s ``_next_due_after`` belongs to its step rule: defined by the same
+    class as ``_due_at_step``, and ``due_at_step`` not overridden."""
+    known = _KNOWS_NEXT_DUE.get(cls)
+    if known is None:
+        rule = _defining_class(cls, "_due_at_step")
+        known = _KNOWS_NEXT_DUE[cls] = (_defining_class(cls, "_next_due_after") is rule and rule is not Schedule
+                                        and _defining_class(cls, "due_at_step") is Schedule)
+    return known
 
 
 ScheduleLike = Union[Schedule, int, Sequence[int], None]

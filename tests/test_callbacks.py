@@ -319,6 +319,27 @@ def test_monitors_share_one_batch_end_dispatch(L, run_path):
         assert "on_train_batch_start" not in vars(m) and "on_train_batch_end" not in vars(m)
 
 
+def test_grouped_monitors_skip_no_due_step_of_any_schedule(L, run_path):
+    """The group leader skips the batches before every member's next due step; each monitor
+    still snapshots at exactly the steps its schedule makes due (brute force over
+    due_at_step), for built-in rules and for a rule the skipping does not know."""
+    from lightning_ntk.schedule import LogSpacedSteps, StepList
+
+    class OddSteps(EveryNSteps):  # a custom rule: checked at every step
+        def _due_at_step(self, step):
+            return step % 2 == 1
+
+    schedules = {"a": LogSpacedSteps(4), "b": StepList([5, 7, 30]), "c": OddSteps(1), "d": EveryNSteps(4)}
+    monitors = [ProbeMetricsMonitor(run_path, name=name, probe=Probe(size=16), schedule=schedule, budget=False)
+                for name, schedule in schedules.items()]
+    _, trainer = _fit(L, monitors, epochs=2)
+    steps = trainer.global_step
+    with open_run(run_path) as run:
+        for name, schedule in schedules.items():
+            expected = sorted({s for s in range(steps + 1) if schedule.due_at_step(s)} | {steps})
+            assert list(run[f"probe_metrics_{name}"]["step"]) == expected, name
+
+
 def test_monitors_work_where_lightning_would_call_every_hook(L, run_path, monkeypatch):
     """A Lightning release whose dispatch calls non-callable hooks: no hook is replaced by
     None, and every monitor still snapshots on its own schedule."""

@@ -52,3 +52,39 @@ def test_step_list_and_coercion():
 def test_bad_schedules(make, message):
     with pytest.raises((ValueError, TypeError), match=message):
         make()
+
+
+@pytest.mark.parametrize("schedule", [EveryNSteps(7), EveryNEpochs(3), LogSpacedSteps(8), LogSpacedSteps(3),
+                                      LogSpacedSteps(4, max_interval=50), StepList([3, 9, 100, 101]),
+                                      EveryNSteps(5, initial=False)])
+def test_next_due_after_skips_no_due_step(schedule):
+    """next_due_after(s) > s, and no step strictly between them is due (brute force over
+    every step); for the exact rules the returned step is itself due."""
+    from lightning_ntk.schedule import NEVER
+
+    last = 2500
+    due = [schedule.due_at_step(t) for t in range(last + 1)]
+    assert schedule.next_due_after(-1) == 0
+    for s in range(last):
+        nd = schedule.next_due_after(s)
+        assert nd > s
+        assert not any(due[s + 1:min(nd, last + 1)]), (s, nd)
+        exact = not (isinstance(schedule, LogSpacedSteps) and schedule.max_interval is not None)
+        if exact and nd <= last:
+            assert due[nd], (s, nd)
+        if nd == NEVER:
+            assert not any(due[s + 1:])
+
+
+def test_next_due_after_falls_back_to_every_step_for_a_rule_it_does_not_know():
+    class Odd(EveryNSteps):  # overrides the rule, not _next_due_after
+        def _due_at_step(self, step):
+            return step % 2 == 1
+
+    class Custom(EveryNEpochs):
+        def due_at_step(self, step):
+            return step == 5
+
+    assert [Odd(10).next_due_after(s) for s in (0, 1, 2)] == [1, 2, 3]
+    assert Custom(1).next_due_after(3) == 4
+    assert EveryNSteps(10).next_due_after(3) == 10

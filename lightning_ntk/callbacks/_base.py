@@ -191,6 +191,10 @@ class Monitor:
         self._disabled = False
         self._rows: Dict[str, int] = {}
         self._last_step: Optional[int] = None
+        # No snapshot can be due at a step before this one (Schedule.next_due_after): the
+        # per-batch check is one comparison between due steps.
+        self._next_due = 0
+        self._group_next_due = 0  # the group leader's: the smallest _next_due of its group
         # The epoch whose last batch has ended but whose on_train_epoch_end has not run yet: a
         # checkpoint saved in that window resumes into the next epoch without that hook.
         self._pending_epoch_end: Optional[int] = None
@@ -319,6 +323,7 @@ class Monitor:
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         # Every strategy has restored checkpoints (and called load_state_dict) by now.
         self._restore_batch_hooks()
+        self._next_due = 0
         self._join_batch_end_group(trainer)
         self._resuming = self._loaded_state is not None
         self._governor = shared_governor(trainer) if self.budget is None else as_governor(self.budget)
@@ -418,6 +423,7 @@ class Monitor:
             return
         if self not in group:  # (on_train_start again within one setup: already a member)
             group.append(self)
+        group[0]._group_next_due = 0  # check every member at the next batch end
         if group[0] is self:
             self._batch_end_group = group  # the leader: checks every member at batch end
         else:
@@ -434,8 +440,15 @@ class Monitor:
         if group is None:
             self._batch_end(trainer, pl_module, batch_idx)
             return
+        # Before every member's next due step, and away from an epoch's last batch, no
+        # member has anything to do: one comparison for the whole group.
+        if trainer.global_step < self._group_next_due:
+            batches = trainer.num_training_batches
+            if not (isinstance(batches, int) and batch_idx + 1 >= batches):
+                return
         for monitor in group:
             monitor._batch_end(trainer, pl_module, batch_idx)
+        self._group_next_due = min(monitor._next_due for monitor in group)
 
     def _batch_end(self, trainer: Any, pl_module: nn.Module, batch_idx: int) -> None:
         """After each training batch: note an epoch's last batch, take a due snapshot."""
@@ -443,6 +456,10 @@ class Monitor:
         batches = trainer.num_training_batches
         if isinstance(batches, int) and batch_idx + 1 >= batches:
             self._pending_epoch_end = int(trainer.current_epoch)
+        if step < self._next_due:
+            return
+        # One decision per step: with gradient accumulation several batches end at one step.
+        self._next_due = self.schedule.next_due_after(step)
         if step == self._last_step or not self.schedule.due_at_step(step):
             return
         self._snapshot(trainer, pl_module, epoch=_fractional_epoch(trainer, batch_idx))
