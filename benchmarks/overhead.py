@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/overhead.py                  # the demo training (100 epochs)
     .venv/bin/python benchmarks/overhead.py --quick          # all six monitors only
     .venv/bin/python benchmarks/overhead.py --long-epochs 1500   # and a 1500-epoch training
+    .venv/bin/python benchmarks/overhead.py --long-epochs 2000 --long-only   # that section alone
 
 The training: ``lightning_ntk.demo`` (DigitsCNN on scikit-learn digits, 1440 training
 images, batch 64, SGD lr 0.05 momentum 0.9, a validation pass per epoch), CPU, 2 threads,
