@@ -14,7 +14,9 @@ so later snapshots wait until training has paid for them, and every discretionar
 snapshot leaves room for the final ones (the expected cost of one more snapshot of each
 monitor is held in reserve). The total therefore stays within the budget whenever the
 training is long enough to pay for the forced first and last snapshots, i.e. longer
-than (their cost) / b; a shorter training costs those two snapshots and nothing more.
+than (their cost) / b, and every monitor takes its first snapshot at step 0 (the
+default: a first snapshot that comes later is forced too, and no reserve was kept for
+it); a shorter training costs those two snapshots and nothing more.
 Skipped snapshots are recorded with the reason by the monitor.
 
 One governor can be shared by several monitors (one budget for all of them, which is
@@ -62,6 +64,7 @@ class Governor:
         self._spent = 0.0
         self._costs: Dict[str, _MonitorCost] = {}
         self._skipped: Dict[str, int] = {}
+        self._no_final: set = set()  # monitors that will take no final snapshot (see expect_final)
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ accounting
@@ -101,12 +104,22 @@ class Governor:
             cost.last = float(seconds)
             self._spent += float(seconds)
 
+    def expect_final(self, monitor: str, expected: bool = True) -> None:
+        """Whether ``monitor`` will take a final snapshot (the default); a monitor without
+        one (``final=False``, or disabled after a failure) needs no reserve."""
+        with self._lock:
+            if expected:
+                self._no_final.discard(monitor)
+            else:
+                self._no_final.add(monitor)
+
     def reserved(self) -> float:
         """Seconds kept free for the final snapshots, which are always taken: the expected
-        cost of one more snapshot of every monitor that has taken one. A discretionary
-        snapshot is allowed only if it leaves them room, so that the total, final ones
-        included, stays within the budget once training has paid for the forced ones."""
-        return sum(cost.mean for cost in self._costs.values() if cost.count)
+        cost of one more snapshot of every monitor that has taken one and will take a final
+        one. A discretionary snapshot is allowed only if it leaves them room, so that the
+        total, final ones included, stays within the budget once training has paid for the
+        forced ones."""
+        return sum(cost.mean for name, cost in self._costs.items() if cost.count and name not in self._no_final)
 
     def charge(self, seconds: float) -> None:
         """Account instrumentation time that is not a skippable snapshot (per-batch

@@ -281,8 +281,8 @@ class ForgettingTracker:
         if pos.size == 0:
             self._num_updates += 1
             return
-        self._num_updates += 1
         if not self._has_repeats(pos):  # the common case: each example once in this batch
+            self._num_updates += 1
             self._record(pos, c, p, st)
             return
         # occurrence number of each slot within this batch (0 for a first occurrence)
@@ -302,6 +302,7 @@ class ForgettingTracker:
                 keep = occ == 0
                 pos, c, occ, st = pos[keep], c[keep], occ[keep], st[keep]
                 p = None if p is None else p[keep]
+        self._num_updates += 1
         for r in range(int(occ.max()) + 1):
             sel = occ == r
             self._record(pos[sel], c[sel], None if p is None else p[sel], st[sel])

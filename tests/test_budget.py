@@ -58,6 +58,10 @@ def test_reserve_holds_the_final_snapshots_of_every_monitor():
     assert gov.allow("b")  # 0.4 + 0.1 + 0.4 = 0.9 <= 1.0
     clock.now += 1.0  # 11 s: 1.1 s of budget
     assert gov.allow("a")
+    gov.expect_final("a", False)  # e.g. disabled after a failure: its final snapshot will not come
+    assert gov.reserved() == pytest.approx(0.1)
+    gov.expect_final("a")
+    assert gov.reserved() == pytest.approx(0.4)
 
 
 def test_cheap_snapshots_are_all_taken():

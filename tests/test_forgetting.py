@@ -152,6 +152,19 @@ def test_arbitrary_dataset_indices_and_untracked_index_error():
         ForgettingTracker(3).update([3], [True])
 
 
+def test_a_rejected_update_changes_nothing():
+    """duplicates="error" raises before any state changes, the update count included (it is
+    the default step of the next batch)."""
+    tracker = ForgettingTracker(4)
+    before = tracker.state_dict()
+    with pytest.raises(ValueError, match="repeat"):
+        tracker.update([0, 0, 1], [True, False, True], duplicates="error")
+    after = tracker.state_dict()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    tracker.update([2], [True])
+    assert tracker.first_learned_step[2] == 0
+
+
 def test_duplicates_in_one_batch():
     seq = ForgettingTracker(2)
     seq.update([0, 1, 0], [True, True, False], step=5)

@@ -512,19 +512,57 @@ def test_tracker_update_with_per_example_steps_equals_the_reference():
     assert ref["forgetting_count"].sum() > 0
 
 
-def test_kept_logits_are_detached_and_copied_only_off_the_cpu():
-    """Buffered logits: on the CPU the output itself (detached, same memory), elsewhere a
-    copy (a CUDA graph replays into the same output buffer); the meta device stands in."""
-    from lightning_ntk.callbacks.forgetting import _kept
+def test_recorded_logits_are_those_of_the_forward_pass(L, run_path, tmp_path):
+    """A module that changes its output in place after the step (in its own
+    on_train_batch_end, which runs after the callbacks') and whose forward returns a view
+    of a larger tensor: the events equal those of the same training with neither, and the
+    buffered logits hold no more memory than themselves."""
+    from torch.nn import functional as F
 
-    out = nn.Linear(3, 4)(torch.randn(5, 3))
-    kept = _kept(out)
-    assert not kept.requires_grad and kept.grad_fn is None
-    assert kept.data_ptr() == out.data_ptr() and torch.equal(kept, out.detach())
-    out.detach().add_(1)  # the same memory: an in-place change shows (nothing does this on the CPU)
-    assert kept._version == 1 and torch.equal(kept, out.detach())
-    meta = torch.empty(5, 4, device="meta", requires_grad=True) * 2
-    kept_meta = _kept(meta)
-    assert kept_meta.device.type == "meta" and not kept_meta.requires_grad
-    meta.detach().add_(1)  # a copy: the original's in-place change does not reach it
-    assert kept_meta._version == 0
+    from .models import blob_data, loader
+
+    def module(mess: bool):
+        class M(L.LightningModule):
+            def __init__(self):
+                super().__init__()
+                torch.manual_seed(0)
+                self.net = tiny_net()
+
+            def forward(self, x):
+                z = self.net(x)
+                if not mess:
+                    return z
+                wide = torch.cat([torch.zeros(z.shape[0], 50, z.shape[1]), z[:, None, :]], dim=1)
+                return wide[:, -1, :]  # the same values, as a view of a 51x larger tensor
+
+            def training_step(self, batch, batch_idx):
+                self.last_logits = self(batch[0])
+                return F.cross_entropy(self.last_logits, batch[1])
+
+            def on_train_batch_end(self, outputs, batch, batch_idx):
+                if mess:
+                    self.last_logits.detach().zero_()
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        return M()
+
+    held = []
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            held.extend(p[3].untyped_storage().nbytes() == p[3].numel() * p[3].element_size()
+                        for p in monitor._pending)
+
+    events = {}
+    for mess, path in ((False, run_path), (True, str(tmp_path / "mess.h5"))):
+        torch.manual_seed(1)
+        monitor = callbacks.ForgettingMonitor(path, on_error="raise")
+        trainer(L, [monitor, Spy()], max_epochs=2).fit(module(mess), loader(blob_data(n=48), batch_size=16))
+        with open_run(path) as run:
+            events[mess] = {k: np.asarray(run["forgetting/events"][k]) for k in ("index", "correct", "margin", "p_true")}
+    assert held and all(held)
+    for key in ("index", "correct", "margin", "p_true"):
+        np.testing.assert_array_equal(events[True][key], events[False][key], err_msg=key)
+    assert np.any(events[False]["margin"] != 0)

@@ -329,6 +329,7 @@ class Monitor:
         self._governor = shared_governor(trainer) if self.budget is None else as_governor(self.budget)
         if self._governor is not None:
             self._governor.start()
+            self._governor.expect_final(self.group, self.schedule.final)
         if self.needs_probe:
             probe = self.probe.draw(trainer) if isinstance(self.probe, Probe) else self.probe
             loaded = (self._loaded_state or {}).get("probe_index")
@@ -501,6 +502,8 @@ class Monitor:
         if self.on_error == "raise":
             raise exc
         self._disabled = True
+        if self._governor is not None:
+            self._governor.expect_final(self.group, False)  # no reserve for a snapshot that will not come
         warnings.warn(
             f"{type(self).__name__} ({self.group}) failed at step {step} and is disabled for the rest of this "
             f"run: {type(exc).__name__}: {exc}. Pass on_error='raise' to stop training instead.",

@@ -261,17 +261,6 @@ def _logits_in(output: Any, key: str) -> Optional[torch.Tensor]:
     return value if isinstance(value, torch.Tensor) else None
 
 
-def _kept(logits: torch.Tensor) -> torch.Tensor:
-    """A batch's captured logits as buffered until the next processing point: detached
-    from the graph (the graph's saved tensors were freed by the backward pass). On the CPU
-    the output tensor itself is kept (nothing reuses its memory while it is referenced; a
-    copy per batch cost ~10 µs on the digits demo, a third of the monitor's per-batch
-    work); on an accelerator it is copied, since a CUDA graph replays into the same output
-    buffers at the next step."""
-    detached = logits.detach()
-    return detached if detached.is_cpu else detached.clone()
-
-
 def _concat_indices(parts: List[Any], total: int) -> np.ndarray:
     """Index batches (lists of ints from a sampler, or int64 arrays) -> one int64 array."""
     if all(isinstance(p, list) for p in parts):
@@ -423,7 +412,6 @@ class ForgettingMonitor(Monitor):
         self._batches_since_flush = 0
         self._summary_stale = False
         self._labels: Optional[np.ndarray] = None
-        self._labels_of: Any = None  # the dataset _labels were read from
         self._no_sampler_reason: Optional[str] = None
         self._epoch_pass: Optional[int] = None
         self._last_write = -math.inf
@@ -433,7 +421,7 @@ class ForgettingMonitor(Monitor):
 
     def __getstate__(self) -> Dict[str, Any]:
         state = super().__getstate__()
-        for key in ("_recorder", "_interception", "_hook_handle", "_candidates", "_pending", "_labels_of"):
+        for key in ("_recorder", "_interception", "_hook_handle", "_candidates", "_pending"):
             state.pop(key, None)
         state["_needs_runtime_reset"] = True
         return state
@@ -550,6 +538,8 @@ class ForgettingMonitor(Monitor):
                 f"{type(exc).__name__}: {exc} Pass on_error='raise' to stop training instead.",
                 RuntimeWarning, stacklevel=3)
         self._disabled = True
+        if self._governor is not None:  # probe mode: its final snapshot will not come
+            self._governor.expect_final(self.group, False)
         self._cleanup()
 
     def _agree(self, error: Optional[BaseException] = None) -> None:
@@ -688,11 +678,9 @@ class ForgettingMonitor(Monitor):
         if loader is None or isinstance(loader, (Mapping, list, tuple)):
             return
         # Labels of a TensorDataset check that recorded indices match the batches (cheap, exact);
-        # read again only when the loader's dataset is another object.
-        dataset = getattr(loader, "dataset", None)
-        if dataset is not self._labels_of or dataset is None:
-            self._labels = _tensor_dataset_labels(dataset) if self.batch_format is None else None
-            self._labels_of = dataset
+        # read at every epoch start: they may have changed in place (pseudo-labels).
+        self._labels = (_tensor_dataset_labels(getattr(loader, "dataset", None))
+                        if self.batch_format is None else None)
         sampler = self._recorder.index_sampler(loader)
         if sampler is None or not self._recorder.is_recording(sampler):
             # Not prepared through strategy.process_dataloader: record from now on. Batches of an
@@ -743,7 +731,12 @@ class ForgettingMonitor(Monitor):
             for candidate in candidates:
                 if candidate.shape[0] == rows:
                     return
-        candidates.append(logits)  # kept as it is; the batch's logits are detached at batch end (_kept)
+        # A copy taken now: the values of the forward pass, whatever happens to the output
+        # afterwards (an in-place change by the module, a CUDA graph replaying into the same
+        # buffer), and no more memory than the logits (an output that is a view, e.g. the
+        # last token's logits, would keep its whole base alive). In the forward hook the
+        # output is still in cache: the same copy at batch end cost ~11 µs on the demo.
+        candidates.append(logits.detach().clone())
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.mode != "train":
@@ -805,10 +798,7 @@ class ForgettingMonitor(Monitor):
         if (type(targets) is not torch.Tensor or targets.ndim != 1 or type(index) is not list
                 or len(index) != targets.shape[0] or logits.shape[0] != targets.shape[0]):
             return False
-        kept = logits.detach()  # _kept, inline: this runs at every batch
-        if not kept.is_cpu:
-            kept = kept.clone()
-        self._pending.append((index, step, int(trainer.current_epoch), kept, targets, self._labels is not None))
+        self._pending.append((index, step, int(trainer.current_epoch), logits, targets, self._labels is not None))
         return True
 
     def _record_batch(self, outputs: Any, batch: Any, popped: Any, step: int, epoch: int) -> None:
@@ -863,13 +853,13 @@ class ForgettingMonitor(Monitor):
                 "collate_fn that changes the batch size, or a module output that is not per-example logits breaks "
                 "the pairing. " + _HOW_TO_FIX_INDEX)
         # Outcomes are computed at the next flush, over every buffered batch at once (a few
-        # tensor operations per flush instead of per batch); see _kept for what is copied.
-        # Logits returned by training_step are copied: the step may reuse its tensor.
+        # tensor operations per flush instead of per batch). Captured outputs were copied by
+        # the forward hook; logits returned by training_step are copied here.
         check = source == "sampler" and self._labels is not None
         if self._flush_every is None:  # the same on every rank: batches have the same shape
             per_batch = max(1, logits.numel() * logits.element_size())
             self._flush_every = max(1, min(_AUTO_FLUSH_BATCHES, _AUTO_FLUSH_BYTES // per_batch))
-        self._pending.append((index, step, epoch, _kept(logits) if from_candidates else logits.detach().clone(),
+        self._pending.append((index, step, epoch, logits if from_candidates else logits.detach().clone(),
                               targets.reshape(-1), check))
         # The layout _record_common_batch takes from the next batch of this pass on.
         self._common_layout = (self.batch_format is None and self.index_key is None and source == "sampler"
