@@ -407,6 +407,51 @@ def test_another_consumer_of_the_training_loader_is_detected(L, run_path, datase
         fit(L, [ForgettingMonitor(run_path, on_error="raise"), Peek()], Plain(), data, epochs=1, batch_size=16)
 
 
+def indexed_blobs(n: int = 96) -> TensorDataset:
+    """noisy_blobs whose third tensor is the index: the labels check of a TensorDataset applies,
+    and the recording module sees the index (the monitor is not told about it)."""
+    blobs = noisy_blobs(n)
+    return TensorDataset(*blobs.tensors, torch.arange(n))
+
+
+@pytest.mark.parametrize("flush_every", [None, 3])
+def test_labels_changed_in_place_during_training_are_no_capture_error(L, run_path, flush_every):
+    """Relabelling the TensorDataset in place (label noise, pseudo-labels) between and within
+    epochs: batches carry the labels of their time; the check of the recorded indices
+    against the dataset's labels must not mistake that for a broken pairing."""
+    data = indexed_blobs()
+    labels = data.tensors[1]
+    flipped = torch.arange(0, 96, 7)
+
+    class Relabelling(type(recording_module(L))):
+        def on_train_epoch_start(self):  # after the callbacks' epoch start hooks
+            if self.current_epoch in (1, 3):
+                labels[flipped] = (labels[flipped] + 1) % 3
+
+        def training_step(self, batch, batch_idx):
+            if self.current_epoch == 2 and batch_idx == 4:  # mid-epoch
+                labels[flipped] = (labels[flipped] + 1) % 3
+            return super().training_step(batch, batch_idx)
+
+    module = Relabelling()
+    fit(L, [ForgettingMonitor(run_path, on_error="raise", flush_every=flush_every)], module, data, epochs=5)
+    assert len(module.seen) == 50
+    assert_file_matches(run_path, module.seen, 96)
+
+
+def test_labels_check_catches_indices_that_do_not_follow_the_batch(L, run_path):
+    """A collate_fn that reorders the examples of a batch: the sampler's index batch no longer
+    pairs with the rows trained on, which only the TensorDataset labels check can see."""
+    from torch.utils.data import default_collate
+
+    def reversed_collate(samples):
+        return default_collate(samples[::-1])
+
+    with pytest.raises(ForgettingCaptureError, match="do not match the targets of the batches trained on"):
+        fit(L, [ForgettingMonitor(run_path, on_error="raise")], recording_module(L), indexed_blobs(), epochs=1,
+            batch_size=16, loader_kwargs={"collate_fn": reversed_collate})
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(mode="eval"), "mode must be 'train'"),
     (dict(budget=0.1), "budget= applies to mode='probe' only"),

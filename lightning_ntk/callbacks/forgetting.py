@@ -284,6 +284,19 @@ def _tensor_dataset_labels(dataset: Any) -> Optional[np.ndarray]:
     return None
 
 
+class _LabelSnapshot:
+    """A TensorDataset's labels as read at one moment (a copy), against which the batches
+    recorded while it was the latest are checked; ``valid`` turns False once the labels are
+    seen to have changed since (in place: label noise, pseudo-labels): those batches may
+    carry either labels, so they are not checked."""
+
+    __slots__ = ("labels", "valid")
+
+    def __init__(self, labels: np.ndarray) -> None:
+        self.labels = labels
+        self.valid = True
+
+
 def _as_index_array(value: Any, what: str) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().numpy()
@@ -408,10 +421,11 @@ class ForgettingMonitor(Monitor):
         self._flush_every: Optional[int] = self.flush_every  # None: decided at the first batch
         self._ended_epoch: Optional[int] = None  # the last epoch whose end hook ran
         self._batch_step = 0  # the global step of the next batch (the step at the end of the previous one)
-        self._pending: List[Tuple[np.ndarray, int, int, torch.Tensor, torch.Tensor, bool]] = []
+        self._pending: List[Tuple[Any, int, int, torch.Tensor, torch.Tensor, Optional[_LabelSnapshot]]] = []
         self._batches_since_flush = 0
         self._summary_stale = False
-        self._labels: Optional[np.ndarray] = None
+        self._label_snapshot: Optional[_LabelSnapshot] = None  # see _note_labels
+        self._label_dataset: Any = None  # the TensorDataset it is read from
         self._no_sampler_reason: Optional[str] = None
         self._epoch_pass: Optional[int] = None
         self._last_write = -math.inf
@@ -678,14 +692,29 @@ class ForgettingMonitor(Monitor):
         if loader is None or isinstance(loader, (Mapping, list, tuple)):
             return
         # Labels of a TensorDataset check that recorded indices match the batches (cheap, exact);
-        # read at every epoch start: they may have changed in place (pseudo-labels).
-        self._labels = (_tensor_dataset_labels(getattr(loader, "dataset", None))
-                        if self.batch_format is None else None)
+        # read at every epoch start and at every processing point (see _note_labels).
+        dataset = getattr(loader, "dataset", None)
+        self._label_dataset = dataset if self.batch_format is None else None
+        self._note_labels()
         sampler = self._recorder.index_sampler(loader)
         if sampler is None or not self._recorder.is_recording(sampler):
             # Not prepared through strategy.process_dataloader: record from now on. Batches of an
             # iterator created earlier come without indices, which the first of them reports.
             self._no_sampler_reason = self._recorder.attach(loader)
+
+    def _note_labels(self) -> None:
+        """Read the TensorDataset's labels; if they differ from the latest snapshot, that
+        snapshot's batches are not checked (they were trained on either labels, in an order
+        no hook sees: a LightningModule's own on_train_epoch_start runs after the callbacks',
+        batches are fetched ahead) and the new labels become the snapshot."""
+        labels = _tensor_dataset_labels(self._label_dataset) if self._label_dataset is not None else None
+        snapshot = self._label_snapshot
+        if snapshot is not None and labels is not None and labels.shape == snapshot.labels.shape \
+                and np.array_equal(labels, snapshot.labels):
+            return
+        if snapshot is not None:
+            snapshot.valid = False
+        self._label_snapshot = _LabelSnapshot(labels) if labels is not None else None
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._epoch_pass = None
@@ -798,7 +827,7 @@ class ForgettingMonitor(Monitor):
         if (type(targets) is not torch.Tensor or targets.ndim != 1 or type(index) is not list
                 or len(index) != targets.shape[0] or logits.shape[0] != targets.shape[0]):
             return False
-        self._pending.append((index, step, int(trainer.current_epoch), logits, targets, self._labels is not None))
+        self._pending.append((index, step, int(trainer.current_epoch), logits, targets, self._label_snapshot))
         return True
 
     def _record_batch(self, outputs: Any, batch: Any, popped: Any, step: int, epoch: int) -> None:
@@ -855,12 +884,12 @@ class ForgettingMonitor(Monitor):
         # Outcomes are computed at the next flush, over every buffered batch at once (a few
         # tensor operations per flush instead of per batch). Captured outputs were copied by
         # the forward hook; logits returned by training_step are copied here.
-        check = source == "sampler" and self._labels is not None
+        snapshot = self._label_snapshot if source == "sampler" else None
         if self._flush_every is None:  # the same on every rank: batches have the same shape
             per_batch = max(1, logits.numel() * logits.element_size())
             self._flush_every = max(1, min(_AUTO_FLUSH_BATCHES, _AUTO_FLUSH_BYTES // per_batch))
         self._pending.append((index, step, epoch, logits if from_candidates else logits.detach().clone(),
-                              targets.reshape(-1), check))
+                              targets.reshape(-1), snapshot))
         # The layout _record_common_batch takes from the next batch of this pass on.
         self._common_layout = (self.batch_format is None and self.index_key is None and source == "sampler"
                                and isinstance(popped[1], list) and from_candidates and len(self._candidates) == 1
@@ -911,23 +940,42 @@ class ForgettingMonitor(Monitor):
         outcomes = presentation_outcomes(logits, targets, check_targets=False)
         values = torch.stack([outcomes.correct.float(), outcomes.loss.float(), outcomes.margin.float(),
                               outcomes.p_true.float()]).cpu().numpy()
-        if self._labels is not None and any(p[5] for p in pending):
-            mask = np.repeat(np.array([p[5] for p in pending], dtype=bool), sizes)
-            checked = index[mask]
-            seen = targets.cpu().numpy()[mask]
-            inside = (checked >= 0) & (checked < self._labels.shape[0])
-            if not np.all(inside) or not np.array_equal(self._labels[checked], seen):
-                raise ForgettingCaptureError(
-                    f"{type(self).__name__}: the dataset indices recorded from the DataLoader's sampler do not match "
-                    "the targets of the batches trained on (the dataset's labels at those indices differ). Something "
-                    "else may iterate the training loader during training, or the sampler's order is not the batch "
-                    "order. " + _HOW_TO_FIX_INDEX)
+        if any(p[5] is not None for p in pending):
+            self._check_labels(pending, sizes, index, targets)
         records = _Records(batch=np.repeat(np.arange(len(pending)), sizes), index=index,
                            step=np.repeat(np.array([p[1] for p in pending], dtype=np.int64), sizes),
                            epoch=np.repeat(np.array([p[2] for p in pending], dtype=np.int64), sizes),
                            correct=values[0] > 0.5, loss=values[1], margin=values[2],
                            p_true=np.minimum(values[3], 1.0))  # exp(log p) may round a hair above 1
         return records
+
+    def _check_labels(self, pending: List[Any], sizes: np.ndarray, index: np.ndarray, targets: torch.Tensor) -> None:
+        """Sampler indices vs the batches' targets: a TensorDataset's labels at the recorded
+        indices must equal the targets, batch by batch against the labels of their time
+        (batches recorded while the labels changed in place are left unchecked)."""
+        self._note_labels()  # changed since the latest snapshot: its batches are not checked
+        snapshots = [p[5] if p[5] is not None and p[5].valid else None for p in pending]
+        distinct = {id(s): s for s in snapshots if s is not None}
+        if not distinct:
+            return
+        if len(distinct) == 1 and all(s is not None for s in snapshots):  # the common case
+            groups: List[Tuple[_LabelSnapshot, Any]] = [(next(iter(distinct.values())), slice(None))]
+        else:
+            number = {key: k for k, key in enumerate(distinct)}
+            per_row = np.repeat(np.array([-1 if s is None else number[id(s)] for s in snapshots]), sizes)
+            groups = [(s, per_row == number[key]) for key, s in distinct.items()]
+        seen = targets.cpu().numpy()
+        for snapshot, rows in groups:
+            checked, labels = index[rows], snapshot.labels
+            inside = (checked >= 0) & (checked < labels.shape[0])
+            if not np.all(inside) or not np.array_equal(labels[checked], seen[rows]):
+                raise ForgettingCaptureError(
+                    f"{type(self).__name__}: the dataset indices recorded from the DataLoader's sampler do not match "
+                    "the targets of the batches trained on (the dataset's labels at those indices differ). Something "
+                    "else may iterate the training loader during training, a collate_fn may reorder the examples of "
+                    "a batch, or the sampler's order is not the batch order; or the labels were changed in the main "
+                    "process while DataLoader workers (persistent_workers=True) keep their own copy of the dataset. "
+                    + _HOW_TO_FIX_INDEX)
 
     def _gather(self, records: _Records) -> _Records:
         """This process's presentations -> every process's, in one training order (all ranks).
