@@ -414,8 +414,8 @@ def indexed_blobs(n: int = 96) -> TensorDataset:
     return TensorDataset(*blobs.tensors, torch.arange(n))
 
 
-@pytest.mark.parametrize("flush_every", [None, 3])
-def test_labels_changed_in_place_during_training_are_no_capture_error(L, run_path, flush_every):
+@pytest.mark.parametrize("flush_every, through", [(None, "torch"), (3, "torch"), (3, "numpy")])
+def test_labels_changed_in_place_during_training_are_no_capture_error(L, run_path, flush_every, through):
     """Relabelling the TensorDataset in place (label noise, pseudo-labels) between and within
     epochs: batches carry the labels of their time; the check of the recorded indices
     against the dataset's labels must not mistake that for a broken pairing."""
@@ -423,14 +423,21 @@ def test_labels_changed_in_place_during_training_are_no_capture_error(L, run_pat
     labels = data.tensors[1]
     flipped = torch.arange(0, 96, 7)
 
+    def relabel():
+        if through == "torch":  # moves the tensor's version counter
+            labels[flipped] = (labels[flipped] + 1) % 3
+        else:  # a NumPy view: the version counter does not move
+            view = labels.numpy()
+            view[flipped.numpy()] = (view[flipped.numpy()] + 1) % 3
+
     class Relabelling(type(recording_module(L))):
         def on_train_epoch_start(self):  # after the callbacks' epoch start hooks
             if self.current_epoch in (1, 3):
-                labels[flipped] = (labels[flipped] + 1) % 3
+                relabel()
 
         def training_step(self, batch, batch_idx):
             if self.current_epoch == 2 and batch_idx == 4:  # mid-epoch
-                labels[flipped] = (labels[flipped] + 1) % 3
+                relabel()
             return super().training_step(batch, batch_idx)
 
     module = Relabelling()

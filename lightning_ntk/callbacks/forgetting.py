@@ -284,16 +284,33 @@ def _tensor_dataset_labels(dataset: Any) -> Optional[np.ndarray]:
     return None
 
 
+def _label_version(dataset: Any) -> Optional[Tuple[int, ...]]:
+    """Identity and version counter of a TensorDataset's label tensor (through Subsets): it
+    changes when a torch operation changes the labels in place or they are replaced (not
+    when they are written through a NumPy view)."""
+    from torch.utils.data import Subset, TensorDataset
+
+    key: List[int] = []
+    while isinstance(dataset, Subset):
+        key.append(id(dataset.indices))
+        dataset = dataset.dataset
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
+        labels = dataset.tensors[1]
+        return (*key, id(labels), labels._version)
+    return None
+
+
 class _LabelSnapshot:
     """A TensorDataset's labels as read at one moment (a copy), against which the batches
     recorded while it was the latest are checked; ``valid`` turns False once the labels are
     seen to have changed since (in place: label noise, pseudo-labels): those batches may
     carry either labels, so they are not checked."""
 
-    __slots__ = ("labels", "valid")
+    __slots__ = ("labels", "version", "valid")
 
-    def __init__(self, labels: np.ndarray) -> None:
+    def __init__(self, labels: np.ndarray, version: Optional[Tuple[int, ...]]) -> None:
         self.labels = labels
+        self.version = version
         self.valid = True
 
 
@@ -692,29 +709,36 @@ class ForgettingMonitor(Monitor):
         if loader is None or isinstance(loader, (Mapping, list, tuple)):
             return
         # Labels of a TensorDataset check that recorded indices match the batches (cheap, exact);
-        # read at every epoch start and at every processing point (see _note_labels).
+        # looked at every epoch start and read at every processing point (see _note_labels).
         dataset = getattr(loader, "dataset", None)
         self._label_dataset = dataset if self.batch_format is None else None
-        self._note_labels()
+        self._note_labels(read=False)
         sampler = self._recorder.index_sampler(loader)
         if sampler is None or not self._recorder.is_recording(sampler):
             # Not prepared through strategy.process_dataloader: record from now on. Batches of an
             # iterator created earlier come without indices, which the first of them reports.
             self._no_sampler_reason = self._recorder.attach(loader)
 
-    def _note_labels(self) -> None:
+    def _note_labels(self, *, read: bool = True) -> None:
         """Read the TensorDataset's labels; if they differ from the latest snapshot, that
         snapshot's batches are not checked (they were trained on either labels, in an order
         no hook sees: a LightningModule's own on_train_epoch_start runs after the callbacks',
-        batches are fetched ahead) and the new labels become the snapshot."""
-        labels = _tensor_dataset_labels(self._label_dataset) if self._label_dataset is not None else None
+        batches are fetched ahead) and the new labels become the snapshot. ``read=False``
+        (epoch starts): read only if the label tensor's version counter moved; the reads at
+        processing points (``read=True``) also see writes through a NumPy view."""
+        dataset = self._label_dataset
+        version = _label_version(dataset) if dataset is not None else None
         snapshot = self._label_snapshot
+        if not read and snapshot is not None and version is not None and version == snapshot.version:
+            return
+        labels = _tensor_dataset_labels(dataset) if dataset is not None else None
         if snapshot is not None and labels is not None and labels.shape == snapshot.labels.shape \
                 and np.array_equal(labels, snapshot.labels):
+            snapshot.version = version
             return
         if snapshot is not None:
             snapshot.valid = False
-        self._label_snapshot = _LabelSnapshot(labels) if labels is not None else None
+        self._label_snapshot = _LabelSnapshot(labels, version) if labels is not None else None
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._epoch_pass = None
