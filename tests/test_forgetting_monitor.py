@@ -414,49 +414,89 @@ def indexed_blobs(n: int = 96) -> TensorDataset:
     return TensorDataset(*blobs.tensors, torch.arange(n))
 
 
-@pytest.mark.parametrize("flush_every, through", [(None, "torch"), (3, "torch"), (3, "numpy")])
-def test_labels_changed_in_place_during_training_are_no_capture_error(L, run_path, flush_every, through):
+@pytest.mark.parametrize("flush_every, through, workers, when", [
+    (None, "torch", 0, "between and within"), (3, "torch", 0, "between and within"),
+    (3, "numpy", 0, "between and within"), (3, "torch", 2, "between and within"),
+    (3, "torch", "persistent", "between and within"), (1000, "numpy", 0, "changed and undone")])
+def test_labels_changed_in_place_during_training_are_no_capture_error(L, run_path, flush_every, through, workers,
+                                                                      when):
     """Relabelling the TensorDataset in place (label noise, pseudo-labels) between and within
-    epochs: batches carry the labels of their time; the check of the recorded indices
-    against the dataset's labels must not mistake that for a broken pairing."""
+    epochs, through torch or a NumPy view, with or without DataLoader workers (which keep
+    their own copy of the dataset: the old labels until they restart, or for good when
+    persistent), or a change undone an epoch later: batches carry the labels of their time,
+    and the check of the recorded indices against the dataset's labels must not mistake
+    that for a broken pairing."""
     data = indexed_blobs()
     labels = data.tensors[1]
     flipped = torch.arange(0, 96, 7)
 
-    def relabel():
-        if through == "torch":  # moves the tensor's version counter
-            labels[flipped] = (labels[flipped] + 1) % 3
-        else:  # a NumPy view: the version counter does not move
+    def relabel(step=1):
+        if through == "torch":
+            labels[flipped] = (labels[flipped] + step) % 3
+        else:  # through a NumPy view of the same memory
             view = labels.numpy()
-            view[flipped.numpy()] = (view[flipped.numpy()] + 1) % 3
+            view[flipped.numpy()] = (view[flipped.numpy()] + step) % 3
 
     class Relabelling(type(recording_module(L))):
         def on_train_epoch_start(self):  # after the callbacks' epoch start hooks
-            if self.current_epoch in (1, 3):
+            if when == "changed and undone":
+                if self.current_epoch in (1, 2):
+                    relabel(1 if self.current_epoch == 1 else -1)
+            elif self.current_epoch in (1, 3):
                 relabel()
 
         def training_step(self, batch, batch_idx):
-            if self.current_epoch == 2 and batch_idx == 4:  # mid-epoch
+            if when != "changed and undone" and self.current_epoch == 2 and batch_idx == 4:  # mid-epoch
                 relabel()
             return super().training_step(batch, batch_idx)
 
     module = Relabelling()
-    fit(L, [ForgettingMonitor(run_path, on_error="raise", flush_every=flush_every)], module, data, epochs=5)
+    loader_kwargs = ({} if not workers else
+                     {"num_workers": 2, "persistent_workers": workers == "persistent"})
+    monitor = ForgettingMonitor(run_path, on_error="raise", flush_every=flush_every,
+                                write_interval=1e9 if flush_every == 1000 else 5.0)
+    fit(L, [monitor], module, data, epochs=5, loader_kwargs=loader_kwargs)
     assert len(module.seen) == 50
     assert_file_matches(run_path, module.seen, 96)
+    assert monitor._label_dataset is None  # the dataset is not kept alive after fit
+    assert "_label_dataset" not in monitor.__getstate__()
 
 
-def test_labels_check_catches_indices_that_do_not_follow_the_batch(L, run_path):
+def nested_subset(data: TensorDataset):
+    """Subset(Subset(data, a), b): labels reach the check through two index maps."""
+    from torch.utils.data import Subset
+
+    g = torch.Generator().manual_seed(3)
+    outer = Subset(data, torch.randperm(len(data), generator=g)[:80].tolist())
+    return Subset(outer, torch.randperm(80, generator=g)[:64].tolist())
+
+
+@pytest.mark.parametrize("dataset", ["tensor", "nested subset"])
+def test_labels_check_catches_indices_that_do_not_follow_the_batch(L, run_path, dataset):
     """A collate_fn that reorders the examples of a batch: the sampler's index batch no longer
-    pairs with the rows trained on, which only the TensorDataset labels check can see."""
+    pairs with the rows trained on, which only the TensorDataset labels check can see; the
+    same training with the plain collate passes the check (the labels of a Subset of a
+    Subset are looked up through both index maps)."""
     from torch.utils.data import default_collate
 
     def reversed_collate(samples):
         return default_collate(samples[::-1])
 
+    data = indexed_blobs() if dataset == "tensor" else nested_subset(indexed_blobs())
     with pytest.raises(ForgettingCaptureError, match="do not match the targets of the batches trained on"):
-        fit(L, [ForgettingMonitor(run_path, on_error="raise")], recording_module(L), indexed_blobs(), epochs=1,
+        fit(L, [ForgettingMonitor(run_path, on_error="raise")], recording_module(L), data, epochs=1,
             batch_size=16, loader_kwargs={"collate_fn": reversed_collate})
+    module = recording_module(L)
+    fit(L, [ForgettingMonitor(str(run_path) + ".plain.h5", on_error="raise")], module, data, epochs=2,
+        batch_size=16)
+    # the recording module saw the TensorDataset's own index (third tensor); the monitor keys by
+    # the Subset's index: map one to the other before comparing
+    if dataset == "nested subset":
+        base_of = np.array([int(data[i][2]) for i in range(len(data))])
+        position = {int(b): i for i, b in enumerate(base_of)}
+        for batch in module.seen:
+            batch["index"] = np.array([position[int(b)] for b in batch["index"]])
+    assert_file_matches(str(run_path) + ".plain.h5", module.seen, len(data))
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -270,48 +270,54 @@ def _concat_indices(parts: List[Any], total: int) -> np.ndarray:
     return np.concatenate([_as_index_array(p, "an index batch of the DataLoader's sampler") for p in parts])
 
 
-def _tensor_dataset_labels(dataset: Any) -> Optional[np.ndarray]:
-    """Labels of a TensorDataset (or a Subset of one): cheap and exact, used to check indices."""
+def _label_source(dataset: Any) -> Optional[Tuple[torch.Tensor, Tuple[Any, ...]]]:
+    """The label tensor of a TensorDataset (the second tensor: 1-D integer class labels),
+    possibly inside Subsets, and the Subsets' index sequences from the outermost in; None
+    for any other dataset."""
     from torch.utils.data import Subset, TensorDataset
 
-    if isinstance(dataset, Subset):
-        inner = _tensor_dataset_labels(dataset.dataset)
-        return None if inner is None else inner[np.asarray(dataset.indices, dtype=np.int64)]
-    if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
-        labels = dataset.tensors[1].detach().cpu()
-        if labels.ndim == 1 and not labels.dtype.is_floating_point:
-            return labels.numpy().astype(np.int64)
-    return None
-
-
-def _label_version(dataset: Any) -> Optional[Tuple[int, ...]]:
-    """Identity and version counter of a TensorDataset's label tensor (through Subsets): it
-    changes when a torch operation changes the labels in place or they are replaced (not
-    when they are written through a NumPy view)."""
-    from torch.utils.data import Subset, TensorDataset
-
-    key: List[int] = []
+    maps: List[Any] = []
     while isinstance(dataset, Subset):
-        key.append(id(dataset.indices))
+        maps.append(dataset.indices)
         dataset = dataset.dataset
     if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
         labels = dataset.tensors[1]
-        return (*key, id(labels), labels._version)
+        if labels.ndim == 1 and not labels.dtype.is_floating_point and not labels.is_complex():
+            return labels, tuple(maps)
     return None
 
 
 class _LabelSnapshot:
-    """A TensorDataset's labels as read at one moment (a copy), against which the batches
-    recorded while it was the latest are checked; ``valid`` turns False once the labels are
-    seen to have changed since (in place: label noise, pseudo-labels): those batches may
-    carry either labels, so they are not checked."""
+    """A TensorDataset's labels as read at one moment (a copy of its label tensor), against
+    which the batches recorded while it was the latest are checked; ``valid`` turns False
+    once the labels are seen to differ from it (changed in place: label noise,
+    pseudo-labels): those batches may carry either labels, so they are not checked."""
 
-    __slots__ = ("labels", "version", "valid")
+    __slots__ = ("base", "maps", "valid", "_labels")
 
-    def __init__(self, labels: np.ndarray, version: Optional[Tuple[int, ...]]) -> None:
-        self.labels = labels
-        self.version = version
+    def __init__(self, base: torch.Tensor, maps: Tuple[Any, ...]) -> None:
+        self.base = base.detach().clone()
+        self.maps = maps
         self.valid = True
+        self._labels: Optional[np.ndarray] = None
+
+    def same(self, base: torch.Tensor, maps: Tuple[Any, ...]) -> bool:
+        """Whether ``base`` (and the Subsets) still hold the labels of the snapshot."""
+        return (len(maps) == len(self.maps) and all(a is b for a, b in zip(maps, self.maps))
+                and base.shape == self.base.shape and base.dtype == self.base.dtype
+                and base.device == self.base.device and bool(torch.equal(base, self.base)))
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The label of each dataset index (through the Subsets), int64."""
+        if self._labels is None:
+            labels = self.base.cpu().numpy().astype(np.int64)
+            rows: Optional[np.ndarray] = None
+            for indices in reversed(self.maps):  # Subset(Subset(d, a), b)[i] = d[a[b[i]]]
+                idx = np.asarray(indices, dtype=np.int64)
+                rows = idx if rows is None else rows[idx]
+            self._labels = labels if rows is None else labels[rows]
+        return self._labels
 
 
 def _as_index_array(value: Any, what: str) -> np.ndarray:
@@ -442,7 +448,9 @@ class ForgettingMonitor(Monitor):
         self._batches_since_flush = 0
         self._summary_stale = False
         self._label_snapshot: Optional[_LabelSnapshot] = None  # see _note_labels
-        self._label_dataset: Any = None  # the TensorDataset it is read from
+        self._label_dataset: Any = None  # the TensorDataset (or Subset of one) it is read from
+        self._label_workers = False  # whether the training loader has worker processes
+        self._labels_unchecked = False  # labels changed under workers: no more checks this fit
         self._no_sampler_reason: Optional[str] = None
         self._epoch_pass: Optional[int] = None
         self._last_write = -math.inf
@@ -452,7 +460,8 @@ class ForgettingMonitor(Monitor):
 
     def __getstate__(self) -> Dict[str, Any]:
         state = super().__getstate__()
-        for key in ("_recorder", "_interception", "_hook_handle", "_candidates", "_pending"):
+        for key in ("_recorder", "_interception", "_hook_handle", "_candidates", "_pending", "_label_dataset",
+                    "_label_snapshot"):
             state.pop(key, None)
         state["_needs_runtime_reset"] = True
         return state
@@ -611,6 +620,7 @@ class ForgettingMonitor(Monitor):
         self._pending = []
         self._candidates = []
         self._capturing = False
+        self._label_dataset = self._label_snapshot = None  # nothing keeps the dataset alive after fit
 
     # ---------------------------------------------------------------- Lightning hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -709,36 +719,35 @@ class ForgettingMonitor(Monitor):
         if loader is None or isinstance(loader, (Mapping, list, tuple)):
             return
         # Labels of a TensorDataset check that recorded indices match the batches (cheap, exact);
-        # looked at every epoch start and read at every processing point (see _note_labels).
+        # compared with the latest snapshot at every epoch start and processing point (_note_labels).
         dataset = getattr(loader, "dataset", None)
-        self._label_dataset = dataset if self.batch_format is None else None
-        self._note_labels(read=False)
+        if dataset is not self._label_dataset:
+            self._label_dataset = (dataset if self.batch_format is None and _label_source(dataset) is not None
+                                   else None)
+        self._label_workers = int(getattr(loader, "num_workers", 0) or 0) > 0
+        self._note_labels()
         sampler = self._recorder.index_sampler(loader)
         if sampler is None or not self._recorder.is_recording(sampler):
             # Not prepared through strategy.process_dataloader: record from now on. Batches of an
             # iterator created earlier come without indices, which the first of them reports.
             self._no_sampler_reason = self._recorder.attach(loader)
 
-    def _note_labels(self, *, read: bool = True) -> None:
-        """Read the TensorDataset's labels; if they differ from the latest snapshot, that
-        snapshot's batches are not checked (they were trained on either labels, in an order
-        no hook sees: a LightningModule's own on_train_epoch_start runs after the callbacks',
-        batches are fetched ahead) and the new labels become the snapshot. ``read=False``
-        (epoch starts): read only if the label tensor's version counter moved; the reads at
-        processing points (``read=True``) also see writes through a NumPy view."""
-        dataset = self._label_dataset
-        version = _label_version(dataset) if dataset is not None else None
+    def _note_labels(self) -> None:
+        """Compare the TensorDataset's labels with the latest snapshot (one comparison of the
+        label tensor with its copy). If they differ, that snapshot's batches are not checked
+        (they were trained on either labels, in an order no hook sees: a LightningModule's own
+        on_train_epoch_start runs after the callbacks', DataLoader workers hold their own copy
+        of the dataset) and the new labels become the snapshot; with workers, checks stop for
+        the rest of the fit (a worker started before the change keeps the old labels)."""
+        source = _label_source(self._label_dataset) if self._label_dataset is not None else None
         snapshot = self._label_snapshot
-        if not read and snapshot is not None and version is not None and version == snapshot.version:
-            return
-        labels = _tensor_dataset_labels(dataset) if dataset is not None else None
-        if snapshot is not None and labels is not None and labels.shape == snapshot.labels.shape \
-                and np.array_equal(labels, snapshot.labels):
-            snapshot.version = version
+        if snapshot is not None and source is not None and snapshot.same(*source):
             return
         if snapshot is not None:
             snapshot.valid = False
-        self._label_snapshot = _LabelSnapshot(labels, version) if labels is not None else None
+            self._labels_unchecked = self._labels_unchecked or self._label_workers
+        self._label_snapshot = (_LabelSnapshot(*source) if source is not None and not self._labels_unchecked
+                                else None)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._epoch_pass = None
@@ -997,9 +1006,7 @@ class ForgettingMonitor(Monitor):
                     f"{type(self).__name__}: the dataset indices recorded from the DataLoader's sampler do not match "
                     "the targets of the batches trained on (the dataset's labels at those indices differ). Something "
                     "else may iterate the training loader during training, a collate_fn may reorder the examples of "
-                    "a batch, or the sampler's order is not the batch order; or the labels were changed in the main "
-                    "process while DataLoader workers (persistent_workers=True) keep their own copy of the dataset. "
-                    + _HOW_TO_FIX_INDEX)
+                    "a batch, or the sampler's order is not the batch order. " + _HOW_TO_FIX_INDEX)
 
     def _gather(self, records: _Records) -> _Records:
         """This process's presentations -> every process's, in one training order (all ranks).
