@@ -19,7 +19,7 @@ Configurations (each monitor at its default settings: only ``path`` given):
   ``set_default_budget``) and no governor.
 
 The demo trains for ``lightning_ntk.demo.DEMO_EPOCHS`` = 100 epochs (2,300 steps of
-~2.5 ms, ~6 s): still shorter than needed to pay for the first and last snapshots of the
+2.5-5.5 ms, 6-14 s, depending on the day on this shared machine): still shorter than needed to pay for the first and last snapshots of the
 expensive monitors, which the governor always takes (they anchor every curve) and which
 cost a few seconds at the default settings (a 256-example NTK, Hessian eigenvalues on
 1024 examples, codes and few-shot probes). The governor keeps instrumentation ≤ budget ×
@@ -44,7 +44,7 @@ snapshot (``Table.append`` and ``flush_async``), "sync %" = the synchronous flus
 (the step-0 rows before the file is published at the first batch, checkpoints, the wait
 for the last rows at the end of training), "writer %" = the store's writer thread
 (HDF5 write, flush, fsync: off the training thread). Forgetting works on every batch (no snapshots), so its
-cost shows only in the overhead column.
+cost shows in the "acct %" and "wcpu %" columns, not in the snapshot columns.
 """
 from __future__ import annotations
 
