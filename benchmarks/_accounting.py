@@ -24,7 +24,7 @@ from __future__ import annotations
 import collections
 import importlib
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 _CALL_MODULES = ("lightning.pytorch.trainer.call", "pytorch_lightning.trainer.call")
 
@@ -121,14 +121,20 @@ def per_hook(runs: List[Dict[str, Any]], baseline: Dict[str, float]) -> Dict[str
 
     shares: Dict[str, List[float]] = collections.defaultdict(list)
     for run in runs:
-        wall = run["wall"] - accounted_seconds(run, baseline)
-        shares["forward hook"].append(run["capture_s"] / wall)
+        accounted = accounted_seconds(run, baseline)
+        shares["forward hook"].append(share_of_run(run["capture_s"], run["wall"], accounted))
         for hook, seconds in run["seconds"].items():
-            shares[hook].append((seconds - run["calls"][hook] * baseline.get(hook, 0.0)) / wall)
+            shares[hook].append(share_of_run(seconds - run["calls"][hook] * baseline.get(hook, 0.0), run["wall"],
+                                             accounted))
     return {hook: statistics.median(v) for hook, v in sorted(shares.items(), key=lambda kv: -statistics.median(kv[1]))
             if max(abs(x) for x in v) >= 1e-4}
 
 
-def overhead_share(accounted: float, wall: float, extra: Optional[float] = None) -> float:
-    """(accounted [+ extra]) / (wall - accounted): the overhead over the same run without it."""
-    return (accounted + (extra or 0.0)) / max(1e-12, wall - accounted)
+def share_of_run(seconds: float, wall: float, accounted: float) -> float:
+    """``seconds`` as a share of the run's time without the monitors: / (wall - accounted)."""
+    return seconds / max(1e-12, wall - accounted)
+
+
+def overhead_share(accounted: float, wall: float) -> float:
+    """accounted / (wall - accounted): the monitors' overhead over the same run without them."""
+    return share_of_run(accounted, wall, accounted)

@@ -71,7 +71,7 @@ from lightning_ntk.demo import DEMO_EPOCHS, DigitsCNN, digits_split, make_lightn
 from lightning_ntk.store import RunStore  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _accounting import HookClock, accounted_seconds, overhead_share, per_call_baseline  # noqa: E402
+from _accounting import HookClock, accounted_seconds, overhead_share, per_call_baseline, share_of_run  # noqa: E402
 
 #: Times every callback dispatch and ForgettingMonitor's forward hook (see _accounting.py).
 CLOCK = HookClock()
@@ -140,13 +140,11 @@ def main() -> None:
     configs = []
     if args.long_only and not args.long_epochs:
         parser.error("--long-only needs --long-epochs N")
-    if args.long_only:
-        pass
-    elif not args.quick:
-        for name in MONITORS:
-            configs.append((f"{name} (5% governor)", [name], "default"))
-            configs.append((f"{name} (no governor)", [name], False))
     if not args.long_only:
+        if not args.quick:
+            for name in MONITORS:
+                configs.append((f"{name} (5% governor)", [name], "default"))
+                configs.append((f"{name} (no governor)", [name], False))
         configs += [("all six (5% governor)", list(MONITORS), "default"),
                     ("all six (budget=0.02)", list(MONITORS), 0.02),
                     ("all six (no governor)", list(MONITORS), False)]
@@ -198,7 +196,7 @@ def print_table(title: str, baseline: List[Dict[str, Any]], rows: List[Any],
         pct = {k: f"{100 * r[k] / snap:.2f}" if snap else "-" for k in ("store_s", "blocking_s", "writer_s")}
         accounted = accounted_seconds(r["hooks"], per_call)
         thread = overhead_share(accounted, r["seconds"])
-        writer_cpu = r["writer_cpu_s"] / max(1e-12, r["seconds"] - accounted)
+        writer_cpu = share_of_run(r["writer_cpu_s"], r["seconds"], accounted)
         print(f"{label:<34} {r['seconds']:>7.2f} {r['seconds'] / base - 1:>+9.1%} {100 * thread:>7.2f} "
               f"{100 * writer_cpu:>7.2f} {r['snapshots']:>6} {r['skipped']:>7} {snap:>7.2f} {pct['store_s']:>7} "
               f"{pct['blocking_s']:>7} {pct['writer_s']:>9}", flush=True)

@@ -54,7 +54,8 @@ from lightning_ntk.forgetting import rank, read_examples  # noqa: E402
 from lightning_ntk.store import RunStore  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _accounting import HookClock, accounted_seconds, overhead_share, per_call_baseline, per_hook  # noqa: E402
+from _accounting import (HookClock, accounted_seconds, overhead_share, per_call_baseline, per_hook,  # noqa: E402
+                         share_of_run)
 
 ForgettingMonitor = callbacks.ForgettingMonitor
 L = default_namespace()
@@ -181,8 +182,8 @@ def overhead(repeats: int, epochs: int = DEMO_EPOCHS, seed: int = 0):
     baseline = per_call_baseline(runs["without"])
     accounted = [accounted_seconds(run, baseline) for run in runs["with"]]
     thread = [overhead_share(a, run["wall"]) for a, run in zip(accounted, runs["with"])]
-    writer = [w / (run["wall"] - a) for w, a, run in zip(writer_cpu, accounted, runs["with"])]
-    capture = [run["capture_s"] / (run["wall"] - a) for a, run in zip(accounted, runs["with"])]
+    writer = [share_of_run(w, run["wall"], a) for w, a, run in zip(writer_cpu, accounted, runs["with"])]
+    capture = [share_of_run(run["capture_s"], run["wall"], a) for a, run in zip(accounted, runs["with"])]
     total = [t + w for t, w in zip(thread, writer)]
     print(f"\n3. overhead on the demo training ({epochs} epochs, batch {BATCH}, validation each epoch, "
           f"{torch.get_num_threads()} threads), {repeats} alternating repeats each; load average "

@@ -991,14 +991,11 @@ class ForgettingMonitor(Monitor):
         distinct = {id(s): s for s in snapshots if s is not None}
         if not distinct:
             return
-        if len(distinct) == 1 and all(s is not None for s in snapshots):  # the common case
-            groups: List[Tuple[_LabelSnapshot, Any]] = [(next(iter(distinct.values())), slice(None))]
-        else:
-            number = {key: k for k, key in enumerate(distinct)}
-            per_row = np.repeat(np.array([-1 if s is None else number[id(s)] for s in snapshots]), sizes)
-            groups = [(s, per_row == number[key]) for key, s in distinct.items()]
+        number = {key: k for k, key in enumerate(distinct)}  # per row: its batch's snapshot, or -1
+        per_row = np.repeat(np.array([-1 if s is None else number[id(s)] for s in snapshots]), sizes)
         seen = targets.cpu().numpy()
-        for snapshot, rows in groups:
+        for key, snapshot in distinct.items():
+            rows = per_row == number[key]
             checked, labels = index[rows], snapshot.labels
             inside = (checked >= 0) & (checked < labels.shape[0])
             if not np.all(inside) or not np.array_equal(labels[checked], seen[rows]):
