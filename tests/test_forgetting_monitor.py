@@ -658,3 +658,86 @@ def test_recorded_logits_are_those_of_the_forward_pass(L, run_path, tmp_path):
     for key in ("index", "correct", "margin", "p_true"):
         np.testing.assert_array_equal(events[True][key], events[False][key], err_msg=key)
     assert np.any(events[False]["margin"] != 0)
+
+
+def test_the_forward_hook_leaves_autograd_as_it_found_it(L, run_path):
+    """The hook copies the logits with autograd off: after it, grad mode is what it was
+    (off inside the module's own no_grad block, on otherwise), the loss still has its graph,
+    and the copies are not part of any graph."""
+    from torch.nn import functional as F
+
+    from .models import blob_data, loader
+
+    modes, buffered = [], []
+
+    class M(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_net()
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            with torch.no_grad():
+                self(x[:1])  # not per-example logits of the batch: skipped by the monitor
+                modes.append(torch.is_grad_enabled())
+            logits = self(x)
+            modes.append(torch.is_grad_enabled())
+            assert logits.requires_grad and logits.grad_fn is not None
+            return F.cross_entropy(logits, y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            buffered.extend((p[3].requires_grad, p[3].grad_fn) for p in monitor._pending)
+
+    monitor = ForgettingMonitor(run_path, on_error="raise", flush_every=1000)
+    trainer(L, [monitor, Spy()], max_epochs=1).fit(M(), loader(blob_data(n=48), batch_size=16))
+    assert modes == [False, True] * 3
+    assert buffered and all(flag is False and fn is None for flag, fn in buffered)
+    with open_run(run_path) as run:
+        assert len(run["forgetting/events"]) == 48
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_the_last_rows_are_written_by_the_training_thread(L, run_path, monkeypatch, fail):
+    """At the end of training the rows left are written in the training thread, which
+    waits for them anyway (no hand-off to the writer thread); a failure of that write
+    reaches fit with on_error='raise'."""
+    import threading
+
+    from lightning_ntk.store import RunStore, StoreError
+
+    original = RunStore._flush_now
+    ending, writes = [], []  # writes: (thread, event rows committed after the write)
+
+    class Ending(L.Callback):  # runs before the monitor's on_train_end
+        def on_train_end(self, trainer, pl_module):
+            ending.append(True)
+
+    def flush_now(self):
+        if fail and ending:
+            raise StoreError(f"writing run file {self.path} failed: Input/output error (EIO)")
+        original(self)
+        events = monitor._tables.get("forgetting/events")
+        if events is not None:
+            writes.append((threading.current_thread().name, events.n_committed))
+
+    monkeypatch.setattr(RunStore, "_flush_now", flush_now)
+    monitor = ForgettingMonitor(run_path, on_error="raise", write_interval=3600)
+    fit_ = trainer(L, [Ending(), monitor], max_epochs=3).fit
+    args = (recording_module(L), DataLoader(WithIndex(noisy_blobs(48)), batch_size=16, shuffle=True))
+    if fail:
+        with pytest.raises(StoreError, match="Input/output error"):
+            fit_(*args)
+        return
+    fit_(*args)
+    assert ending
+    complete = [thread for thread, rows in writes if rows == 3 * 48]
+    assert complete and complete[0] == threading.main_thread().name  # the write of the last rows
+    with open_run(run_path) as run:
+        assert len(run["forgetting/events"]) == 3 * 48

@@ -101,6 +101,8 @@ _DDP_FLUSH_BATCHES = 64
 _CHARGE_EVERY = 1e-3
 
 _perf_counter = time.perf_counter
+_is_grad_enabled = torch.is_grad_enabled
+_set_grad_enabled = torch._C._set_grad_enabled
 
 
 def _charged(hook: Any) -> Any:
@@ -797,8 +799,15 @@ class ForgettingMonitor(Monitor):
         # afterwards (an in-place change by the module, a CUDA graph replaying into the same
         # buffer), and no more memory than the logits (an output that is a view, e.g. the
         # last token's logits, would keep its whole base alive). In the forward hook the
-        # output is still in cache: the same copy at batch end cost ~11 µs on the demo.
-        candidates.append(logits.detach().clone())
+        # output is still in cache: the same copy at batch end cost ~11 µs on the demo. One
+        # clone with autograd off, rather than detach() then clone(): one operator call
+        # fewer, ~2 µs per batch in the demo training.
+        grad_was = _is_grad_enabled()
+        _set_grad_enabled(False)
+        try:
+            candidates.append(logits.clone())
+        finally:
+            _set_grad_enabled(grad_was)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.mode != "train":
@@ -1081,11 +1090,14 @@ class ForgettingMonitor(Monitor):
             self._store.flush_async()  # the writer thread writes; an earlier write's error surfaces here
         self._last_write = self._clock()
 
-    def _write_summary(self, step: int) -> None:
+    def _write_summary(self, step: int, hand_off: bool = True) -> None:
+        """The per-example summary (and the buffered event rows) to the file; ``hand_off=False``
+        only buffers it, for a caller that flushes the store itself."""
         examples = self._tables.get(f"{self.group}/examples") if self._writer else None
         if examples is not None and self._tracker is not None:
             examples.write(self._tracker.summary(), step=step)
-        self._write()
+        if hand_off:
+            self._write()
         self._summary_stale = False
 
     def _scalars(self) -> Dict[str, float]:
@@ -1137,13 +1149,12 @@ class ForgettingMonitor(Monitor):
             if not self._disabled and self.log_scalars:
                 self._log_scalars(trainer, int(trainer.global_step))
         super().on_train_end(trainer, pl_module)  # probe mode: the final snapshot
-        if not self._disabled:
-            if self._summary_stale:
-                self._guarded(self._write_summary, int(trainer.global_step))
-            else:
-                self._guarded(self._write)
+        if not self._disabled and self._summary_stale:
+            self._guarded(self._write_summary, int(trainer.global_step), False)
         if not self._disabled and self._store is not None:
-            self._guarded(self._store.flush)  # everything in the file before training ends
+            # Everything in the file before training ends, written here: handing the rows to
+            # the writer thread only to wait for it would add a thread switch to the wait.
+            self._guarded(self._store.flush)
         if not self._disabled and self._dist.active:
             self._guarded(self._agree)  # a failure of rank 0's last write reaches every rank
 
