@@ -666,18 +666,11 @@ def test_the_forward_hook_leaves_autograd_as_it_found_it(L, run_path):
     and the copies are not part of any graph."""
     from torch.nn import functional as F
 
-    from .models import blob_data, loader
+    from .models import blob_data, loader, make_module
 
     modes, buffered = [], []
 
-    class M(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = tiny_net()
-
-        def forward(self, x):
-            return self.net(x)
-
+    class M(type(make_module(L))):
         def training_step(self, batch, batch_idx):
             x, y = batch
             with torch.no_grad():
@@ -687,9 +680,6 @@ def test_the_forward_hook_leaves_autograd_as_it_found_it(L, run_path):
             modes.append(torch.is_grad_enabled())
             assert logits.requires_grad and logits.grad_fn is not None
             return F.cross_entropy(logits, y)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
 
     class Spy(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
