@@ -102,7 +102,9 @@ _CHARGE_EVERY = 1e-3
 
 _perf_counter = time.perf_counter
 _is_grad_enabled = torch.is_grad_enabled
-_set_grad_enabled = torch._C._set_grad_enabled
+#: What torch.no_grad() calls; the public torch.set_grad_enabled (which also sets the mode
+#: when called as a function) if a torch release moves it.
+_set_grad_enabled: Callable[[bool], Any] = getattr(torch._C, "_set_grad_enabled", None) or torch.set_grad_enabled
 
 
 def _charged(hook: Any) -> Any:
