@@ -98,8 +98,11 @@ def test_eigenspace_tracking_matches_stored_eigvecs(ntk_run):
         if t:
             np.testing.assert_allclose(track.overlap_to_prev[t],
                                        np.sum((U[t - 1][:, :3].T @ U[t][:, :3]) ** 2) / 3, rtol=1e-10)
-    np.testing.assert_allclose(track.overlap_to_init[0], 1.0)
-    assert np.all((track.overlap_to_init > -1e-12) & (track.overlap_to_init <= 1 + 1e-9))
+    # The stored eigenvectors are float32: a basis' overlap with itself is 1 to within float32
+    # rounding, on either side of 1 depending on the CPU's kernels (1 - 1.5e-8 with AVX-512,
+    # 1 + 3.4e-9 without SIMD).
+    np.testing.assert_allclose(track.overlap_to_init[0], 1.0, rtol=0, atol=1e-6)
+    assert np.all((track.overlap_to_init > -1e-12) & (track.overlap_to_init <= 1 + 1e-6))
 
 
 def test_nonfinite_snapshots_are_skipped(L, tmp_path):
