@@ -489,6 +489,13 @@ class Monitor:
             error = exc
         self._failed(int(self._last_step or 0), error)
 
+    def _disable(self) -> None:
+        """Off for the rest of the run; the governor keeps no reserve for its final snapshot,
+        which will not come."""
+        self._disabled = True
+        if self._governor is not None:
+            self._governor.expect_final(self.group, False)
+
     def _failed(self, step: int, error: Optional[BaseException]) -> bool:
         """Apply ``on_error`` to ``error`` (None: nothing failed on this rank); True if any
         rank failed. Under DDP every rank learns whether any failed, so all raise or all
@@ -501,9 +508,7 @@ class Monitor:
             self._store.record_error(step, self.group, f"{type(exc).__name__}: {exc}")
         if self.on_error == "raise":
             raise exc
-        self._disabled = True
-        if self._governor is not None:
-            self._governor.expect_final(self.group, False)  # no reserve for a snapshot that will not come
+        self._disable()
         warnings.warn(
             f"{type(self).__name__} ({self.group}) failed at step {step} and is disabled for the rest of this "
             f"run: {type(exc).__name__}: {exc}. Pass on_error='raise' to stop training instead.",

@@ -581,9 +581,7 @@ class ForgettingMonitor(Monitor):
                 f"{type(self).__name__} ({self.group}) is disabled for the rest of this run: "
                 f"{type(exc).__name__}: {exc} Pass on_error='raise' to stop training instead.",
                 RuntimeWarning, stacklevel=3)
-        self._disabled = True
-        if self._governor is not None:  # probe mode: its final snapshot will not come
-            self._governor.expect_final(self.group, False)
+        self._disable()
         self._cleanup()
 
     def _agree(self, error: Optional[BaseException] = None) -> None:
