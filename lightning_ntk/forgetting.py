@@ -321,6 +321,10 @@ class ForgettingTracker:
         return not np.array_equal(scratch[pos], numbers)
 
     def _record(self, s: np.ndarray, c: np.ndarray, p: Optional[np.ndarray], step: np.ndarray) -> None:
+        # s holds distinct slots (update() splits repeats into rounds)
+        if s.shape[0] == self._index.shape[0] and s.shape[0]:
+            self._record_every_slot(s, c, p, step)
+            return
         prev = self._last_correct[s]
         self._forgetting_count[s] += (prev == 1) & ~c
         self._learning_count[s] += (prev != 1) & c
@@ -339,8 +343,52 @@ class ForgettingTracker:
             self._epoch_p_count[s] += 1
             self._epoch_p_sum[s] += p
 
+    def _record_every_slot(self, s: np.ndarray, c: np.ndarray, p: Optional[np.ndarray], step: np.ndarray) -> None:
+        """_record when ``s`` is a permutation of every slot (one epoch of presentations, the
+        common case): the inputs are put in slot order once, then whole arrays are updated
+        (the same operations per slot, without a gather and a scatter for each)."""
+        n = s.shape[0]
+        cs = np.empty(n, dtype=bool)
+        cs[s] = c
+        sts = np.empty(n, dtype=np.int64)
+        sts[s] = step
+        prev = self._last_correct
+        self._forgetting_count += (prev == 1) & ~cs
+        self._learning_count += (prev != 1) & cs
+        first = self._presentations == 0
+        if first.any():
+            self._first_correct[first] = cs[first]
+            self._first_step[first] = sts[first]
+        learned_now = cs & (self._first_learned_step < 0)
+        if learned_now.any():
+            self._first_learned_step[learned_now] = sts[learned_now]
+            self._first_learned_presentation[learned_now] = self._presentations[learned_now]
+        self._presentations += 1
+        self._last_correct[:] = cs
+        self._last_step[:] = sts
+        self._epoch_presentations += 1
+        self._epoch_correct += cs
+        if p is not None:
+            ps = np.empty(n, dtype=np.float64)
+            ps[s] = p
+            self._epoch_p_count += 1
+            self._epoch_p_sum += ps
+
     def end_epoch(self) -> None:
         """Fold the current epoch's presentations into the cartography statistics."""
+        if self._epoch_p_count.all():  # every slot presented with p(gold): whole arrays, no masks
+            self._corr_epochs += 1
+            self._corr_sum += self._epoch_correct / self._epoch_presentations
+            v = self._epoch_p_sum / self._epoch_p_count
+            n = self._conf_epochs + 1
+            delta = v - self._conf_mean
+            mean = self._conf_mean + delta / n
+            self._conf_m2 += delta * (v - mean)
+            self._conf_mean[:] = mean
+            self._conf_epochs[:] = n
+            for name in ("epoch_presentations", "epoch_correct", "epoch_p_count", "epoch_p_sum"):
+                getattr(self, "_" + name)[:] = 0
+            return
         seen = self._epoch_presentations > 0
         self._corr_epochs[seen] += 1
         self._corr_sum[seen] += self._epoch_correct[seen] / self._epoch_presentations[seen]

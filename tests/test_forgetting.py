@@ -299,6 +299,49 @@ def test_cartography_statistics_equal_numpy():
         assert tracker.correctness[i] == pytest.approx(np.mean(correct[ep, i]), abs=1e-12)
 
 
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_whole_epochs_in_one_update_match_reference(seed):
+    """Epochs fed as one update holding every tracked example in shuffled order (the
+    monitor's common case, which the tracker updates as whole arrays), mixed with epochs
+    missing an example or split into two updates: counts equal the per-example reference,
+    cartography equals numpy's mean and std over the epochs each example was seen in."""
+    rng = np.random.default_rng(seed)
+    keys = np.array([40, 3, 17, 8, 1 << 33, 0, 25, 11, 5])
+    n, n_epochs = keys.shape[0], 9
+    tracker = ForgettingTracker(index=keys[rng.permutation(n)])
+    correct = rng.random((n_epochs, n)) < 0.6
+    p = rng.random((n_epochs, n))
+    present = np.ones((n_epochs, n), dtype=bool)
+    present[3, rng.integers(n)] = False  # an epoch without one example
+    step = 0
+    history = {i: [] for i in range(n)}
+    for e in range(n_epochs):
+        order = [i for i in rng.permutation(n) if present[e, i]]
+        parts = [order[:4], order[4:]] if e == 5 else [order]  # epoch 5 in two updates
+        for part in parts:
+            part = np.array(part, dtype=np.int64)
+            steps = step + np.arange(part.shape[0]) // 4
+            tracker.update(keys[part], correct[e, part], p[e, part], step=steps)
+            for i, t in zip(part, steps):
+                history[int(i)].append((int(t), bool(correct[e, i])))
+            step = int(steps[-1]) + 1
+        tracker.end_epoch()
+    summary = tracker.summary()
+    slot = {int(k): j for j, k in enumerate(summary["index"])}
+    for i in range(n):
+        j = slot[int(keys[i])]
+        for key, value in reference_stats(history[i]).items():
+            assert summary[key][j] == value, (i, key)
+        state = tracker.state_dict()  # the state merge() orders presentations by
+        assert (state["first_step"][j], state["last_step"][j]) == (history[i][0][0], history[i][-1][0])
+        assert (state["first_correct"][j], state["last_correct"][j]) == (history[i][0][1], history[i][-1][1])
+        seen = present[:, i]
+        assert tracker.confidence[j] == pytest.approx(np.mean(p[seen, i]), abs=1e-12)
+        assert tracker.variability[j] == pytest.approx(np.std(p[seen, i]), abs=1e-12)
+        assert tracker.correctness[j] == pytest.approx(np.mean(correct[seen, i]), abs=1e-12)
+
+
 def test_cartography_averages_presentations_within_an_epoch():
     tracker = ForgettingTracker(1)
     # epoch 1: two presentations (p 0.2 correct, p 0.6 wrong); epoch 2: one (p 0.9 correct)
