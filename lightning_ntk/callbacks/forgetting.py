@@ -253,6 +253,14 @@ def _interleave(parts: Sequence[_Records]) -> _Records:
     return _Records(**{name: values[order] for name, values in merged.items()})
 
 
+def _keepable(logits: torch.Tensor) -> bool:
+    """Whether captured logits may be kept without a copy (see ForgettingMonitor's
+    copy_logits): a plain CPU tensor that is not a view of a larger one (which it would keep
+    alive) and tracks in-place changes (inference tensors have no version counter)."""
+    return (type(logits) is torch.Tensor and logits.is_cpu and logits._base is None
+            and not logits.is_inference())
+
+
 def _logits_in(output: Any, key: str) -> Optional[torch.Tensor]:
     if isinstance(output, torch.Tensor):
         return output
@@ -382,7 +390,7 @@ class ForgettingMonitor(Monitor):
             kept without a copy, each with its autograd version counter, which is compared
             when they are processed (an in-place change is then an error that says to pass
             ``copy_logits=True``, never a silently wrong record). Outputs that are views,
-            not on the CPU, or inference tensors are always copied.
+            not on the CPU, inference tensors or tensor subclasses are always copied.
         schedule, probe, forward_fn, batch_size: ``mode="probe"`` only (default schedule:
             every epoch).
         **kwargs: see :class:`~lightning_ntk.callbacks.Monitor`.
@@ -816,7 +824,7 @@ class ForgettingMonitor(Monitor):
         share = self._share_logits
         if share is None:
             share = self._decide_sharing()
-        if share and logits.is_cpu and logits._base is None and not logits.is_inference():
+        if share and _keepable(logits):
             # Kept without a copy (see copy_logits): detach() shares the output's storage and
             # its version counter, which every in-place change to it or to a view of it
             # increments; _local_records compares the counter with this value. On the demo a
@@ -838,7 +846,7 @@ class ForgettingMonitor(Monitor):
         finally:
             _set_grad_enabled(grad_was)
         self._candidate_versions.append(None)
-        if share is None and logits.is_cpu and logits._base is None and not logits.is_inference():
+        if share is None and _keepable(logits):
             self._watched.append((logits.detach(), logits._version))
 
     # ------------------------------------------------------ keeping logits without a copy
