@@ -616,36 +616,7 @@ def test_recorded_logits_are_those_of_the_forward_pass(L, run_path, tmp_path):
     on_train_batch_end, which runs after the callbacks') and whose forward returns a view
     of a larger tensor: the events equal those of the same training with neither, and the
     buffered logits hold no more memory than themselves."""
-    from torch.nn import functional as F
-
     from .models import blob_data, loader
-
-    def module(mess: bool):
-        class M(L.LightningModule):
-            def __init__(self):
-                super().__init__()
-                torch.manual_seed(0)
-                self.net = tiny_net()
-
-            def forward(self, x):
-                z = self.net(x)
-                if not mess:
-                    return z
-                wide = torch.cat([torch.zeros(z.shape[0], 50, z.shape[1]), z[:, None, :]], dim=1)
-                return wide[:, -1, :]  # the same values, as a view of a 51x larger tensor
-
-            def training_step(self, batch, batch_idx):
-                self.last_logits = self(batch[0])
-                return F.cross_entropy(self.last_logits, batch[1])
-
-            def on_train_batch_end(self, outputs, batch, batch_idx):
-                if mess:
-                    self.last_logits.detach().zero_()
-
-            def configure_optimizers(self):
-                return torch.optim.SGD(self.parameters(), lr=0.1)
-
-        return M()
 
     held = []
 
@@ -658,20 +629,22 @@ def test_recorded_logits_are_those_of_the_forward_pass(L, run_path, tmp_path):
     for mess, path in ((False, run_path), (True, str(tmp_path / "mess.h5"))):
         torch.manual_seed(1)
         monitor = callbacks.ForgettingMonitor(path, on_error="raise")
-        trainer(L, [monitor, Spy()], max_epochs=2).fit(module(mess), loader(blob_data(n=48), batch_size=16))
-        with open_run(path) as run:
-            events[mess] = {k: np.asarray(run["forgetting/events"][k]) for k in ("index", "correct", "margin", "p_true")}
+        module = _mutating_module(L, zero_from=-1 if mess else NEVER, view=mess)
+        trainer(L, [monitor, Spy()], max_epochs=2).fit(module, loader(blob_data(n=48), batch_size=16))
+        events[mess] = _events(path)
     assert held and all(held)
     for key in ("index", "correct", "margin", "p_true"):
         np.testing.assert_array_equal(events[True][key], events[False][key], err_msg=key)
     assert np.any(events[False]["margin"] != 0)
 
 
+NEVER = 10 ** 9
 
-def _zeroing_module(L, zero_from: int, seen_outputs=None):
-    """A module whose own on_train_batch_end zeroes its logits in place (a tensor of its own,
-    not a view) from global step ``zero_from`` on; ``seen_outputs`` collects each training
-    output's data pointer."""
+
+def _mutating_module(L, zero_from: int, view: bool = False, seen_outputs=None):
+    """A module whose own on_train_batch_end zeroes its logits in place once the global step
+    exceeds ``zero_from`` (``NEVER``: never). ``view``: its forward returns the logits as a
+    view of a 51x larger tensor. ``seen_outputs`` collects each training output's data pointer."""
     from torch.nn import functional as F
 
     class M(L.LightningModule):
@@ -681,7 +654,11 @@ def _zeroing_module(L, zero_from: int, seen_outputs=None):
             self.net = tiny_net()
 
         def forward(self, x):
-            return self.net(x)
+            z = self.net(x)
+            if not view:
+                return z
+            wide = torch.cat([torch.zeros(z.shape[0], 50, z.shape[1]), z[:, None, :]], dim=1)
+            return wide[:, -1, :]  # the same values, as a view of a 51x larger tensor
 
         def training_step(self, batch, batch_idx):
             self.last_logits = self(batch[0])
@@ -711,13 +688,13 @@ def test_logits_changed_in_place_from_the_first_batch_on_are_copied(L, run_path,
     from .models import blob_data, loader
 
     events = {}
-    for zero_from, path in ((10 ** 9, run_path), (0, str(tmp_path / "zeroed.h5"))):
+    for zero_from, path in ((NEVER, run_path), (0, str(tmp_path / "zeroed.h5"))):
         torch.manual_seed(1)
         trainer(L, [callbacks.ForgettingMonitor(path, on_error="raise")], max_epochs=2).fit(
-            _zeroing_module(L, zero_from), loader(blob_data(n=48), batch_size=16))
+            _mutating_module(L, zero_from), loader(blob_data(n=48), batch_size=16))
         events[zero_from] = _events(path)
     for key in ("index", "correct", "margin", "p_true"):
-        np.testing.assert_array_equal(events[0][key], events[10 ** 9][key], err_msg=key)
+        np.testing.assert_array_equal(events[0][key], events[NEVER][key], err_msg=key)
     assert np.any(events[0]["margin"] != 0)
 
 
@@ -730,15 +707,15 @@ def test_logits_changed_in_place_after_the_first_batch_are_an_error(L, run_path,
     torch.manual_seed(1)
     with pytest.raises(ForgettingCaptureError, match="changed in place after their forward pass.*copy_logits=True"):
         trainer(L, [callbacks.ForgettingMonitor(run_path, on_error="raise")], max_epochs=2).fit(
-            _zeroing_module(L, zero_from=2), loader(blob_data(n=48), batch_size=16))
+            _mutating_module(L, zero_from=2), loader(blob_data(n=48), batch_size=16))
     events = {}
-    for zero_from, path in ((10 ** 9, str(tmp_path / "clean.h5")), (2, str(tmp_path / "copied.h5"))):
+    for zero_from, path in ((NEVER, str(tmp_path / "clean.h5")), (2, str(tmp_path / "copied.h5"))):
         torch.manual_seed(1)
         trainer(L, [callbacks.ForgettingMonitor(path, on_error="raise", copy_logits=True)], max_epochs=2).fit(
-            _zeroing_module(L, zero_from), loader(blob_data(n=48), batch_size=16))
+            _mutating_module(L, zero_from), loader(blob_data(n=48), batch_size=16))
         events[zero_from] = _events(path)
     for key in ("index", "correct", "margin", "p_true"):
-        np.testing.assert_array_equal(events[2][key], events[10 ** 9][key], err_msg=key)
+        np.testing.assert_array_equal(events[2][key], events[NEVER][key], err_msg=key)
     with pytest.raises(ValueError, match="copy_logits must be True or False"):
         callbacks.ForgettingMonitor(run_path, copy_logits=1)
 
@@ -756,7 +733,7 @@ def test_which_batches_keep_their_logits_without_a_copy(L, run_path, copy_logits
             kept.append(monitor._pending[-1][3].data_ptr())
 
     monitor = callbacks.ForgettingMonitor(run_path, on_error="raise", flush_every=1000, copy_logits=copy_logits)
-    trainer(L, [monitor, Spy()], max_epochs=2).fit(_zeroing_module(L, 10 ** 9, outputs),
+    trainer(L, [monitor, Spy()], max_epochs=2).fit(_mutating_module(L, NEVER, seen_outputs=outputs),
                                                    loader(blob_data(n=48), batch_size=16))
     assert len(outputs) == len(kept) == 6
     same = [a == b for a, b in zip(outputs, kept)]
