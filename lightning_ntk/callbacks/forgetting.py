@@ -253,14 +253,6 @@ def _interleave(parts: Sequence[_Records]) -> _Records:
     return _Records(**{name: values[order] for name, values in merged.items()})
 
 
-def _keepable(logits: torch.Tensor) -> bool:
-    """Whether captured logits may be kept without a copy (see ForgettingMonitor's
-    copy_logits): a plain CPU tensor that is not a view of a larger one (which it would keep
-    alive) and tracks in-place changes (inference tensors have no version counter)."""
-    return (type(logits) is torch.Tensor and logits.is_cpu and logits._base is None
-            and not logits.is_inference())
-
-
 def _logits_in(output: Any, key: str) -> Optional[torch.Tensor]:
     if isinstance(output, torch.Tensor):
         return output
@@ -384,13 +376,6 @@ class ForgettingMonitor(Monitor):
             this long passed since the last write. Always at the end of training, before a
             checkpoint and on an exception; event rows are also written once 2^18 are
             buffered.
-        copy_logits: copy every captured output in the forward hook. Default (False): the
-            first training batch of each fit is copied and watched; if nothing changed its
-            logits in place by the next batch's forward pass, later batches' CPU logits are
-            kept without a copy, each with its autograd version counter, which is compared
-            when they are processed (an in-place change is then an error that says to pass
-            ``copy_logits=True``, never a silently wrong record). Outputs that are views,
-            not on the CPU, inference tensors or tensor subclasses are always copied.
         schedule, probe, forward_fn, batch_size: ``mode="probe"`` only (default schedule:
             every epoch).
         **kwargs: see :class:`~lightning_ntk.callbacks.Monitor`.
@@ -401,8 +386,7 @@ class ForgettingMonitor(Monitor):
 
     def __init__(self, path: str, *, mode: str = "train", index_key: Union[None, str, int] = None,
                  outputs_key: str = "logits", batch_format: BatchFormat = None, num_examples: Optional[int] = None,
-                 flush_every: Optional[int] = None, write_interval: float = 5.0, copy_logits: bool = False,
-                 **kwargs: Any):
+                 flush_every: Optional[int] = None, write_interval: float = 5.0, **kwargs: Any):
         name = type(self).__name__
         if mode not in ("train", "probe"):
             raise ValueError(f"{name}: mode must be 'train' (the training forward pass, Toneva et al.) or 'probe' "
@@ -434,8 +418,6 @@ class ForgettingMonitor(Monitor):
                                         or flush_every < 1):
             raise ValueError(f"{name}: flush_every must be None (automatic) or a positive integer, "
                              f"got {flush_every!r}")
-        if not isinstance(copy_logits, bool):
-            raise ValueError(f"{name}: copy_logits must be True or False, got {copy_logits!r}")
         if (isinstance(write_interval, bool) or not isinstance(write_interval, (int, float))
                 or not math.isfinite(write_interval) or write_interval < 0):
             raise ValueError(f"{name}: write_interval must be a number of seconds >= 0, got {write_interval!r}")
@@ -448,7 +430,6 @@ class ForgettingMonitor(Monitor):
         self.num_examples = num_examples
         self.flush_every = flush_every
         self.write_interval = float(write_interval)
-        self.copy_logits = copy_logits
         self._reset_runtime()
         self._tracker: Optional[ForgettingTracker] = None
         self._loaded_tracker: Optional[Dict[str, Any]] = None
@@ -460,9 +441,6 @@ class ForgettingMonitor(Monitor):
         self._hook_handle: Optional[Any] = None
         self._capturing = False  # during training (the forward hook is registered at train start)
         self._candidates: List[torch.Tensor] = []  # outputs captured during this batch's training_step
-        # Per candidate: the autograd version of a kept (uncopied) output when captured, or None for a copy.
-        self._candidate_versions: List[Optional[int]] = []
-        self._reset_sharing()
         self._common_layout = False  # see _record_common_batch
         self._charged_governor: Optional[Any] = None  # the shared governor its per-batch time is charged to
         self._uncharged = 0.0  # per-batch seconds not yet handed to it (see _charge)
@@ -470,9 +448,7 @@ class ForgettingMonitor(Monitor):
         self._flush_every: Optional[int] = self.flush_every  # None: decided at the first batch
         self._ended_epoch: Optional[int] = None  # the last epoch whose end hook ran
         self._batch_step = 0  # the global step of the next batch (the step at the end of the previous one)
-        # (index batch, step, epoch, logits, targets, label snapshot, version of kept logits or None)
-        self._pending: List[Tuple[Any, int, int, torch.Tensor, torch.Tensor, Optional[_LabelSnapshot],
-                                  Optional[int]]] = []
+        self._pending: List[Tuple[Any, int, int, torch.Tensor, torch.Tensor, Optional[_LabelSnapshot]]] = []
         self._batches_since_flush = 0
         self._summary_stale = False
         self._label_snapshot: Optional[_LabelSnapshot] = None  # see _note_labels
@@ -488,8 +464,8 @@ class ForgettingMonitor(Monitor):
 
     def __getstate__(self) -> Dict[str, Any]:
         state = super().__getstate__()
-        for key in ("_recorder", "_interception", "_hook_handle", "_candidates", "_candidate_versions", "_pending",
-                    "_watched", "_label_dataset", "_label_snapshot"):
+        for key in ("_recorder", "_interception", "_hook_handle", "_candidates", "_pending", "_label_dataset",
+                    "_label_snapshot"):
             state.pop(key, None)
         state["_needs_runtime_reset"] = True
         return state
@@ -519,7 +495,7 @@ class ForgettingMonitor(Monitor):
                 "model_mode": "train (the training forward pass; no extra pass)",
                 "index_source": "sampler" if self.index_key is None else f"batch[{self.index_key!r}]",
                 "outputs_key": self.outputs_key, "batch_format": batch_format, "num_examples": self.num_examples,
-                "flush_every": self.flush_every, "write_interval": self.write_interval, "copy_logits": self.copy_logits}
+                "flush_every": self.flush_every, "write_interval": self.write_interval}
 
     def table_specs(self, probe: Optional[ProbeSet], pl_module: nn.Module) -> List[TableSpec]:
         if self.mode == "probe":
@@ -644,8 +620,7 @@ class ForgettingMonitor(Monitor):
                 else:
                     strategy.process_dataloader = previous
         self._pending = []
-        self._candidates, self._candidate_versions = [], []
-        self._watched = []
+        self._candidates = []
         self._capturing = False
         self._label_dataset = self._label_snapshot = None  # nothing keeps the dataset alive after fit
 
@@ -709,8 +684,7 @@ class ForgettingMonitor(Monitor):
             # (an automatic one would be decided from each rank's first batch).
             self._flush_every = self.flush_every or (_DDP_FLUSH_BATCHES if self._dist.active else None)
             self._batch_step = int(trainer.global_step)
-            self._candidates, self._candidate_versions, self._captured_kind = [], [], None
-            self._reset_sharing()
+            self._candidates, self._captured_kind = [], None
             self._common_layout = False
             if self._hook_handle is None:
                 self._hook_handle = pl_module.register_forward_hook(self._capture)
@@ -821,50 +795,19 @@ class ForgettingMonitor(Monitor):
             for candidate in candidates:
                 if candidate.shape[0] == rows:
                     return
-        share = self._share_logits
-        if share is None:
-            share = self._decide_sharing()
-        if share and _keepable(logits):
-            # Kept without a copy (see copy_logits): detach() shares the output's storage and
-            # its version counter, which every in-place change to it or to a view of it
-            # increments; _local_records compares the counter with this value. On the demo a
-            # detach costs ~9 µs in situ, the copy ~17 µs (the first operator calls after the
-            # forward pass run cold).
-            kept = logits.detach()
-            candidates.append(kept)
-            self._candidate_versions.append(kept._version)
-            return
-        # A copy: the values of the forward pass whatever happens to the output afterwards (an
-        # in-place change, a CUDA graph replaying into the same buffer), and no more memory
-        # than the logits (an output that is a view, e.g. the last token's logits, would keep
-        # its whole base alive). One clone with autograd off, rather than detach() then
-        # clone(): one operator call fewer.
+        # A copy taken now: the values of the forward pass, whatever happens to the output
+        # afterwards (an in-place change by the module, a CUDA graph replaying into the same
+        # buffer), and no more memory than the logits (an output that is a view, e.g. the
+        # last token's logits, would keep its whole base alive). In the forward hook the
+        # output is still in cache: the same copy at batch end cost ~11 µs on the demo. One
+        # clone with autograd off, rather than detach() then clone(): one operator call
+        # fewer, ~2 µs per batch in the demo training.
         grad_was = _is_grad_enabled()
         _set_grad_enabled(False)
         try:
             candidates.append(logits.clone())
         finally:
             _set_grad_enabled(grad_was)
-        self._candidate_versions.append(None)
-        if share is None and _keepable(logits):
-            self._watched.append((logits.detach(), logits._version))
-
-    # ------------------------------------------------------ keeping logits without a copy
-    def _reset_sharing(self) -> None:
-        """At the start of a fit: copy the first batch's logits and watch the outputs."""
-        self._share_logits: Optional[bool] = False if self.copy_logits else None  # None: not decided yet
-        self._watched: List[Tuple[torch.Tensor, int]] = []  # the first batch's outputs and their versions
-        self._watch_ended = False  # the watched batch's on_train_batch_end has run
-
-    def _decide_sharing(self) -> Optional[bool]:
-        """At the forward pass after the first batch's end: keep later logits without a copy if
-        nothing changed the first batch's outputs in place in between (training_step, backward,
-        the optimiser step, every batch-end hook). None until then."""
-        if not self._watch_ended:
-            return None
-        watched, self._watched = self._watched, []
-        self._share_logits = bool(watched) and all(out._version == version for out, version in watched)
-        return self._share_logits
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.mode != "train":
@@ -880,10 +823,8 @@ class ForgettingMonitor(Monitor):
                 return
             if not (self._common_layout and self._record_common_batch(outputs, batch, popped, step, trainer)):
                 self._guarded(self._record_batch, outputs, batch, popped, step, int(trainer.current_epoch))
-            self._candidates, self._candidate_versions = [], []
+            self._candidates = []
             self._captured_kind = None
-            if self._share_logits is None:
-                self._watch_ended = True
             self._batches_since_flush += 1
             if (self._flush_every is not None and self._batches_since_flush >= self._flush_every
                     and not self._disabled):
@@ -928,8 +869,7 @@ class ForgettingMonitor(Monitor):
         if (type(targets) is not torch.Tensor or targets.ndim != 1 or type(index) is not list
                 or len(index) != targets.shape[0] or logits.shape[0] != targets.shape[0]):
             return False
-        self._pending.append((index, step, int(trainer.current_epoch), logits, targets, self._label_snapshot,
-                              self._candidate_versions[0]))
+        self._pending.append((index, step, int(trainer.current_epoch), logits, targets, self._label_snapshot))
         return True
 
     def _record_batch(self, outputs: Any, batch: Any, popped: Any, step: int, epoch: int) -> None:
@@ -941,11 +881,8 @@ class ForgettingMonitor(Monitor):
         rows = int(targets.shape[0]) if targets.ndim else 1
         logits = outputs.get(self.outputs_key) if isinstance(outputs, Mapping) else None
         from_candidates = not isinstance(logits, torch.Tensor)
-        version: Optional[int] = None  # see _capture
         if from_candidates:
-            chosen = next((k for k, c in enumerate(self._candidates) if c.shape[0] == rows), None)
-            if chosen is not None:
-                logits, version = self._candidates[chosen], self._candidate_versions[chosen]
+            logits = next((c for c in self._candidates if c.shape[0] == rows), None)
         if logits is None:
             kind = self._captured_kind or (f"tensor of shape {tuple(self._candidates[0].shape)}"
                                            if self._candidates else None)
@@ -994,7 +931,7 @@ class ForgettingMonitor(Monitor):
             per_batch = max(1, logits.numel() * logits.element_size())
             self._flush_every = max(1, min(_AUTO_FLUSH_BATCHES, _AUTO_FLUSH_BYTES // per_batch))
         self._pending.append((index, step, epoch, logits if from_candidates else logits.detach().clone(),
-                              targets.reshape(-1), snapshot, version))
+                              targets.reshape(-1), snapshot))
         # The layout _record_common_batch takes from the next batch of this pass on.
         self._common_layout = (self.batch_format is None and self.index_key is None and source == "sampler"
                                and isinstance(popped[1], list) and from_candidates and len(self._candidates) == 1
@@ -1034,14 +971,6 @@ class ForgettingMonitor(Monitor):
         if not self._pending:
             return None
         pending, self._pending = self._pending, []
-        changed = sum(1 for p in pending if p[6] is not None and p[3]._version != p[6])
-        if changed:
-            raise ForgettingCaptureError(
-                f"{type(self).__name__}: the logits of {changed} of the {len(pending)} training batches buffered since "
-                "the last processing were changed in place after their forward pass (by training_step, a hook or "
-                "another callback), so they no longer hold the forward pass's values. The monitor keeps the logits "
-                "without a copy once the first batch of a fit leaves them unchanged; pass copy_logits=True to copy "
-                "every batch's logits in the forward pass.")
         sizes = np.array([len(p[0]) for p in pending], dtype=np.int64)
         index = _concat_indices([p[0] for p in pending], int(sizes.sum()))
         logits = torch.cat([p[3] for p in pending])
