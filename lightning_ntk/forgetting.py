@@ -376,23 +376,13 @@ class ForgettingTracker:
 
     def end_epoch(self) -> None:
         """Fold the current epoch's presentations into the cartography statistics."""
-        if self._epoch_p_count.all():  # every slot presented with p(gold): whole arrays, no masks
-            self._corr_epochs += 1
-            self._corr_sum += self._epoch_correct / self._epoch_presentations
-            v = self._epoch_p_sum / self._epoch_p_count
-            n = self._conf_epochs + 1
-            delta = v - self._conf_mean
-            mean = self._conf_mean + delta / n
-            self._conf_m2 += delta * (v - mean)
-            self._conf_mean[:] = mean
-            self._conf_epochs[:] = n
-            for name in ("epoch_presentations", "epoch_correct", "epoch_p_count", "epoch_p_sum"):
-                getattr(self, "_" + name)[:] = 0
-            return
         seen = self._epoch_presentations > 0
+        has_p = self._epoch_p_count > 0
+        # Every slot presented (the common case): whole arrays instead of boolean masks.
+        seen = slice(None) if seen.all() else seen
+        has_p = slice(None) if has_p.all() else has_p
         self._corr_epochs[seen] += 1
         self._corr_sum[seen] += self._epoch_correct[seen] / self._epoch_presentations[seen]
-        has_p = self._epoch_p_count > 0
         v = self._epoch_p_sum[has_p] / self._epoch_p_count[has_p]
         n = self._conf_epochs[has_p] + 1
         delta = v - self._conf_mean[has_p]

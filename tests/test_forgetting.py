@@ -299,7 +299,6 @@ def test_cartography_statistics_equal_numpy():
         assert tracker.correctness[i] == pytest.approx(np.mean(correct[ep, i]), abs=1e-12)
 
 
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_whole_epochs_in_one_update_match_reference(seed):
     """Epochs fed as one update holding every tracked example in shuffled order (the
