@@ -59,10 +59,10 @@ from typing import (
 import torch
 from torch import nn
 
-from ._hygiene import _cuda_devices, measurement_mode
-from ._lanczos import lanczos_eigs, lanczos_quadrature
-from ._losses import per_example_loss
-from .probe import BatchFormat, ProbeSet, batch_to_xy
+from .._hygiene import _cuda_devices, measurement_mode
+from .._lanczos import lanczos_eigs, lanczos_quadrature
+from .._losses import per_example_loss
+from ..probe import BatchFormat, ProbeSet, batch_to_xy
 
 Tensor = torch.Tensor
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -271,7 +271,7 @@ _MEMORY_CHECK_FROM = 64 * 2**20  # bytes: smaller allocations are not checked
 def _memory_guard(what: str, P: int, device: torch.device, knob: str) -> Callable[[int, int], None]:
     """``reserve(vectors, nbytes)``: raise :class:`CurvatureMemoryError` when ``nbytes`` exceed
     :data:`MEMORY_FRACTION` of the memory free on ``device`` now."""
-    from .ntk._memory import available_memory, format_bytes
+    from ..ntk._memory import available_memory, format_bytes
 
     def reserve(vectors: int, nbytes: int) -> None:
         if nbytes <= _MEMORY_CHECK_FROM:
@@ -632,7 +632,7 @@ def _retained_graphs_fit(ls: _LossSet) -> bool:
     """Whether the gradient graphs of every batch fit: the bytes autograd saves while
     building the first batch's graph (forward and ``create_graph`` backward), scaled by
     the examples of all batches, against the free memory."""
-    from .ntk._memory import available_memory
+    from ..ntk._memory import available_memory
 
     saved = [0]
 
