@@ -7,9 +7,9 @@ from ._version import __version__
 from .codes import (RELU_MODULE_TYPES, ActivationCodes, CodeChange, activation_codes, cluster_accuracy, code_change,
                     hamming_distances, kmeans_accuracy, knn_accuracy, logistic_accuracy, redundancy_ratio)
 from .curvature import (CurvatureMemoryError, EdgeOfStability, HessianDensityResult, HessianEigenResult, HessianTraceResult,
-                        PreconditionedSharpnessResult, SAMSharpnessResult, edge_of_stability_threshold, gradient_norm,
-                        hessian_density, hessian_eigs, hessian_trace, preconditioned_sharpness, sam_sharpness,
-                        smoothed_density, squared_loss)
+                        LossSet, PreconditionedSharpnessResult, SAMSharpnessResult, edge_of_stability_threshold,
+                        gradient_norm, hessian_density, hessian_eigs, hessian_trace, preconditioned_sharpness,
+                        sam_sharpness, smoothed_density, squared_loss)
 from .forgetting import (CartographyRegions, ForgettingRanking, ForgettingTracker, PresentationOutcomes,
                          cartography_regions, presentation_outcomes)
 from .forgetting import WithIndex
@@ -32,7 +32,7 @@ __all__ = [
     # eNTK
     "CurvatureMemoryError", "NTKMemoryError", "empirical_ntk", "empirical_ntk_reference", "estimate_ntk_memory",
     # curvature
-    "EdgeOfStability", "HessianDensityResult", "HessianEigenResult", "HessianTraceResult",
+    "EdgeOfStability", "HessianDensityResult", "HessianEigenResult", "HessianTraceResult", "LossSet",
     "PreconditionedSharpnessResult", "SAMSharpnessResult", "edge_of_stability_threshold", "gradient_norm",
     "hessian_density", "hessian_eigs", "hessian_trace", "preconditioned_sharpness", "sam_sharpness",
     "smoothed_density", "squared_loss",

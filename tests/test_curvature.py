@@ -722,21 +722,22 @@ def test_auto_keeps_the_graphs_of_several_batches_when_they_fit(monkeypatch):
     """hvp='auto' over several batches: retained graphs when their measured size fits the
     free memory, else the timed choice between the methods that rebuild the graph."""
     from lightning_ntk import curvature
+    from lightning_ntk.curvature import _hvp
     from lightning_ntk.ntk import _memory
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
     x, y = torch.randn(40, 5), torch.randint(0, 3, (40,))
     batches = [(x[i:i + 10], y[i:i + 10]) for i in range(0, 40, 10)]
-    monkeypatch.setattr(curvature, "_AUTO_CACHE", {})
+    monkeypatch.setattr(_hvp, "_AUTO_CACHE", {})
     assert hessian_eigs(model, None, batches, k=1).hvp_method == "double_backward_retain"
     # the graphs measured: bytes saved per example, times 40 examples, checked against the memory
-    ls = curvature._LossSet(model, None, batches, None, None, True)
+    ls = curvature.LossSet(model, None, batches)
     monkeypatch.setattr(_memory, "available_memory", lambda device: 1000)
-    assert not curvature._retained_graphs_fit(ls)  # 1000 bytes free: 250 allowed, far too few
+    assert not _hvp._retained_graphs_fit(ls)  # 1000 bytes free: 250 allowed, far too few
     monkeypatch.setattr(_memory, "available_memory", lambda device: 10**12)
-    assert curvature._retained_graphs_fit(ls)
+    assert _hvp._retained_graphs_fit(ls)
     monkeypatch.setattr(curvature, "RETAIN_MAX_BYTES", 1)
-    assert not curvature._retained_graphs_fit(ls)  # the absolute cap
-    monkeypatch.setattr(curvature, "_AUTO_CACHE", {})
+    assert not _hvp._retained_graphs_fit(ls)  # the absolute cap
+    monkeypatch.setattr(_hvp, "_AUTO_CACHE", {})
     assert hessian_eigs(model, None, batches, k=1).hvp_method in ("double_backward", "forward_over_reverse")
