@@ -147,12 +147,15 @@ class SharpnessMonitor(Monitor):
         eos = curvature.edge_of_stability_threshold(optimizer) if optimizer is not None else \
             curvature.EdgeOfStability(None, "no optimizer")
         lr = _learning_rate(optimizer)
-        result = curvature.hessian_eigs(model, self.loss_fn, batches, self._k_eff, tol=self.tol,
-                                        max_hvp=self.max_hvp, dtype=self.dtype, return_eigenvectors=True,
-                                        init=self._eigenvectors, warn=False)
+        # One LossSet per snapshot: the set is read, cast and counted once, and every
+        # quantity below, the logged loss included, is computed on it (under DDP it sums
+        # over ranks: built inside curvature.data_parallel by measure()).
+        loss_set = curvature.LossSet(model, self.loss_fn, batches, dtype=self.dtype)
+        result = curvature.hessian_eigs(loss_set, self._k_eff, tol=self.tol, max_hvp=self.max_hvp,
+                                        return_eigenvectors=True, init=self._eigenvectors, warn=False)
         self._eigenvectors = result.eigenvectors
-        loss = self._dist_sum(_loss_sum(model, self.loss_fn, batches)) / n
-        grad_norm = curvature.gradient_norm(model, self.loss_fn, batches, dtype=self.dtype)
+        loss, gradient = loss_set.loss_and_gradient()  # one pass gives both
+        grad_norm = float(torch.linalg.vector_norm(gradient.double()))
         row: Dict[str, Any] = {
             "lr": lr, "eos_threshold": float("nan") if eos.threshold is None else eos.threshold,
             "loss": loss, "grad_norm": grad_norm,
@@ -160,15 +163,14 @@ class SharpnessMonitor(Monitor):
             "n_hvp": result.n_hvp, "converged": bool(result.converged),
         }
         if self.trace:
-            tr = curvature.hessian_trace(model, self.loss_fn, batches, n_queries=self.trace_queries, dtype=self.dtype,
+            tr = curvature.hessian_trace(loss_set, n_queries=self.trace_queries,
                                          generator=int(self.snapshot_step or 0))
             row["trace"], row["trace_stderr"] = tr.trace, tr.stderr
         if self.sam_rho is not None:
-            row["sam_sharpness"] = curvature.sam_sharpness(model, self.loss_fn, batches, self.sam_rho,
-                                                           dtype=self.dtype).sharpness
+            row["sam_sharpness"] = curvature.sam_sharpness(loss_set, self.sam_rho).sharpness
         if self.density:
-            dens = curvature.hessian_density(model, self.loss_fn, batches, n_steps=self.density_steps,
-                                             dtype=self.dtype, generator=int(self.snapshot_step or 0))
+            dens = curvature.hessian_density(loss_set, n_steps=self.density_steps,
+                                             generator=int(self.snapshot_step or 0))
             nodes = dens.nodes[0].double().cpu().numpy()
             weights = dens.weights[0].double().cpu().numpy()
             pad = self.density_steps - nodes.shape[0]  # Lanczos may stop early (invariant subspace)
@@ -179,8 +181,8 @@ class SharpnessMonitor(Monitor):
             inner = getattr(optimizer, "optimizer", optimizer)
             if type(inner).__name__ in ("Adam", "AdamW") and all(
                     "exp_avg_sq" in inner.state.get(p, {}) for g in inner.param_groups for p in g["params"]):
-                value = float(curvature.preconditioned_sharpness(model, optimizer, self.loss_fn, batches, 1,
-                                                                 tol=self.tol, dtype=self.dtype).eigenvalues[0])
+                value = float(curvature.preconditioned_sharpness(loss_set, optimizer, 1,
+                                                                 tol=self.tol).eigenvalues[0])
             row["preconditioned_sharpness"] = value
         scalars = {"sharpness": float(row["eigvals"][0]), "grad_norm": grad_norm, "loss": loss}
         if eos.threshold is not None:
@@ -191,9 +193,6 @@ class SharpnessMonitor(Monitor):
         if self.sam_rho is not None:
             scalars["sam_sharpness"] = row["sam_sharpness"]
         return row, scalars
-
-    def _dist_sum(self, value: float) -> float:
-        return float(self._dist.all_reduce_sum(torch.tensor([value], dtype=torch.float64)).sum())
 
     def extra_state(self) -> Dict[str, Any]:
         return {"eigenvectors": self._eigenvectors}
@@ -208,16 +207,3 @@ def _learning_rate(optimizer: Any) -> float:
         return float("nan")
     rates = {float(g.get("lr", float("nan"))) for g in groups}
     return rates.pop() if len(rates) == 1 else float("nan")
-
-
-def _loss_sum(model: nn.Module, loss_fn: Optional[LossFn], batches: List[Tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Sum of the per-example losses over the batches (a mean loss counts once per example)."""
-    from .._losses import per_example_loss
-
-    fn = loss_fn or per_example_loss
-    total = 0.0
-    with torch.no_grad():
-        for x, y in batches:
-            losses = fn(model(x), y)
-            total += float(losses.double().sum()) if losses.ndim == 1 else float(losses) * x.shape[0]
-    return total
