@@ -95,3 +95,14 @@ def function(value: Any, name: str, owner: str = "", *, signature: str = "", opt
         what = "a callable" + (f" {signature}" if signature else "")
         _fail(owner, name, ("None or " if optional else "") + what, value, error=TypeError)
     return value
+
+
+def text(value: Any, name: str, owner: str = "", *, forbid: str = "", optional: bool = False,
+         hint: str = "") -> Any:
+    """A non-empty ``str`` holding none of the characters of ``forbid`` (None when ``optional``)."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value or any(c in value for c in forbid):
+        requirement = "a non-empty string" + (f" without {' or '.join(map(repr, forbid))}" if forbid else "")
+        _fail(owner, name, ("None or " if optional else "") + requirement, value, hint=hint)
+    return value

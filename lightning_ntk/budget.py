@@ -31,6 +31,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Union
 
+from ._args import positive
+
 #: Reasons a snapshot is skipped (stored as integer codes; names in the table's attrs).
 SKIP_REASONS = ("", "budget")
 SKIP_BUDGET = 1
@@ -56,9 +58,7 @@ class Governor:
     """
 
     def __init__(self, budget: float = 0.05, clock: Optional[Callable[[], float]] = None):
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not (0 < budget < math.inf):
-            raise ValueError(f"budget must be a positive fraction of training time (e.g. 0.05 for 5%), got {budget!r}")
-        self.budget = float(budget)
+        self.budget = positive(budget, "budget", "Governor", hint="a fraction of training time, e.g. 0.05 for 5%")
         self.clock: Callable[[], float] = clock or time.perf_counter
         self._start: Optional[float] = None
         self._spent = 0.0

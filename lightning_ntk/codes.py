@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from ._args import function, integer, one_of, positive_int
 from ._hygiene import module_device
 
 __all__ = [
@@ -223,17 +224,14 @@ def activation_codes(model: nn.Module, x: torch.Tensor, modules: Any = None, *,
         :class:`ActivationCodes` with the bits of every captured call concatenated in
         forward order (spatial positions flattened, channel-major).
     """
-    if capture not in ("modules", "functional"):
-        raise ValueError(f"capture must be 'modules' or 'functional', got {capture!r}")
+    one_of(capture, "capture", ("modules", "functional"), "activation_codes")
     if capture == "functional" and modules is not None:
         raise ValueError("modules= selects hooked modules and only applies to capture='modules'; "
                          "capture='functional' records every ReLU-family call")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor of inputs, got {type(x).__name__}")
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if forward_fn is not None and not callable(forward_fn):
-        raise TypeError("forward_fn must be callable (model, x) -> outputs")
+    positive_int(int(batch_size), "batch_size", "activation_codes")
+    function(forward_fn, "forward_fn", "activation_codes", signature="(model, x) -> outputs")
     run = (lambda xb: forward_fn(model, xb)) if forward_fn is not None else model
     device = module_device(model, x.device)
     module_name = {id(m): n for n, m in model.named_modules()}
@@ -409,12 +407,11 @@ def knn_accuracy(train_codes: Any, y_train: Any, test_codes: Any, y_test: Any, k
     pte, n_test = _packed(test_codes)
     ytr = _labels(y_train, "y_train", ptr.shape[0])
     yte = _labels(y_test, "y_test", pte.shape[0])
-    if not 1 <= int(k) <= ptr.shape[0]:
-        raise ValueError(f"k must lie in [1, {ptr.shape[0]}] (the number of training codes), got {k}")
+    k = integer(int(k), "k", "knn_accuracy", minimum=1, maximum=ptr.shape[0],
+                hint="at most the number of training codes")
     if n_test != n_train:
         raise ValueError(f"train and test codes have different lengths: {n_train} and {n_test} units")
     classes, ytr_i = np.unique(ytr, return_inverse=True)
-    k = int(k)
     pred = np.empty(pte.shape[0], dtype=np.int64)
     rows = max(1, _KNN_CHUNK_BYTES // max(1, 8 * ptr.shape[0]))  # distances of one chunk of test rows
     for s in range(0, pte.shape[0], rows):
@@ -484,12 +481,13 @@ def cluster_accuracy(cluster_ids: Any, labels: Any, mapping: str = "hungarian") 
     _, yi = np.unique(y, return_inverse=True)
     table = np.zeros((ci.max() + 1, yi.max() + 1), dtype=np.int64)
     np.add.at(table, (ci, yi), 1)
+    one_of(mapping, "mapping", ("hungarian", "greedy", "greedy_matching"), "cluster_accuracy")
     if mapping == "hungarian":
         r, l = linear_sum_assignment(-table)
         hit = table[r, l].sum()
     elif mapping == "greedy":
         hit = table.max(axis=1).sum()
-    elif mapping == "greedy_matching":
+    else:  # "greedy_matching"
         flat = np.argsort(-table, axis=None, kind="stable")
         used_c = np.zeros(table.shape[0], bool)
         used_l = np.zeros(table.shape[1], bool)
@@ -499,8 +497,6 @@ def cluster_accuracy(cluster_ids: Any, labels: Any, mapping: str = "hungarian") 
             if not used_c[i] and not used_l[j]:
                 used_c[i] = used_l[j] = True
                 hit += table[i, j]
-    else:
-        raise ValueError(f"mapping must be 'hungarian', 'greedy' or 'greedy_matching', got {mapping!r}")
     return float(hit / c.shape[0])
 
 
@@ -514,9 +510,8 @@ def kmeans_clusters(codes: Any, n_clusters: int, *, seed: int = 0, n_init: int =
     from sklearn.cluster import KMeans
 
     x = _bits_float(codes)
-    k = int(n_clusters)
-    if not 1 <= k <= x.shape[0]:
-        raise ValueError(f"n_clusters must lie in [1, {x.shape[0]}] (the number of codes), got {k}")
+    k = integer(int(n_clusters), "n_clusters", "kmeans_clusters", minimum=1, maximum=x.shape[0],
+                hint="at most the number of codes")
     return KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(x)
 
 

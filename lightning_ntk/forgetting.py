@@ -37,6 +37,8 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from ._args import integer, number, one_of, text
+
 __all__ = [
     "WithIndex",
     "read_examples",
@@ -183,9 +185,8 @@ class ForgettingTracker:
             raise ValueError("give exactly one of num_examples (track indices 0..num_examples-1) "
                              "or index= (an array of the distinct dataset indices to track)")
         if index is None:
-            if int(num_examples) < 0:
-                raise ValueError(f"num_examples must be >= 0, got {num_examples}")
-            idx = np.arange(int(num_examples), dtype=np.int64)
+            num_examples = integer(int(num_examples), "num_examples", "ForgettingTracker", minimum=0)
+            idx = np.arange(num_examples, dtype=np.int64)
         else:
             idx = _as_numpy(index, "index")
             if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
@@ -253,8 +254,7 @@ class ForgettingTracker:
                 ``"first"``: keep the first occurrence only (e.g. the padding duplicates of
                 a ``DistributedSampler`` after gathering ranks); ``"error"``: raise.
         """
-        if duplicates not in ("sequential", "first", "error"):
-            raise ValueError(f"duplicates must be 'sequential', 'first' or 'error', got {duplicates!r}")
+        one_of(duplicates, "duplicates", ("sequential", "first", "error"), "ForgettingTracker.update")
         pos = self.slots(indices)
         c = _as_numpy(correct, "correct").reshape(-1)
         if c.shape[0] != pos.shape[0]:
@@ -606,9 +606,8 @@ class ForgettingRanking:
         return int(self.order.shape[0])
 
     def _cut(self, fraction: float) -> int:
-        if not 0.0 <= float(fraction) <= 1.0:
-            raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
-        return int(math.floor(float(fraction) * len(self) + 1e-9))
+        fraction = number(float(fraction), "fraction", "ForgettingRanking", minimum=0, maximum=1)
+        return int(math.floor(fraction * len(self) + 1e-9))
 
     def indices_to_prune(self, fraction: float) -> np.ndarray:
         """The floor(fraction * N) least-forgotten examples (dataset indices)."""
@@ -760,10 +759,9 @@ def cartography_regions(confidence: ArrayLike, variability: ArrayLike,
     var = _as_numpy(variability, "variability").astype(np.float64).reshape(-1)
     if conf.shape != var.shape:
         raise ValueError(f"confidence and variability differ in length: {conf.shape[0]} vs {var.shape[0]}")
-    if not 0.0 <= float(fraction) <= 1.0:
-        raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
+    fraction = number(float(fraction), "fraction", "cartography_regions", minimum=0, maximum=1)
     valid = np.flatnonzero(np.isfinite(conf) & np.isfinite(var))
-    k = int(math.floor(float(fraction) * valid.shape[0] + 1e-9))
+    k = int(math.floor(fraction * valid.shape[0] + 1e-9))
 
     def pick(values: np.ndarray) -> np.ndarray:
         mask = np.zeros(conf.shape[0], dtype=bool)
@@ -792,8 +790,7 @@ class WithIndex(torch.utils.data.Dataset):
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
             raise TypeError(f"WithIndex needs a map-style dataset (with __len__ and __getitem__), got "
                             f"{type(dataset).__name__}")
-        if not isinstance(key, str) or not key:
-            raise ValueError(f"WithIndex: key must be a non-empty string, got {key!r}")
+        text(key, "key", "WithIndex")
         self.dataset = dataset
         self.key = key
 

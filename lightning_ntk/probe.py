@@ -15,6 +15,8 @@ from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, T
 import numpy as np
 import torch
 
+from ._args import integer, one_of, positive_int, text
+
 #: ``batch_format``: None (automatic), a pair of keys/positions ``(x_key, y_key)``, or a
 #: function ``batch -> (x, y)``.
 BatchFormat = Union[None, Tuple[Union[str, int], Union[str, int]], Callable[[Any], Tuple[Any, Any]]]
@@ -204,10 +206,9 @@ def draw_probe(dataset: Any, size: Optional[int] = 256, *, seed: int = 0, strati
     n = len(dataset)
     if n == 0:
         raise ValueError(f"cannot draw probe {name!r}: the {source} dataset is empty")
+    size = positive_int(size, "size", "draw_probe", optional=True, hint="None takes the whole dataset")
     if size is None:
         size = n
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"probe size must be a positive integer or None (whole dataset), got {size!r}")
     if size > n:
         raise ValueError(
             f"probe {name!r} asks for {size} examples but the {source} dataset has only {n}; pass size<={n} "
@@ -252,15 +253,10 @@ class Probe:
     def __init__(self, size: Optional[int] = 256, source: str = "train", seed: int = 0, stratified: bool = True,
                  name: Optional[str] = None, batch_format: BatchFormat = None,
                  store_inputs: Optional[bool] = None, first: bool = False):
-        if source not in ("train", "val"):
-            raise ValueError(f"Probe source must be 'train' or 'val', got {source!r}; for other data pass "
-                             "ProbeSet.from_tensors(x, y)")
-        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-            raise ValueError(f"Probe size must be a positive integer or None (whole dataset), got {size!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"Probe seed must be an integer, got {seed!r}")
-        if name is not None and (not isinstance(name, str) or not name or "/" in name):
-            raise ValueError(f"Probe name must be a non-empty string without '/', got {name!r}")
+        one_of(source, "source", ("train", "val"), "Probe", hint="for other data pass ProbeSet.from_tensors(x, y)")
+        size = positive_int(size, "size", "Probe", optional=True, hint="None takes the whole dataset")
+        seed = integer(seed, "seed", "Probe")
+        text(name, "name", "Probe", forbid="/", optional=True)
         if batch_format is not None and not callable(batch_format) and not (
                 isinstance(batch_format, (tuple, list)) and len(batch_format) == 2):
             raise ValueError(f"batch_format must be None, a pair (x_key, y_key) or a function batch -> (x, y); "

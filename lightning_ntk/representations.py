@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ._args import function, integer, one_of, positive_int
 from ._hygiene import module_device
 
 __all__ = ["extract_features", "FewShotResult", "few_shot_accuracy", "linear_probe_accuracy"]
@@ -42,10 +43,8 @@ def extract_features(model: nn.Module, x: torch.Tensor, layer: Union[None, str, 
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor of inputs, got {type(x).__name__}")
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if forward_fn is not None and not callable(forward_fn):
-        raise TypeError("forward_fn must be callable (model, x) -> outputs")
+    positive_int(int(batch_size), "batch_size", "extract_features")
+    function(forward_fn, "forward_fn", "extract_features", signature="(model, x) -> outputs")
     named = dict(model.named_modules())
     if layer is None:
         targets = [m for m in model.modules() if isinstance(m, nn.Linear)]
@@ -133,13 +132,11 @@ def few_shot_accuracy(features: Any, labels: Any, n_way: int = 5, k_shot: int = 
     y = _as_array(labels, "labels").reshape(-1)
     if f.ndim != 2 or f.shape[0] != y.shape[0]:
         raise ValueError(f"features must be (N, D) with one label per row; got {f.shape} and {y.shape[0]} labels")
-    if classifier not in ("centroid_euclidean", "centroid_cosine", "logistic"):
-        raise ValueError("classifier must be 'centroid_euclidean', 'centroid_cosine' or 'logistic', "
-                         f"got {classifier!r}")
-    n_way, k_shot, n_query, episodes = int(n_way), int(k_shot), int(n_query), int(episodes)
-    if n_way < 2 or k_shot < 1 or n_query < 1 or episodes < 1:
-        raise ValueError("need n_way >= 2, k_shot >= 1, n_query >= 1 and episodes >= 1; got "
-                         f"{n_way}, {k_shot}, {n_query}, {episodes}")
+    one_of(classifier, "classifier", ("centroid_euclidean", "centroid_cosine", "logistic"), "few_shot_accuracy")
+    n_way = integer(int(n_way), "n_way", "few_shot_accuracy", minimum=2)
+    k_shot = positive_int(int(k_shot), "k_shot", "few_shot_accuracy")
+    n_query = positive_int(int(n_query), "n_query", "few_shot_accuracy")
+    episodes = positive_int(int(episodes), "episodes", "few_shot_accuracy")
     classes, yi = np.unique(y, return_inverse=True)
     members = [np.flatnonzero(yi == c) for c in range(classes.shape[0])]
     eligible = np.array([c for c, m in enumerate(members) if m.shape[0] >= k_shot + n_query])

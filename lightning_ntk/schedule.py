@@ -16,14 +16,10 @@ import sys
 from abc import ABC, abstractmethod
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+from ._args import integer, positive_int
+
 #: "No step": what :meth:`Schedule.next_due_after` returns when no later step is due.
 NEVER = sys.maxsize
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 class Schedule(ABC):
@@ -80,7 +76,7 @@ class EveryNSteps(Schedule):
 
     def __init__(self, n: int = 100, initial: bool = True, final: bool = True):
         super().__init__(initial, final)
-        self.n = _check_int("EveryNSteps n", n, 1)
+        self.n = positive_int(n, "n", "EveryNSteps")
 
     def _due_at_step(self, step: int) -> bool:
         return step % self.n == 0
@@ -94,7 +90,7 @@ class EveryNEpochs(Schedule):
 
     def __init__(self, n: int = 1, initial: bool = True, final: bool = True):
         super().__init__(initial, final)
-        self.n = _check_int("EveryNEpochs n", n, 1)
+        self.n = positive_int(n, "n", "EveryNEpochs")
 
     def _due_at_step(self, step: int) -> bool:
         return False
@@ -118,10 +114,8 @@ class LogSpacedSteps(Schedule):
     def __init__(self, per_decade: int = 8, max_interval: Optional[int] = None, initial: bool = True,
                  final: bool = True):
         super().__init__(initial, final)
-        self.per_decade = _check_int("LogSpacedSteps per_decade", per_decade, 1)
-        if max_interval is not None:
-            _check_int("LogSpacedSteps max_interval", max_interval, 1)
-        self.max_interval = max_interval
+        self.per_decade = positive_int(per_decade, "per_decade", "LogSpacedSteps")
+        self.max_interval = positive_int(max_interval, "max_interval", "LogSpacedSteps", optional=True)
         self._points: List[int] = [1]
         self._i = 0
 
@@ -157,7 +151,8 @@ class StepList(Schedule):
 
     def __init__(self, steps: Sequence[int], initial: bool = True, final: bool = True):
         super().__init__(initial, final)
-        checked = sorted({_check_int("StepList step", int(s) if not isinstance(s, bool) else s, 0) for s in steps})
+        checked = sorted({integer(int(s) if not isinstance(s, bool) else s, "step", "StepList", minimum=0)
+                          for s in steps})
         self.steps = checked
         self._set = set(checked)
 

@@ -19,12 +19,13 @@ vector ``vec(Y) = Y.reshape(-1)`` in the same order.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import scipy.linalg
 import torch
+
+from ._args import integer, number, one_of, positive
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -187,12 +188,10 @@ def _cosine(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> float:
     return float(np.dot(a.ravel(), b.ravel()) / (na * nb))
 
 
-def _check_k(k: Optional[int], max_k: int, name: str = "k") -> int:
+def _check_k(k: Optional[int], max_k: int, name: str = "k", owner: str = "") -> int:
     if k is None:
         return max_k
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= max_k:
-        raise ValueError(f"{name} must be an integer in 1..{max_k}; got {k!r}.")
-    return int(k)
+    return integer(k, name, owner, minimum=1, maximum=max_k)
 
 
 # --------------------------------------------------------------------- kernel basics
@@ -288,12 +287,8 @@ def kernel_distance(K1: ArrayLike, K2: ArrayLike) -> float:
 
 def kernel_velocity(K1: ArrayLike, K2: ArrayLike, dt_epochs: float) -> float:
     """Kernel velocity of Fort et al. (2020): v = S(K_t, K_{t+dt}) / dt, dt in epochs."""
-    dt = float(dt_epochs)
-    if not math.isfinite(dt) or dt <= 0:
-        raise ValueError(
-            f"dt_epochs must be a finite time step > 0 (in epochs) between the two "
-            f"snapshots; got {dt_epochs!r}."
-        )
+    dt = positive(float(dt_epochs), "dt_epochs", "kernel_velocity",
+                  hint="the time step between the two snapshots, in epochs")
     return kernel_distance(K1, K2) / dt
 
 
@@ -405,7 +400,7 @@ def top_eigenpairs(K: ArrayLike, k: Optional[int] = None) -> Eigenpairs:
     _check_symmetric(A, "K")
     A = 0.5 * (A + A.T)
     m = A.shape[0]
-    k = _check_k(k, m)
+    k = _check_k(k, m, owner="top_eigenpairs")
     w, V = scipy.linalg.eigh(A, subset_by_index=[m - k, m - 1], check_finite=False)
     w = np.ascontiguousarray(w[::-1])
     V = _canonical_signs(np.ascontiguousarray(V[:, ::-1]))
@@ -428,6 +423,7 @@ def align_signs(U: ArrayLike, U_prev: ArrayLike, method: str = "dot") -> np.ndar
             f"U and U_prev must be (M, k) eigenvector matrices over the same M rows; "
             f"got {U.shape} and {P.shape}."
         )
+    one_of(method, "method", ("dot", "max_overlap"), "align_signs")
     if method == "dot":
         if U.shape != P.shape:
             raise ValueError(
@@ -435,11 +431,9 @@ def align_signs(U: ArrayLike, U_prev: ArrayLike, method: str = "dot") -> np.ndar
                 "(use method='max_overlap')."
             )
         ref = np.einsum("mk,mk->k", U, P)
-    elif method == "max_overlap":
+    else:  # "max_overlap"
         O = P.T @ U
         ref = O[np.argmax(np.abs(O), axis=0), np.arange(U.shape[1])]
-    else:
-        raise ValueError(f"method must be 'dot' or 'max_overlap'; got {method!r}.")
     signs = np.where(ref < 0, -1.0, 1.0)
     return U * signs
 
@@ -478,7 +472,7 @@ def subspace_overlap(U1: ArrayLike, U2: ArrayLike, k: Optional[int] = None) -> f
         raise ValueError(
             f"U1 has {A.shape[1]} columns and U2 has {B.shape[1]}; pass k <= {min(A.shape[1], B.shape[1])}."
         )
-    k = _check_k(k, min(A.shape[1], B.shape[1]))
+    k = _check_k(k, min(A.shape[1], B.shape[1]), owner="subspace_overlap")
     O = A[:, :k].T @ B[:, :k]
     return float(np.sum(O * O) / k)
 
@@ -516,7 +510,8 @@ def eigen_energy(U: ArrayLike, phi: ArrayLike, ks: Optional[Sequence[int]] = Non
     curve = np.cumsum(np.sum(coeff * coeff, axis=1)) / total
     if ks is None:
         return curve
-    idx = np.asarray([_check_k(-1 if k is None else k, Uf.shape[1], "each entry of ks") for k in ks], dtype=np.int64)
+    idx = np.asarray([_check_k(-1 if k is None else k, Uf.shape[1], "each entry of ks", "eigen_energy") for k in ks],
+                     dtype=np.int64)
     return curve[idx - 1]
 
 
@@ -596,8 +591,7 @@ def nystrom_extension(
             f"K_cross has {A.shape[1]} columns as a matrix but U has {Uf.shape[0]} rows; "
             "pass K(X*, X) against the probe X on which U was computed."
         )
-    if not min_relative_eigval >= 0:
-        raise ValueError(f"min_relative_eigval must be >= 0; got {min_relative_eigval!r}.")
+    min_relative_eigval = number(float(min_relative_eigval), "min_relative_eigval", "nystrom_extension", minimum=0)
     lam_max = float(np.max(np.abs(lam))) if lam.size else 0.0
     bad = np.flatnonzero((lam <= 0) | (lam < min_relative_eigval * lam_max))
     if bad.size:
@@ -679,10 +673,8 @@ def _cholesky_solve(A: np.ndarray, B: np.ndarray, eps: float) -> np.ndarray:
     return scipy.linalg.cho_solve(factor, B, check_finite=False)
 
 
-def _solve_regression(p: _RegressionProblem, eps: float) -> np.ndarray:
-    eps = float(eps)
-    if not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite number >= 0; got {eps!r}.")
+def _solve_regression(p: _RegressionProblem, eps: float, owner: str) -> np.ndarray:
+    eps = number(float(eps), "eps", owner, minimum=0)
     if eps > 0 and p.mean_diag <= 0:
         raise ValueError(
             f"K_train has trace {p.mean_diag:g}·n <= 0, so eps·(tr K/n) cannot regularise it; "
@@ -734,7 +726,7 @@ def kernel_regression(
     Returns predictions (N*, C).
     """
     p = _prepare_regression(K_train, Y_train, K_test_train, center, f0_train, f0_test, num_classes)
-    return _solve_regression(p, eps)
+    return _solve_regression(p, eps, "kernel_regression")
 
 
 class KernelRegressionScores(NamedTuple):
@@ -781,7 +773,7 @@ def kernel_regression_scores(
     (labels (N*,) or targets (N*, C); accuracy uses argmax of each row)."""
     p = _prepare_regression(K_train, Y_train, K_test_train, center, f0_train, f0_test, num_classes)
     Yt = _test_targets(y_test, p.K_test.shape[0], p.residual.shape[1])
-    return _scores(_solve_regression(p, eps), Yt)
+    return _scores(_solve_regression(p, eps, "kernel_regression_scores"), Yt)
 
 
 def kernel_regression_sweep(
@@ -809,7 +801,7 @@ def kernel_regression_sweep(
     mse = np.full(grid.size, np.nan)
     for i, eps in enumerate(grid):
         try:
-            pred = _solve_regression(p, float(eps))
+            pred = _solve_regression(p, float(eps), "kernel_regression_sweep")
         except ValueError as err:
             if not isinstance(err.__cause__, np.linalg.LinAlgError):
                 raise

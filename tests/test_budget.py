@@ -105,7 +105,7 @@ def test_overhead_accounting():
 
 @pytest.mark.parametrize("bad", [0, -0.1, math.inf, "5%"])
 def test_bad_budgets(bad):
-    with pytest.raises(ValueError, match="budget must be a positive fraction"):
+    with pytest.raises(ValueError, match="budget must be a finite number > 0"):
         Governor(bad)
 
 

@@ -41,8 +41,8 @@ def test_step_list_and_coercion():
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: EveryNSteps(0), "n must be an integer >= 1"),
-    (lambda: EveryNEpochs(1.5), "n must be an integer >= 1"),
+    (lambda: EveryNSteps(0), "n must be a positive integer"),
+    (lambda: EveryNEpochs(1.5), "n must be a positive integer"),
     (lambda: LogSpacedSteps(per_decade=0), "per_decade"),
     (lambda: LogSpacedSteps(max_interval=-1), "max_interval"),
     (lambda: StepList([-1]), "step must be an integer >= 0"),

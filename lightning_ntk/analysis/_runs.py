@@ -12,6 +12,7 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .._args import one_of
 from ..store import Run, TableView, open_run
 
 RunLike = Union[Run, "os.PathLike[str]", str]
@@ -115,8 +116,7 @@ def x_values(view: TableView, x: str) -> Tuple[np.ndarray, str]:
 
     ``wall_time`` is shown as seconds since the table's first row.
     """
-    if x not in X_AXES:
-        raise ValueError(f"x must be one of {X_AXES}, got {x!r}")
+    one_of(x, "x", X_AXES)
     if x == "step":
         return np.asarray(view[view.key or "step"]), "step"
     if x not in view:

@@ -19,6 +19,7 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 
 from .. import spectral
+from .._args import fraction
 from ..store import Run, TableView
 from ._runs import RunLike, opened, table
 
@@ -96,7 +97,7 @@ def eigenspace_tracking(run: RunLike, group: str = "ntk", k: Optional[int] = Non
         if rows.size == 0:
             raise ValueError(f"{run.path}: every snapshot of {group!r} has a non-finite kernel")
         U = np.asarray(view["eigvecs"], dtype=np.float64)[rows]
-        k = spectral._check_k(k, U.shape[2])
+        k = spectral._check_k(k, U.shape[2], owner="eigenspace_tracking")
         to_prev = np.full(rows.size, np.nan)
         to_init = np.empty(rows.size)
         for t in range(rows.size):
@@ -109,8 +110,7 @@ def eigenspace_tracking(run: RunLike, group: str = "ntk", k: Optional[int] = Non
 
 def _split_probe(labels: np.ndarray, test_fraction: float, seed: int) -> tuple:
     """A stratified split of probe positions into (train, test) position arrays."""
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    test_fraction = fraction(float(test_fraction), "test_fraction", "kernel_dynamics")
     rng = np.random.default_rng(seed)
     test = []
     for c in np.unique(labels):

@@ -16,6 +16,7 @@ from typing import Any, List, Optional, Sequence
 
 import numpy as np
 
+from .._args import integer
 from ._runs import (RunsLike, colors, find_field, new_axes, opened, run_colors, run_labels, single, table,
                     x_values)
 from .series import LINESTYLES, _log_scale, available, has_fields, plot_series, union_fields
@@ -112,9 +113,8 @@ def plot_eigen_energy(run: RunsLike, ax: Any = None, *, group: str = GROUP, k: O
                   for name, _ in ENERGIES if name in view and view.group[name].ndim == 2]
         if not widths:
             raise ValueError(f"none of the runs holds target/output energies in /{group}")
-        kk = min(widths) if k is None else int(k)
-        if not 1 <= kk <= min(widths):
-            raise ValueError(f"k must be between 1 and {min(widths)} (the stored eigenvectors), got {k}")
+        kk = min(widths) if k is None else integer(int(k), "k", "plot_eigen_energy", minimum=1, maximum=min(widths),
+                                                    hint="at most the number of stored eigenvectors")
         for name, short in ENERGIES:
             specs.append((name, kk - 1))
             names[f"{name}[{kk - 1}]"] = short

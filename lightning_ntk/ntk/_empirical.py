@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from .._args import one_of
 from .._hygiene import _cuda_devices
 from ._features import kind_width
 from ._jacobian import JacobianSource, chunk_parameters
@@ -83,10 +84,8 @@ class _Setup:
         dtype: Optional[torch.dtype],
         max_memory: Union[None, int, str],
     ):
-        if kind not in KINDS:
-            raise ValueError(f"empirical_ntk: kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
-        if method not in METHODS:
-            raise ValueError(f"empirical_ntk: method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+        one_of(kind, "kind", KINDS, "empirical_ntk")
+        one_of(method, "method", METHODS, "empirical_ntk")
         if not isinstance(model, nn.Module):
             raise TypeError(f"empirical_ntk: model must be a torch.nn.Module, got {type(model).__name__}")
         check_autograd()

@@ -11,7 +11,10 @@ import os
 import re
 from typing import Optional, Union
 
+import numpy as np
 import torch
+
+from .._args import positive_int
 
 CPU_FRACTION = 0.5
 CUDA_FRACTION = 0.8
@@ -51,10 +54,8 @@ def parse_memory(value: Union[int, str]) -> int:
     """
     if isinstance(value, bool):
         raise TypeError("max_memory must be a number of bytes (int) or a string such as '2GB' or '512MiB', got a bool")
-    if isinstance(value, int):
-        if value <= 0:
-            raise ValueError(f"max_memory must be positive, got {value} bytes")
-        return value
+    if isinstance(value, (int, np.integer)):
+        return positive_int(value, "max_memory", hint="a number of bytes, or a string such as '2GB'")
     if isinstance(value, str):
         match = _PATTERN.match(value)
         unit = match.group(2).lower() if match else None

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .._args import one_of
 from ._model import FunctionalModel, ParamsArg, check_autograd, check_modes, prepare_input, select_parameters
 
 
@@ -30,8 +31,7 @@ def empirical_ntk_reference(
     trace (mean over outputs of the diagonal), diagonal (N1, N2, C), pseudo
     (1/C) (sum_c J_c)(sum_c J_c)^T (Mohamadi et al. 2023).
     """
-    if kind not in ("full", "trace", "diagonal", "pseudo"):
-        raise ValueError(f"kind must be one of 'full', 'trace', 'diagonal', 'pseudo', got {kind!r}")
+    one_of(kind, "kind", ("full", "trace", "diagonal", "pseudo"), "empirical_ntk_reference")
     check_autograd()
     check_modes(model)
     selected = select_parameters(model, params)
