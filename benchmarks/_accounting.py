@@ -11,8 +11,9 @@ accounting here measures, inside the run with monitors, the time the monitors ta
 * the run file's writer thread (its CPU time, reported separately: it runs beside the
   training thread, on another core when one is free).
 
-Not counted: recording the sampler's index batches (one list append per batch), the
-``process_dataloader`` wrapper (once per loader), and the longer path ``Module.__call__``
+Not counted: recording the sampler's indices (a generator step per example and a list
+append per batch, inside the DataLoader's iteration), the ``process_dataloader`` wrapper
+(once per loader), and the longer path ``Module.__call__``
 takes when the module has a forward hook (``ForgettingMonitor``'s: ~3.4 µs per call of
 the LightningModule in a tight loop on 2026-12-07, about 0.07% of a 5 ms demo step).
 
@@ -39,11 +40,6 @@ class HookClock:
         self._patched: List[Tuple[Any, str, Any]] = []
 
     def install(self) -> "HookClock":
-        from lightning_ntk.callbacks._lightning import dispatch_skips_non_callables
-
-        # Monitors read the source of _call_callback_hooks once (cached) to know whether
-        # Lightning skips non-callable hooks: read it before it is wrapped here.
-        dispatch_skips_non_callables()
         clock = self
         for name in _CALL_MODULES:
             try:
@@ -62,19 +58,19 @@ class HookClock:
 
             module._call_callback_hooks = timed
             self._patched.append((module, "_call_callback_hooks", original))
-        from lightning_ntk.callbacks.forgetting import ForgettingMonitor
+        from lightning_ntk.callbacks._capture import LogitsCapture
 
-        capture = ForgettingMonitor._capture
+        capture = LogitsCapture._hook
 
-        def timed_capture(monitor: Any, *args: Any) -> None:
+        def timed_capture(recorder: Any, *args: Any) -> None:
             started = time.perf_counter()
             try:
-                capture(monitor, *args)
+                capture(recorder, *args)
             finally:
                 clock.capture_s += time.perf_counter() - started
 
-        ForgettingMonitor._capture = timed_capture
-        self._patched.append((ForgettingMonitor, "_capture", capture))
+        LogitsCapture._hook = timed_capture
+        self._patched.append((LogitsCapture, "_hook", capture))
         return self
 
     def remove(self) -> None:

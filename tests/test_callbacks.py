@@ -268,12 +268,8 @@ def test_writer_thread_error_reaches_the_training_process(L, run_path, monkeypat
     assert failed_in and failed_in[0].startswith("lightning_ntk writer")
 
 
-def test_unimplemented_batch_hooks_are_skipped_and_overrides_still_run(L, run_path):
-    """Monitors leave Lightning's per-batch no-op hooks out of its dispatch (instance
-    attributes None, which Lightning's ``callable`` test skips); a subclass that implements
-    one (and calls super()) is still called on every batch."""
-    from lightning_ntk.callbacks._lightning import PER_BATCH_HOOKS
-
+def test_a_subclass_hook_is_called_on_every_batch(L, run_path):
+    """A subclass that implements a per-batch hook (and calls super()) is called on every batch."""
     calls = []
 
     class CountingMonitor(ProbeMetricsMonitor):
@@ -281,42 +277,40 @@ def test_unimplemented_batch_hooks_are_skipped_and_overrides_still_run(L, run_pa
             super().on_after_backward(trainer, pl_module)
             calls.append(trainer.global_step)
 
-    plain = ProbeMetricsMonitor(run_path, probe=Probe(size=16), schedule=EveryNEpochs(1), budget=False)
-    counting = CountingMonitor(str(run_path) + ".2.h5", probe=Probe(size=16), schedule=EveryNEpochs(1),
-                               budget=False)
-    for hook in PER_BATCH_HOOKS:
-        assert getattr(plain, hook) is None, hook
-    assert callable(counting.on_after_backward)
-    _, trainer = _fit(L, [plain, counting], epochs=2)
+    counting = CountingMonitor(run_path, probe=Probe(size=16), schedule=EveryNEpochs(1), budget=False)
+    _, trainer = _fit(L, [counting], epochs=2)
     steps = trainer.global_step
     assert steps > 0 and calls == list(range(steps))
     with open_run(run_path) as run:
-        assert list(run["probe_metrics"]["step"]) == [0, steps // 2, steps]  # initial + two epoch ends: the monitor itself worked
+        assert list(run["probe_metrics"]["step"]) == [0, steps // 2, steps]  # initial + two epoch ends
 
 
-def test_monitors_share_one_batch_end_dispatch(L, run_path):
-    """The monitors that keep Monitor's on_train_batch_end are checked by the first of them
-    (one Lightning dispatch per batch); each still snapshots on its own schedule, and the
-    hooks are back to normal after the fit."""
-    seen = {}
+def test_monitors_of_a_trainer_share_one_fit_session(L, run_path):
+    """One FitSession per fit: every monitor of the Trainer is a member, the first one's
+    batch-end call checks all of them, each still snapshots on its own schedule, and the
+    session closes when the fit ends; a second fit gets a new session."""
+    from lightning_ntk.callbacks import FitSession
+
+    sessions, members = [], []
 
     class Spy(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if trainer.global_step == 3:
-                seen.update({m.name: (m.on_train_batch_start, m.on_train_batch_end) for m in monitors})
+                sessions.append({m.name: m._session for m in monitors})
+                members.extend(monitors[0]._session.monitors)
 
-    monitors = [ProbeMetricsMonitor(run_path, name=name, probe=Probe(size=16), schedule=EveryNSteps(n), budget=False)
-                for name, n in (("a", 2), ("b", 3), ("c", 5))]
-    _, trainer = _fit(L, monitors + [Spy()], epochs=2)
+    monitors = [ProbeMetricsMonitor(run_path, name=name, probe=Probe(size=16), schedule=EveryNSteps(n), budget=False,
+                                    overwrite=True) for name, n in (("a", 2), ("b", 3), ("c", 5))]
+    module, trainer = _fit(L, monitors + [Spy()], epochs=2)
     steps = trainer.global_step
-    assert seen["a"][0] is None and callable(seen["a"][1])  # the leader
-    assert seen["b"] == (None, None) and seen["c"] == (None, None)
+    first = sessions[0]
+    assert isinstance(first["a"], FitSession) and first["a"] is first["b"] is first["c"]
+    assert members == monitors and first["a"].collectives is not None
+    assert first["a"].closed and all(m._session is None or m._session.closed for m in monitors)
     with open_run(run_path) as run:
         for name, n in (("a", 2), ("b", 3), ("c", 5)):
             expected = sorted(set(range(0, steps + 1, n)) | {steps})
             assert list(run[f"probe_metrics_{name}"]["step"]) == expected, name
-    for m in monitors:
-        assert "on_train_batch_start" not in vars(m) and "on_train_batch_end" not in vars(m)
 
 
 def test_grouped_monitors_skip_no_due_step_of_any_schedule(L, run_path):
@@ -340,25 +334,3 @@ def test_grouped_monitors_skip_no_due_step_of_any_schedule(L, run_path):
             assert list(run[f"probe_metrics_{name}"]["step"]) == expected, name
 
 
-def test_monitors_work_where_lightning_would_call_every_hook(L, run_path, monkeypatch):
-    """A Lightning release whose dispatch calls non-callable hooks: no hook is replaced by
-    None, and every monitor still snapshots on its own schedule."""
-    from lightning_ntk.callbacks import _base, _lightning
-
-    monkeypatch.setattr(_lightning, "dispatch_skips_non_callables", lambda: False)
-    monkeypatch.setattr(_base, "dispatch_skips_non_callables", lambda: False)
-    monitors = [ProbeMetricsMonitor(run_path, name=name, probe=Probe(size=16), schedule=EveryNSteps(n), budget=False)
-                for name, n in (("a", 2), ("b", 3))]
-    replaced = []
-
-    class Spy(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            replaced.extend(h for m in monitors for h, v in vars(m).items() if h.startswith("on_") and v is None)
-
-    replaced.extend(h for m in monitors for h, v in vars(m).items() if h.startswith("on_") and v is None)
-    _, trainer = _fit(L, monitors + [Spy()], epochs=2)
-    assert replaced == []
-    steps = trainer.global_step
-    with open_run(run_path) as run:
-        for name, n in (("a", 2), ("b", 3)):
-            assert list(run[f"probe_metrics_{name}"]["step"]) == sorted(set(range(0, steps + 1, n)) | {steps})

@@ -295,30 +295,6 @@ def test_epoch_ends_process_every_write_interval_whatever_the_flush_points(L, ru
     assert_file_matches(run_path, module.seen, 96)
 
 
-def test_common_batches_take_the_short_path_and_match_the_reference(L, run_path, monkeypatch):
-    """After the first batch of each pass, (x, y, ...) batches with sampler indices take
-    _record_common_batch; the file still equals the reference, and a batch that breaks
-    the layout (here: a second captured output of another row count) takes the full path."""
-    full = []
-    original = ForgettingMonitor._record_batch
-
-    def counting(self, outputs, batch, popped, step, epoch):
-        full.append(step)
-        return original(self, outputs, batch, popped, step, epoch)
-
-    monkeypatch.setattr(ForgettingMonitor, "_record_batch", counting)
-    module = recording_module(L)
-    fit(L, [ForgettingMonitor(run_path, on_error="raise")], module, WithIndex(noisy_blobs()), epochs=3)
-    assert full == [0, 10, 20]  # the first batch of each epoch
-    assert_file_matches(run_path, module.seen, 96)
-    full.clear()
-    module = recording_module(L, extra_calls=1)
-    fit(L, [ForgettingMonitor(str(run_path) + ".2.h5", on_error="raise")], module, WithIndex(noisy_blobs()),
-        epochs=1)
-    assert full == list(range(10))
-    assert_file_matches(str(run_path) + ".2.h5", module.seen, 96)
-
-
 def test_logits_found_after_many_other_forward_calls(L, run_path):
     """Outputs of other row counts made before the logits in training_step are passed over."""
     module = recording_module(L, extra_calls=6)
@@ -465,8 +441,8 @@ def test_labels_changed_in_place_during_training_are_no_capture_error(L, run_pat
     fit(L, [monitor], module, data, epochs=5, loader_kwargs=loader_kwargs)
     assert len(module.seen) == 50
     assert_file_matches(run_path, module.seen, 96)
-    assert monitor._label_dataset is None  # the dataset is not kept alive after fit
-    assert "_label_dataset" not in monitor.__getstate__()
+    assert monitor._labels.dataset is None  # the dataset is not kept alive after fit
+    assert "_labels" not in monitor.__getstate__()
 
 
 def nested_subset(data: TensorDataset):
@@ -507,12 +483,13 @@ def test_labels_check_catches_indices_that_do_not_follow_the_batch(L, run_path, 
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(mode="eval"), "mode must be 'train'"),
-    (dict(budget=0.1), "budget= applies to mode='probe' only"),
-    (dict(schedule=5), "schedule= applies to mode='probe' only"),
-    (dict(probe=(torch.zeros(2, 6), torch.zeros(2, dtype=torch.long))), "probe= applies to mode='probe'"),
+    (dict(mode="eval"), "mode must be one of 'train'"),
+    (dict(mode="probe"), "use ProbeForgettingMonitor"),
+    (dict(budget=0.1), "budget= does not apply"),
+    (dict(schedule=5), "schedule= does not apply"),
+    (dict(forward_fn=lambda m, x: m(x)), "forward_fn= does not apply"),
+    (dict(probe=(torch.zeros(2, 6), torch.zeros(2, dtype=torch.long))), "probe= does not apply"),
     (dict(index_key=1.5), "index_key must be"),
-    (dict(mode="probe", index_key=-1), "index_key= applies to mode='train'"),
     (dict(outputs_key=""), "outputs_key must be"),
     (dict(flush_every=0), "flush_every must be"),
     (dict(write_interval=-1), "write_interval must be"),
@@ -531,8 +508,8 @@ def test_probe_mode_is_an_eval_pass_on_the_probe(L, run_path):
     data = noisy_blobs()
     x, y = data.tensors
     module = recording_module(L, dropout=0.5)
-    monitor = ForgettingMonitor(run_path, mode="probe", probe=(x[:30], y[:30]), schedule=EveryNEpochs(1),
-                                on_error="raise", budget=False)  # every scheduled snapshot
+    monitor = callbacks.ProbeForgettingMonitor(run_path, probe=(x[:30], y[:30]), schedule=EveryNEpochs(1),
+                                               on_error="raise", budget=False)  # every scheduled snapshot
     fit(L, [monitor], module, WithIndex(data), epochs=3)
     module.eval()
     with torch.no_grad():
@@ -547,8 +524,8 @@ def test_probe_mode_is_an_eval_pass_on_the_probe(L, run_path):
         forgotten = ((correct[:-1] == 1) & (correct[1:] == 0)).sum(0)
         np.testing.assert_array_equal(examples["forgetting_count"], forgotten)
         np.testing.assert_array_equal(examples["presentations"], np.full(30, 4))
-        assert run.config["ForgettingMonitor[forgetting]"]["mode"] == "probe"
-        assert "NOT Toneva" in run.config["ForgettingMonitor[forgetting]"]["definition"]
+        assert run.config["ProbeForgettingMonitor[forgetting]"]["mode"] == "probe"
+        assert "NOT Toneva" in run.config["ProbeForgettingMonitor[forgetting]"]["definition"]
         assert "NOT Toneva" in events.attrs["definition"]
 
 
@@ -622,7 +599,7 @@ def test_recorded_logits_are_those_of_the_forward_pass(L, run_path, tmp_path):
 
     class Spy(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            held.extend(p[3].untyped_storage().nbytes() == p[3].numel() * p[3].element_size()
+            held.extend(p.logits.untyped_storage().nbytes() == p.logits.numel() * p.logits.element_size()
                         for p in monitor._pending)
 
     events = {}
@@ -728,7 +705,7 @@ def test_the_forward_hook_leaves_autograd_as_it_found_it(L, run_path):
 
     class Spy(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            buffered.extend((p[3].requires_grad, p[3].grad_fn) for p in monitor._pending)
+            buffered.extend((p.logits.requires_grad, p.logits.grad_fn) for p in monitor._pending)
 
     monitor = ForgettingMonitor(run_path, on_error="raise", flush_every=1000)
     trainer(L, [monitor, Spy()], max_epochs=1).fit(M(), loader(blob_data(n=48), batch_size=16))

@@ -27,10 +27,10 @@ from ..probe import Probe, ProbeSet, _trainer_dataloader, stratified_indices
 from ..schedule import LogSpacedSteps, Schedule
 from ..store import Field
 from .._hygiene import module_device
+from .. import _args
 from ._base import Monitor, TableSpec
+from ._declared import HeldoutLike, ProbeSlot, as_heldout, map_style_length
 
-#: ``heldout=`` accepted values: ``"auto"``, None, a Probe, a ProbeSet or a pair (x, y).
-HeldoutLike = Union[str, Probe, ProbeSet, Tuple[torch.Tensor, torch.Tensor], None]
 
 #: Default size of each probe (training and held-out): at most this many examples.
 DEFAULT_PROBE_SIZE = 512
@@ -90,26 +90,6 @@ def fixed_split(labels: np.ndarray, seed: int) -> Tuple[np.ndarray, np.ndarray]:
     return fit, evaluate
 
 
-def _map_style_length(loader: Any) -> Optional[int]:
-    dataset = getattr(loader, "dataset", None)
-    if dataset is None or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
-        return None
-    return len(dataset)
-
-
-def _describe_modules(modules: Any) -> Any:
-    if modules is None:
-        return None
-    items = modules if isinstance(modules, (list, tuple)) else [modules]
-    return [m if isinstance(m, str) else m.__name__ if isinstance(m, type) else type(m).__name__ for m in items]
-
-
-def _check_int(owner: str, name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{owner}: {name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
 class HeldoutProbeMonitor(Monitor):
     """A monitor with two probes: a training probe (``probe=``) and a held-out probe (``heldout=``).
 
@@ -129,103 +109,35 @@ class HeldoutProbeMonitor(Monitor):
             configured). One by default: the problems are small, and on a busy machine
             more threads were measured to slow a 512-example logistic fit from 0.2 s to 13 s.
         **kwargs: see :class:`~lightning_ntk.callbacks.Monitor`.
-
-    The held-out probe is drawn in ``on_train_start`` *before* the base class's hook runs,
-    because the base declares the tables (whose shapes and coordinates depend on it) and
-    takes the step-0 snapshot there.
     """
 
     default_probe_size = DEFAULT_PROBE_SIZE
+    runtime = ("_split",)
 
     def __init__(self, path: str, *, heldout: HeldoutLike = "auto", seed: int = 0,
                  classifier_threads: Optional[int] = 1, **kwargs: Any):
         self._default_probe = kwargs.get("probe") is None
         super().__init__(path, **kwargs)
         owner = type(self).__name__
-        self.heldout = self._as_heldout(heldout)
-        self.seed = _check_int(owner, "seed", seed, 0)
-        if classifier_threads is not None:
-            _check_int(owner, "classifier_threads", classifier_threads, 1)
-        self.classifier_threads = classifier_threads
-        self._heldout_set: Optional[ProbeSet] = None
-        self._heldout_on_device: Optional[ProbeSet] = None
+        self.heldout = heldout
+        self._heldout = ProbeSlot("heldout", as_heldout(owner, heldout), auto_size=DEFAULT_PROBE_SIZE)
+        self.seed = _args.integer(seed, "seed", owner, minimum=0)
+        self.classifier_threads = _args.positive_int(classifier_threads, "classifier_threads", owner, optional=True)
+
+    def _reset_runtime(self) -> None:
+        super()._reset_runtime()
         self._split: Optional[Tuple[np.ndarray, np.ndarray]] = None
-        self._loaded_heldout_index: Optional[List[int]] = None
 
-    def _as_heldout(self, heldout: HeldoutLike) -> Union[str, Probe, ProbeSet, None]:
-        if heldout is None or isinstance(heldout, (Probe, ProbeSet)):
-            return heldout
-        if isinstance(heldout, str):
-            if heldout != "auto":
-                raise ValueError(f"{type(self).__name__}: heldout must be 'auto', None, a Probe, a ProbeSet or a "
-                                 f"pair of tensors (x, y); got the string {heldout!r}")
-            return heldout
-        if isinstance(heldout, (tuple, list)) and len(heldout) == 2:
-            return ProbeSet.from_tensors(heldout[0], heldout[1], name="heldout")
-        raise TypeError(f"{type(self).__name__}: heldout must be 'auto', None, a lightning_ntk.Probe, a ProbeSet or "
-                        f"a pair of tensors (x, y); got {type(heldout).__name__}")
-
-    @property
-    def heldout_set(self) -> Optional[ProbeSet]:
-        """The drawn held-out probe (from ``on_train_start``), or None."""
-        return self._heldout_set
-
-    # ------------------------------------------------------------ drawing and declaring
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self._default_probe:
-            n = _map_style_length(_trainer_dataloader(trainer, "train"))
+            n = map_style_length(_trainer_dataloader(trainer, "train"))
             if n is not None:  # else the base's draw reports the unusable dataset
-                self.probe = Probe(size=min(DEFAULT_PROBE_SIZE, n), source="train")
-        self._heldout_set = self._draw_heldout(trainer)
-        self._heldout_on_device = None
+                self.probe = self._probe.setting = Probe(size=min(DEFAULT_PROBE_SIZE, n), source="train")
         self._split = None
-        loaded = self._loaded_heldout_index if self._loaded_state is not None else None
-        drawn = None if self._heldout_set is None else self._heldout_set.index.tolist()
-        if self._loaded_state is not None and loaded != drawn:
-            raise RuntimeError(
-                f"{type(self).__name__}: the held-out probe drawn on resume differs from the checkpoint's (the "
-                "validation data or the heldout= setting changed); resume with the same data and settings"
-            )
         super().on_train_start(trainer, pl_module)
 
-    def _draw_heldout(self, trainer: Any) -> Optional[ProbeSet]:
-        heldout = self.heldout
-        if heldout is None:
-            return None
-        if isinstance(heldout, str):  # "auto"
-            try:
-                loader = _trainer_dataloader(trainer, "val")
-            except ValueError:  # no validation dataloader in this run
-                return None
-            n = _map_style_length(loader)
-            if n is None:
-                warnings.warn(f"{type(self).__name__}: the validation dataloader has no map-style dataset to draw a "
-                              "held-out probe from; going on without one (pass heldout=(x, y) to give it)",
-                              RuntimeWarning, stacklevel=2)
-                return None
-            if n == 0:
-                return None
-            heldout = Probe(size=min(DEFAULT_PROBE_SIZE, n), source="val")
-        drawn = heldout.draw(trainer) if isinstance(heldout, Probe) else heldout
-        if drawn.name == self.probe.name:
-            raise ValueError(
-                f"{type(self).__name__}: the held-out probe and the training probe are both named {drawn.name!r}; "
-                "give the held-out Probe another name= (each is stored as /probe/<name>)"
-            )
-        return drawn
-
-    def _declare(self, pl_module: nn.Module) -> None:
-        if self._heldout_set is not None:
-            self._write_probe(self._heldout_set, self.heldout.store_inputs if isinstance(self.heldout, Probe) else None)
-        super()._declare(pl_module)
-
     def _heldout_for(self, pl_module: nn.Module) -> Optional[ProbeSet]:
-        if self._heldout_set is None:
-            return None
-        device = module_device(pl_module)
-        if self._heldout_on_device is None or self._heldout_on_device.x.device != device:
-            self._heldout_on_device = self._heldout_set.to(device)
-        return self._heldout_on_device
+        return self._heldout.on(pl_module)
 
     def _fixed_split(self, labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         if self._split is None:
@@ -235,43 +147,25 @@ class HeldoutProbeMonitor(Monitor):
     @property
     def evaluation(self) -> str:
         """``"heldout"`` (fit on the training probe, score on the held-out one) or ``"split"``."""
-        return "heldout" if self._heldout_set is not None else "split"
+        return "heldout" if self.heldout_set is not None else "split"
 
     def coords(self, probe: Optional[ProbeSet]) -> Dict[str, Any]:
         coords = super().coords(probe)
-        if self._heldout_set is not None:
-            coords["heldout_example"] = self._heldout_set.index
+        if self.heldout_set is not None:
+            coords["heldout_example"] = self.heldout_set.index
         return coords
 
     def table_specs(self, probe: Optional[ProbeSet], pl_module: nn.Module) -> List[TableSpec]:
         specs = super().table_specs(probe, pl_module)
         for spec in specs:
-            spec.attrs.update(heldout_probe=self._heldout_set.name if self._heldout_set is not None else "",
+            spec.attrs.update(heldout_probe=self.heldout_set.name if self.heldout_set is not None else "",
                               evaluation=self.evaluation)
         return specs
 
-    # ------------------------------------------------------------ config and state
-    def config(self) -> Dict[str, Any]:
-        held = self._heldout_set
-        if held is not None:
-            heldout: Any = (self.heldout.to_config() if isinstance(self.heldout, Probe) else
-                            {"name": held.name, "size": len(held), "source": held.source})
-        else:
-            heldout = None
-        return dict(super().config(), heldout=heldout, heldout_setting=self.heldout if isinstance(self.heldout, str)
-                    or self.heldout is None else type(self.heldout).__name__, evaluation=self.evaluation,
-                    seed=self.seed, classifier_threads=self.classifier_threads)
-
-    def extra_state(self) -> Dict[str, Any]:
-        return {"heldout_index": None if self._heldout_set is None else self._heldout_set.index.tolist()}
-
-    def load_extra_state(self, state: Any) -> None:
-        self._loaded_heldout_index = state.get("heldout_index")
-
-    def __getstate__(self) -> Dict[str, Any]:
-        state = super().__getstate__()
-        state["_heldout_on_device"] = None
-        return state
+    def config_extra(self) -> Dict[str, Any]:
+        setting = self._heldout.setting
+        return dict(super().config_extra(), evaluation=self.evaluation,
+                    heldout_setting=setting if isinstance(setting, str) or setting is None else type(setting).__name__)
 
 
 class ActivationCodeMonitor(HeldoutProbeMonitor):
@@ -338,8 +232,8 @@ class ActivationCodeMonitor(HeldoutProbeMonitor):
             raise ValueError(f"{owner}: measures must be a non-empty selection of {_CODE_MEASURES}; "
                              f"unknown: {unknown}")
         self.measures = tuple(m for m in _CODE_MEASURES if m in measures)
-        self.k = _check_int(owner, "k", k, 1)
-        self.kmeans_n_init = _check_int(owner, "kmeans_n_init", kmeans_n_init, 1)
+        self.k = _args.positive_int(k, "k", owner)
+        self.kmeans_n_init = _args.positive_int(kmeans_n_init, "kmeans_n_init", owner)
         needs = [m for m in self.measures if m in _SKLEARN_CODE_MEASURES]
         if needs:
             kept = tuple(m for m in self.measures if m not in _SKLEARN_CODE_MEASURES) or ("redundancy",)
@@ -359,12 +253,6 @@ class ActivationCodeMonitor(HeldoutProbeMonitor):
     def _classifies(self) -> bool:
         return any(m in self.measures for m in ("knn", "logistic", "kmeans"))
 
-    def config(self) -> Dict[str, Any]:
-        return dict(super().config(), measures=list(self.measures), k=self.k, kmeans_n_init=self.kmeans_n_init,
-                    store_codes=self.store_codes, capture=self.capture,
-                    modules=_describe_modules(self.modules),
-                    module_types=[t.__name__ for t in self.module_types])
-
     def _codes(self, pl_module: nn.Module, x: torch.Tensor) -> ActivationCodes:
         return activation_codes(pl_module, x, self.modules, capture=self.capture, module_types=self.module_types,
                                 batch_size=self.batch_size, forward_fn=self.forward_fn)
@@ -375,14 +263,14 @@ class ActivationCodeMonitor(HeldoutProbeMonitor):
         owner = type(self).__name__
         what = "measures " + str([m for m in self.measures if m in ("knn", "logistic", "kmeans")])
         labels = class_labels(probe, owner, what)
-        if self._heldout_set is not None:
-            class_labels(self._heldout_set, owner, what)
+        if self.heldout_set is not None:
+            class_labels(self.heldout_set, owner, what)
             n_fit = len(probe)
         else:
             n_fit = len(probe) - len(probe) // 2
         if "knn" in self.measures and n_fit < self.k:
             raise ValueError(f"{owner}: k-NN with k={self.k} needs at least {self.k} codes to fit on; the "
-                             f"{'training probe' if self._heldout_set is not None else 'fit half of the training probe'}"
+                             f"{'training probe' if self.heldout_set is not None else 'fit half of the training probe'}"
                              f" has {n_fit}. Use a larger probe or a smaller k")
         if "kmeans" in self.measures and np.unique(labels).shape[0] > len(probe):
             raise ValueError(f"{owner}: k-means needs at least as many codes as labels")
@@ -393,7 +281,7 @@ class ActivationCodeMonitor(HeldoutProbeMonitor):
         sample = self._codes(pl_module, probe.x[:1])
         self._n_bytes = int(sample.packed.shape[1])
         self._segments = list(sample.segments)
-        held = self._heldout_set is not None
+        held = self.heldout_set is not None
         fields = [Field("n_units", (), "int64")]
         if "redundancy" in self.measures:
             fields.append(Field("redundancy_ratio_train"))
@@ -412,7 +300,7 @@ class ActivationCodeMonitor(HeldoutProbeMonitor):
             fields.append(Field("codes_train", (len(probe), self._n_bytes), "uint8",
                                 dims=("probe_example", "code_byte")))
             if held:
-                fields.append(Field("codes_heldout", (len(self._heldout_set), self._n_bytes), "uint8",
+                fields.append(Field("codes_heldout", (len(self.heldout_set), self._n_bytes), "uint8",
                                     dims=("heldout_example", "code_byte")))
         return fields
 

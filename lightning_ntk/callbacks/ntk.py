@@ -28,7 +28,9 @@ from ..ntk import KINDS, METHODS, empirical_ntk
 from ..ntk._model import layer_name, select_parameters
 from ..probe import Probe, ProbeSet
 from ..store import Field
-from ._base import ForwardFn, Monitor
+from .. import _args
+from ._base import Monitor
+from ._declared import ProbeSlot, as_heldout
 
 #: The kernel is stored by default for these kinds up to this many probe examples.
 _STORE_KERNEL_MAX_N = 1024
@@ -36,18 +38,6 @@ _STORE_KERNEL_MAX_N = 1024
 _FULL_SPECTRUM_MAX_M = 2048
 #: Energies logged as scalars (the file holds the whole curve over k = 1..K).
 _LOGGED_ENERGY_K = (1, 5, 10, 20)
-
-
-class _ForwardAdapter(nn.Module):
-    """Presents ``forward_fn(module, x)`` as a module whose parameters are ``module``'s."""
-
-    def __init__(self, module: nn.Module, forward_fn: ForwardFn):
-        super().__init__()
-        self.module = module
-        self._forward_fn = forward_fn
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._forward_fn(self.module, x)
 
 
 class NTKMonitor(Monitor):
@@ -70,32 +60,24 @@ class NTKMonitor(Monitor):
     """
 
     quantity = "ntk"
+    state = {"_kernel_init": "array", "_kernel_prev": "array", "_epoch_prev": "value", "_eigvecs_prev": "array"}
 
     def __init__(self, path: str, *, kind: str = "trace", k: int = 20, store_kernel: Optional[bool] = None,
                  per_layer: bool = True, heldout: Union[Probe, ProbeSet, Tuple[torch.Tensor, torch.Tensor], None] = None,
                  krr_eps: float = 1e-4, method: str = "auto", dtype: Optional[torch.dtype] = None,
                  max_memory: Union[None, int, str] = None, **kwargs: Any):
         super().__init__(path, **kwargs)
-        if kind not in KINDS:
-            raise ValueError(f"NTKMonitor: kind must be one of {sorted(KINDS)}, got {kind!r}")
-        if method not in METHODS:
-            raise ValueError(f"NTKMonitor: method must be one of {sorted(METHODS)}, got {method!r}")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"NTKMonitor: k (eigenpairs kept) must be a positive integer, got {k!r}")
-        if not (isinstance(krr_eps, (int, float)) and krr_eps >= 0 and math.isfinite(krr_eps)):
-            raise ValueError(f"NTKMonitor: krr_eps must be a finite number >= 0, got {krr_eps!r}")
-        if dtype is not None and dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"NTKMonitor: dtype must be None, torch.float32 or torch.float64, got {dtype!r}")
-        self.kind = kind
-        self.k = k
+        owner = type(self).__name__
+        self.kind = _args.one_of(kind, "kind", sorted(KINDS), owner)
+        self.method = _args.one_of(method, "method", sorted(METHODS), owner)
+        self.k = _args.positive_int(k, "k", owner, hint="the number of eigenpairs kept")
+        self.krr_eps = _args.number(krr_eps, "krr_eps", owner, minimum=0)
+        self.dtype = _args.one_of(dtype, "dtype", (None, torch.float32, torch.float64), owner)
         self.store_kernel = store_kernel
         self.per_layer = bool(per_layer)
-        self.heldout = None if heldout is None else self._as_probe(heldout)
-        self.krr_eps = float(krr_eps)
-        self.method = method
-        self.dtype = dtype
+        self.heldout = heldout
+        self._heldout = ProbeSlot("heldout", as_heldout(owner, heldout))
         self.max_memory = max_memory
-        self._heldout_set: Optional[ProbeSet] = None
         self._layers: List[str] = []
         self._num_outputs = 0
         self._k_eff = 0
@@ -106,23 +88,9 @@ class NTKMonitor(Monitor):
         self._eigvecs_prev: Optional[np.ndarray] = None
 
     # ------------------------------------------------------------------ config and schema
-    def config(self) -> Dict[str, Any]:
-        return dict(super().config(), kind=self.kind, k=self.k, per_layer=self.per_layer, method=self.method,
-                    dtype=str(self.dtype) if self.dtype else None, max_memory=self.max_memory,
-                    krr_eps=self.krr_eps, store_kernel=self._store_kernel,
-                    heldout=None if self.heldout is None else (self.heldout.to_config() if isinstance(
-                        self.heldout, Probe) else {"name": self.heldout.name, "size": len(self.heldout)}),
+    def config_extra(self) -> Dict[str, Any]:
+        return dict(super().config_extra(), store_kernel=self._store_kernel,
                     note="kernel computed in eval mode: BatchNorm uses running statistics, dropout is off")
-
-    def _model(self, pl_module: nn.Module) -> nn.Module:
-        if self.forward_fn.__name__ == "_default_forward":
-            return pl_module
-        return _ForwardAdapter(pl_module, self.forward_fn)
-
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        if self.heldout is not None:
-            self._heldout_set = self.heldout.draw(trainer) if isinstance(self.heldout, Probe) else self.heldout
-        super().on_train_start(trainer, pl_module)
 
     def _matrix_size(self, n: int) -> int:
         return n if self.kind in ("trace", "pseudo") else n * self._num_outputs
@@ -131,11 +99,11 @@ class NTKMonitor(Monitor):
         assert probe is not None
         n = len(probe)
         device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
-        out = self._model(pl_module)(probe.x[:1].to(device))
+        out = self.measured_model(pl_module)(probe.x[:1].to(device))
         self._num_outputs = int(out.reshape(1, -1).shape[1])
         m = self._matrix_size(n)
         self._k_eff = min(self.k, m)
-        selected = select_parameters(self._model(pl_module), None)
+        selected = select_parameters(self.measured_model(pl_module), None)
         seen: List[str] = []
         for name, _ in selected:
             layer = layer_name(name)
@@ -159,7 +127,7 @@ class NTKMonitor(Monitor):
         ]
         if self.per_layer:
             fields.append(Field("layer_trace", (len(self._layers),), dims=("layer",)))
-        if self._heldout_set is not None:
+        if self.heldout_set is not None:
             fields += [Field("krr_accuracy"), Field("krr_mse")]
         if self._store_kernel:
             shape = {"trace": (n, n), "pseudo": (n, n), "diagonal": (n, n, self._num_outputs),
@@ -204,7 +172,7 @@ class NTKMonitor(Monitor):
 
     def measure(self, trainer: Any, pl_module: nn.Module, probe: Optional[ProbeSet]) -> Tuple[Dict[str, Any], Dict[str, float]]:
         assert probe is not None
-        model = self._model(pl_module)
+        model = self.measured_model(pl_module)
         if self.per_layer:
             parts = self._kernel(model, probe.x, per_layer=True)
             kernel_t = sum(parts.values())
@@ -249,8 +217,8 @@ class NTKMonitor(Monitor):
         }
         if layer_trace is not None:
             row["layer_trace"] = layer_trace
-        if self._heldout_set is not None:
-            held = self._heldout_set.to(probe.x.device)
+        if self.heldout_set is not None:
+            held = self.heldout_set.to(probe.x.device)
             cross = self._kernel(model, held.x, probe.x).detach().double().cpu().numpy()
             scores = spectral.kernel_regression_scores(kernel, targets, cross, held.y.cpu().numpy(),
                                                        eps=self.krr_eps)
@@ -285,25 +253,6 @@ class NTKMonitor(Monitor):
         if self._store_kernel:
             row["kernel"] = kernel.astype(np.float32)
         return row
-
-    # ------------------------------------------------------------------ resume
-    def extra_state(self) -> Dict[str, Any]:
-        # torch tensors, not NumPy arrays: checkpoints must load under torch.load(weights_only=True)
-        def tensor(a: Optional[np.ndarray]) -> Optional[torch.Tensor]:
-            return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
-
-        return {"kernel_init": tensor(self._kernel_init), "kernel_prev": tensor(self._kernel_prev),
-                "epoch_prev": None if self._epoch_prev is None else float(self._epoch_prev),
-                "eigvecs_prev": tensor(self._eigvecs_prev)}
-
-    def load_extra_state(self, state: Dict[str, Any]) -> None:
-        def array(t: Any) -> Optional[np.ndarray]:
-            return None if t is None else np.asarray(t.cpu().numpy() if isinstance(t, torch.Tensor) else t)
-
-        self._kernel_init = array(state.get("kernel_init"))
-        self._kernel_prev = array(state.get("kernel_prev"))
-        self._epoch_prev = state.get("epoch_prev")
-        self._eigvecs_prev = array(state.get("eigvecs_prev"))
 
 
 def _trace(kernel: torch.Tensor) -> float:

@@ -53,17 +53,13 @@ class ProbeMetricsMonitor(Monitor):
         self.store_logits = bool(store_logits)
         self._num_outputs: Optional[int] = None
 
-    def config(self) -> Dict[str, Any]:
-        return dict(super().config(), store_logits=self.store_logits,
-                    loss_fn=getattr(self.loss_fn, "__qualname__", type(self.loss_fn).__name__))
-
     def fields(self, probe: Optional[ProbeSet], pl_module: nn.Module) -> List[Field]:
         assert probe is not None
         n = len(probe)
         fields = [Field("loss"), Field("accuracy"), Field("grad_norm"),
                   Field("example_loss", (n,), "float32", dims=("probe_example",))]
         if self.store_logits:
-            sample = self.forward_fn(pl_module, probe.x[:1].to(module_device(pl_module)))
+            sample = self.measured_model(pl_module)(probe.x[:1].to(module_device(pl_module)))
             self._num_outputs = int(sample.reshape(1, -1).shape[1])
             fields.append(Field("logits", (n, self._num_outputs), "float32", dims=("probe_example", "output")))
         return fields
@@ -80,8 +76,9 @@ class ProbeMetricsMonitor(Monitor):
         n = len(probe)
         grads = [torch.zeros_like(p) for p in params]
         losses, outputs = [], []
+        model = self.measured_model(pl_module)
         for x, y in probe.batches(self.batch_size):
-            out = self.forward_fn(pl_module, x)
+            out = model(x)
             example_loss = self.loss_fn(out, y)
             if example_loss.ndim != 1 or example_loss.shape[0] != x.shape[0]:
                 raise ValueError(

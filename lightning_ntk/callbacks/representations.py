@@ -23,7 +23,8 @@ from ..representations import extract_features, few_shot_accuracy, linear_probe_
 from ..schedule import LogSpacedSteps, Schedule
 from ..store import Field
 from ._base import TableSpec
-from .codes import HeldoutLike, HeldoutProbeMonitor, _check_int, class_labels, limited_threads, require_sklearn
+from .. import _args
+from .codes import HeldoutLike, HeldoutProbeMonitor, class_labels, limited_threads, require_sklearn
 
 _CLASSIFIERS = {"centroid_euclidean": "euclidean", "centroid_cosine": "cosine", "logistic": "logistic"}
 
@@ -84,8 +85,8 @@ class RepresentationMonitor(HeldoutProbeMonitor):
         for setting in few_shot:
             if not (isinstance(setting, (tuple, list)) and len(setting) == 2):
                 raise ValueError(f"{owner}: few_shot must hold (n_way, k_shot) pairs, got {setting!r}")
-            settings.append((_check_int(owner, "few_shot n_way", setting[0], 2),
-                             _check_int(owner, "few_shot k_shot", setting[1], 1)))
+            settings.append((_args.integer(setting[0], "few_shot n_way", owner, minimum=2),
+                             _args.positive_int(setting[1], "few_shot k_shot", owner)))
         if len(set(settings)) != len(settings):
             raise ValueError(f"{owner}: few_shot lists a setting twice: {settings}")
         if isinstance(classifiers, str) or not all(isinstance(c, str) for c in classifiers):
@@ -98,8 +99,8 @@ class RepresentationMonitor(HeldoutProbeMonitor):
             raise ValueError(f"{owner}: nothing to measure: few_shot is empty and linear_probe is False")
         self.layer = layer
         self.few_shot = settings
-        self.n_query = _check_int(owner, "n_query", n_query, 1)
-        self.episodes = _check_int(owner, "episodes", episodes, 2)
+        self.n_query = _args.positive_int(n_query, "n_query", owner)
+        self.episodes = _args.integer(episodes, "episodes", owner, minimum=2)
         self.classifiers = tuple(c for c in _CLASSIFIERS if c in classifiers) if settings else ()
         self.linear_probe = bool(linear_probe)
         needs = (["few-shot classifier 'logistic'"] if "logistic" in self.classifiers else []) + \
@@ -111,23 +112,18 @@ class RepresentationMonitor(HeldoutProbeMonitor):
     def default_schedule(self) -> Schedule:
         return LogSpacedSteps(per_decade=4)
 
-    def config(self) -> Dict[str, Any]:
-        layer = self.layer if self.layer is None or isinstance(self.layer, str) else type(self.layer).__name__
-        return dict(super().config(), layer=layer, few_shot=[list(s) for s in self.few_shot], n_query=self.n_query,
-                    episodes=self.episodes, classifiers=list(self.classifiers), linear_probe=self.linear_probe)
-
     def _features(self, pl_module: nn.Module, probe: ProbeSet) -> np.ndarray:
         return extract_features(pl_module, probe.x, self.layer, batch_size=self.batch_size,
                                 forward_fn=self.forward_fn)
 
     def _few_shot_probe(self, probe: ProbeSet) -> ProbeSet:
-        return self._heldout_set if self._heldout_set is not None else probe
+        return self.heldout_set if self.heldout_set is not None else probe
 
     def _check_probes(self, probe: ProbeSet) -> None:
         owner = type(self).__name__
         labels = class_labels(probe, owner, "few-shot episodes and the linear probe")
-        if self._heldout_set is not None:
-            class_labels(self._heldout_set, owner, "few-shot episodes and the linear probe")
+        if self.heldout_set is not None:
+            class_labels(self.heldout_set, owner, "few-shot episodes and the linear probe")
         target = self._few_shot_probe(probe)
         _, counts = np.unique(class_labels(target, owner, "few-shot episodes"), return_counts=True)
         for n_way, k_shot in self.few_shot:
@@ -139,7 +135,7 @@ class RepresentationMonitor(HeldoutProbeMonitor):
                     f"(class sizes {sorted(counts.tolist(), reverse=True)}). Use a larger probe, or lower n_way, "
                     "k_shot or n_query"
                 )
-        if self.linear_probe and self._heldout_set is None and len(np.unique(labels)) < 2:
+        if self.linear_probe and self.heldout_set is None and len(np.unique(labels)) < 2:
             raise ValueError(f"{owner}: the linear probe needs at least two classes in probe {probe.name!r}")
 
     def fields(self, probe: Optional[ProbeSet], pl_module: nn.Module) -> List[Field]:

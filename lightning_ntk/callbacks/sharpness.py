@@ -46,6 +46,7 @@ class SharpnessMonitor(Monitor):
     """
 
     quantity = "sharpness"
+    state = {"_eigenvectors": "value"}
     default_probe_size = 1024
 
     def __init__(self, path: str, *, sharpness_set: Union[int, None, Probe, ProbeSet, Tuple[Any, Any]] = 1024,
@@ -87,20 +88,6 @@ class SharpnessMonitor(Monitor):
         self._eos_description = ""
         self._k_eff = k
 
-    def config(self) -> Dict[str, Any]:
-        return dict(super().config(), k=self.k, tol=self.tol, max_hvp=self.max_hvp, trace=self.trace,
-                    trace_queries=self.trace_queries, sam_rho=self.sam_rho, density=self.density,
-                    density_steps=self.density_steps, preconditioned=self.preconditioned,
-                    dtype=str(self.dtype) if self.dtype else None,
-                    loss_fn=getattr(self.loss_fn, "__qualname__", "default (cross-entropy / ½ squared error)"))
-
-    def _model(self, pl_module: nn.Module) -> nn.Module:
-        if self.forward_fn.__name__ == "_default_forward":
-            return pl_module
-        from .ntk import _ForwardAdapter
-
-        return _ForwardAdapter(pl_module, self.forward_fn)
-
     def fields(self, probe: Optional[ProbeSet], pl_module: nn.Module) -> List[Field]:
         n_params = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
         self._k_eff = min(self.k, n_params)
@@ -139,7 +126,7 @@ class SharpnessMonitor(Monitor):
         return self._measure(trainer, pl_module, probe, probe.x.shape[0])
 
     def _measure(self, trainer: Any, pl_module: nn.Module, probe: ProbeSet, n: int) -> Tuple[Dict[str, Any], Dict[str, float]]:
-        model = self._model(pl_module)
+        model = self.measured_model(pl_module)
         rows = self._dist.shard(n)
         ends = [min(i + self.batch_size, rows.stop) for i in range(rows.start, rows.stop, self.batch_size)]
         batches = [(probe.x[i:j], probe.y[i:j]) for i, j in zip(range(rows.start, rows.stop, self.batch_size), ends)]
@@ -193,12 +180,6 @@ class SharpnessMonitor(Monitor):
         if self.sam_rho is not None:
             scalars["sam_sharpness"] = row["sam_sharpness"]
         return row, scalars
-
-    def extra_state(self) -> Dict[str, Any]:
-        return {"eigenvectors": self._eigenvectors}
-
-    def load_extra_state(self, state: Dict[str, Any]) -> None:
-        self._eigenvectors = state.get("eigenvectors")
 
 
 def _learning_rate(optimizer: Any) -> float:

@@ -486,6 +486,11 @@ class RunStore:
                                                         "blocking_s": self._blocking_seconds}
 
     @property
+    def owners(self) -> List[str]:
+        """The monitors (state keys) that share this file now."""
+        return list(self._owners)
+
+    @property
     def closed(self) -> bool:
         return not self.file.id.valid
 
