@@ -88,6 +88,11 @@ class SharpnessMonitor(Monitor):
         self._eos_description = ""
         self._k_eff = k
 
+    def config_extra(self) -> Dict[str, Any]:
+        default = "default (cross-entropy / ½ squared error)"
+        return dict(super().config_extra(), loss_fn=default if self.loss_fn is None else
+                    getattr(self.loss_fn, "__qualname__", type(self.loss_fn).__name__))
+
     def fields(self, probe: Optional[ProbeSet], pl_module: nn.Module) -> List[Field]:
         n_params = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
         self._k_eff = min(self.k, n_params)
