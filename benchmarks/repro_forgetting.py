@@ -198,6 +198,14 @@ def overhead(repeats: int, epochs: int = DEMO_EPOCHS, seed: int = 0):
     print(f"     writer thread CPU (HDF5 writes, gzip, fsync; beside the training thread): median "
           f"{100 * statistics.median(writer):.2f}%")
     print(f"     both: median {100 * statistics.median(total):.2f}%, max {100 * max(total):.2f}%")
+    batches = [max(1, run["calls"].get("on_train_batch_end", 0)) for run in runs["with"]]
+    per_batch = [1e6 * a / b for a, b in zip(accounted, batches)]
+    per_batch_writer = [1e6 * w / b for w, b in zip(writer_cpu, batches)]
+    step_ms = [1e3 * (run["wall"] - a) / b for run, a, b in zip(runs["with"], accounted, batches)]
+    print(f"     per training batch ({batches[0]} batches a run): training thread median "
+          f"{statistics.median(per_batch):.1f} µs, writer CPU {statistics.median(per_batch_writer):.1f} µs; "
+          f"the demo's step without the monitor {statistics.median(step_ms):.2f} ms (wall time per batch, "
+          "validation included)")
     for label, times in (("wall time", wall), ("process CPU time", cpu)):
         a, b = statistics.median(times["without"]), statistics.median(times["with"])
         pairs = [w / wo for w, wo in zip(times["with"], times["without"])]

@@ -140,3 +140,29 @@ def test_nonfinite_kernel_is_recorded_and_flagged(L, run_path):
         assert np.all(np.isnan(view["eigvals"][2:])) and np.all(np.isfinite(view["eigvals"][:2]))
         assert np.isnan(view["kernel"][2]).any()
         assert run.errors() == []
+
+
+def test_the_heldout_probe_is_written_and_checked_on_resume(L, tmp_path):
+    """NTKMonitor's held-out probe is stored as /probe/<name> like the training probe, and a
+    resume that would draw other held-out examples is refused."""
+    x_held, y_held = blob_data(n=30, seed=1).tensors
+    path, ckpt = str(tmp_path / "run.h5"), str(tmp_path / "ckpt")
+
+    def monitor(held):
+        return NTKMonitor(path, probe=Probe(size=24), schedule=EveryNEpochs(1), k=3, on_error="raise",
+                          heldout=held)
+
+    torch.manual_seed(0)
+    module = make_module(L, tiny_net())
+    saver = L.callbacks.ModelCheckpoint(dirpath=ckpt, save_last=True)
+    trainer(L, [monitor((x_held, y_held)), saver], max_epochs=1, enable_checkpointing=True).fit(
+        module, loader(blob_data()))
+    with open_run(path) as run:
+        held = run.probe("heldout")
+        np.testing.assert_array_equal(held["index"], np.arange(30))
+        np.testing.assert_array_equal(held["y"], y_held.numpy())
+        np.testing.assert_array_equal(held["x"], x_held.numpy())
+    with pytest.raises(RuntimeError, match="held-out probe drawn on resume differs"):
+        trainer(L, [monitor((x_held[:20], y_held[:20])), L.callbacks.ModelCheckpoint(dirpath=ckpt)], max_epochs=2,
+                enable_checkpointing=True).fit(make_module(L, tiny_net()), loader(blob_data()),
+                                               ckpt_path=f"{ckpt}/last.ckpt")
