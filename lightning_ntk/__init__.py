@@ -4,27 +4,79 @@ The functional core (this namespace) is plain PyTorch/NumPy; the Lightning callb
 in :mod:`lightning_ntk.callbacks`.
 """
 from ._version import __version__
-from .codes import (RELU_MODULE_TYPES, ActivationCodes, CodeChange, activation_codes, cluster_accuracy, code_change,
-                    hamming_distances, kmeans_accuracy, knn_accuracy, logistic_accuracy, redundancy_ratio)
-from .curvature import (CurvatureMemoryError, EdgeOfStability, HessianDensityResult, HessianEigenResult, HessianTraceResult,
-                        LossSet, PreconditionedSharpnessResult, SAMSharpnessResult, edge_of_stability_threshold,
-                        gradient_norm, hessian_density, hessian_eigs, hessian_trace, preconditioned_sharpness,
-                        sam_sharpness, smoothed_density, squared_loss)
-from .forgetting import (CartographyRegions, ForgettingRanking, ForgettingTracker, PresentationOutcomes,
-                         cartography_regions, presentation_outcomes)
-from .forgetting import WithIndex
+from .codes import (
+                    RELU_MODULE_TYPES,
+                    ActivationCodes,
+                    CodeChange,
+                    activation_codes,
+                    cluster_accuracy,
+                    code_change,
+                    hamming_distances,
+                    kmeans_accuracy,
+                    knn_accuracy,
+                    logistic_accuracy,
+                    redundancy_ratio,
+)
+from .curvature import (
+                    CurvatureMemoryError,
+                    EdgeOfStability,
+                    HessianDensityResult,
+                    HessianEigenResult,
+                    HessianTraceResult,
+                    LossSet,
+                    PreconditionedSharpnessResult,
+                    SAMSharpnessResult,
+                    edge_of_stability_threshold,
+                    gradient_norm,
+                    hessian_density,
+                    hessian_eigs,
+                    hessian_trace,
+                    preconditioned_sharpness,
+                    sam_sharpness,
+                    smoothed_density,
+                    squared_loss,
+)
+from .forgetting import (
+                    CartographyRegions,
+                    ForgettingRanking,
+                    ForgettingTracker,
+                    PresentationOutcomes,
+                    WithIndex,
+                    cartography_regions,
+                    presentation_outcomes,
+)
 from .forgetting import rank as forgetting_rank
 from .forgetting import read_examples as read_forgetting_examples
 from .ntk import NTKMemoryError, empirical_ntk, empirical_ntk_reference, estimate_ntk_memory
 from .probe import BatchLayoutError, Probe, ProbeSet, draw_probe
-from .schedule import EveryNEpochs, EveryNSteps, LogSpacedSteps, Schedule, StepList
-from .spectral import (Eigenpairs, KernelDistanceTrajectory, KernelRegressionScores, KernelRegressionSweep,
-                       align_signs, effective_rank, eigen_energy, kernel_distance, kernel_distance_trajectory,
-                       kernel_frobenius_norm, kernel_matrix, kernel_regression, kernel_regression_scores,
-                       kernel_regression_sweep, kernel_target_alignment, kernel_trace, kernel_velocity, nngp_kernel,
-                       nystrom_extension, output_energy, residual_energy, subspace_overlap, target_energy,
-                       top_eigenpairs)
 from .representations import FewShotResult, extract_features, few_shot_accuracy, linear_probe_accuracy
+from .schedule import EveryNEpochs, EveryNSteps, LogSpacedSteps, Schedule, StepList
+from .spectral import (
+                    Eigenpairs,
+                    KernelDistanceTrajectory,
+                    KernelRegressionScores,
+                    KernelRegressionSweep,
+                    align_signs,
+                    effective_rank,
+                    eigen_energy,
+                    kernel_distance,
+                    kernel_distance_trajectory,
+                    kernel_frobenius_norm,
+                    kernel_matrix,
+                    kernel_regression,
+                    kernel_regression_scores,
+                    kernel_regression_sweep,
+                    kernel_target_alignment,
+                    kernel_trace,
+                    kernel_velocity,
+                    nngp_kernel,
+                    nystrom_extension,
+                    output_energy,
+                    residual_energy,
+                    subspace_overlap,
+                    target_energy,
+                    top_eigenpairs,
+)
 from .store import Field, Run, RunFormatError, RunStore, open_run
 
 __all__ = [

@@ -73,10 +73,10 @@ def extract_features(model: nn.Module, x: torch.Tensor, layer: Union[None, str, 
             for m in targets:
                 if layer is None:
                     handles.append(m.register_forward_pre_hook(
-                        lambda mod, inputs: seen.append(inputs[0].detach())))
+                        lambda mod, inputs, seen=seen: seen.append(inputs[0].detach())))
                 else:
                     handles.append(m.register_forward_hook(
-                        lambda mod, inputs, output: seen.append(output.detach())))
+                        lambda mod, inputs, output, seen=seen: seen.append(output.detach())))
             with torch.no_grad():
                 model(xb) if forward_fn is None else forward_fn(model, xb)
         finally:

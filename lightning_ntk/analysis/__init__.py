@@ -11,9 +11,19 @@ from .export import ExportError, export_run
 from .kernel_dynamics import EigenspaceTracking, KernelDynamics, eigenspace_tracking, kernel_dynamics
 from .plots_codes import plot_code_accuracy, plot_code_change, plot_code_redundancy
 from .plots_forgetting import plot_cartography, plot_forgetting_histogram
-from .plots_ntk import (plot_effective_rank, plot_eigen_energy, plot_eigenfunctions, plot_kernel_alignment,
-                        plot_kernel_distance, plot_kernel_matrix, plot_kernel_norms, plot_kernel_velocity,
-                        plot_krr_accuracy, plot_layer_trace, plot_ntk_eigenvalues)
+from .plots_ntk import (
+                        plot_effective_rank,
+                        plot_eigen_energy,
+                        plot_eigenfunctions,
+                        plot_kernel_alignment,
+                        plot_kernel_distance,
+                        plot_kernel_matrix,
+                        plot_kernel_norms,
+                        plot_kernel_velocity,
+                        plot_krr_accuracy,
+                        plot_layer_trace,
+                        plot_ntk_eigenvalues,
+)
 from .plots_probe import plot_grad_norm, plot_probe_accuracy, plot_probe_loss
 from .plots_representations import plot_representation_accuracy
 from .plots_sharpness import plot_hessian_density, plot_hessian_trace, plot_sharpness, smoothed_density

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
-
 from ..store import Run, open_run
 
 FORMATS = ("csv", "parquet", "netcdf")

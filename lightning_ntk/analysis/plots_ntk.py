@@ -17,8 +17,7 @@ from typing import Any, List, Optional, Sequence
 import numpy as np
 
 from .._args import integer
-from ._runs import (RunsLike, colors, find_field, new_axes, opened, run_colors, run_labels, single, table,
-                    x_values)
+from ._runs import RunsLike, colors, find_field, new_axes, opened, run_colors, run_labels, single, table, x_values
 from .series import LINESTYLES, _log_scale, available, has_fields, plot_series, union_fields
 
 GROUP = "ntk"

@@ -14,7 +14,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._runs import (RunsLike, colors, find_field, new_axes, opened, run_colors, run_labels, table, x_values)
+from ._runs import RunsLike, colors, find_field, new_axes, opened, run_colors, run_labels, table, x_values
 from .series import available, has_fields
 
 GROUP = "sharpness"

@@ -18,12 +18,11 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, IO, List, Optional, Tuple
+from typing import IO, Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from ..store import Run, RunFormatError, open_run
-
 
 #: How long a file that is not (yet) a run file is retried: a writer creating it needs a moment.
 _FORMAT_GRACE_S = 2.0

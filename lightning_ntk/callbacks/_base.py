@@ -29,7 +29,7 @@ from torch import nn
 from .. import _args
 from .._hygiene import measurement_mode
 from ..budget import BudgetLike, Governor, as_governor
-from ..probe import Probe, ProbeSet
+from ..probe import ProbeSet
 from ..schedule import LogSpacedSteps, Schedule, ScheduleLike, as_schedule
 from ..store import Field, RunStore, Table, wall_time
 from ..store._writer import FixedTable

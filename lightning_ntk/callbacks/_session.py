@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 import torch
 
 from ..budget import SKIP_BUDGET, Governor, as_governor
-from ..store import RunStore, Table
 from ..probe import ProbeSet
+from ..store import RunStore, Table
 from ._declared import ProbeSlot, TableSpec
 from ._distributed import Collectives
 from ._lightning import loggers_of

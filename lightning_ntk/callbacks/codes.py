@@ -14,23 +14,29 @@ The held-out machinery (:class:`HeldoutProbeMonitor`) is shared with
 from __future__ import annotations
 
 import contextlib
-import warnings
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Type
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..codes import (RELU_MODULE_TYPES, ActivationCodes, activation_codes, cluster_accuracy, code_change,
-                     kmeans_clusters, knn_accuracy, logistic_accuracy, redundancy_ratio)
+from .. import _args
+from ..codes import (
+    RELU_MODULE_TYPES,
+    ActivationCodes,
+    activation_codes,
+    cluster_accuracy,
+    code_change,
+    kmeans_clusters,
+    knn_accuracy,
+    logistic_accuracy,
+    redundancy_ratio,
+)
 from ..probe import Probe, ProbeSet, _trainer_dataloader, stratified_indices
 from ..schedule import LogSpacedSteps, Schedule
 from ..store import Field
-from .._hygiene import module_device
-from .. import _args
 from ._base import Monitor, TableSpec
 from ._declared import HeldoutLike, ProbeSlot, as_heldout, map_style_length
-
 
 #: Default size of each probe (training and held-out): at most this many examples.
 DEFAULT_PROBE_SIZE = 512

@@ -23,7 +23,7 @@ definition).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -32,12 +32,15 @@ from torch import nn
 from .. import _args
 from ..forgetting import ForgettingTracker, presentation_outcomes
 from ..probe import BatchFormat, ProbeSet, batch_to_xy
-from ..schedule import EveryNEpochs, Schedule
-from ..store import Field
 from ._capture import LogitsCapture
 from ._declared import TableSpec
-from ._forgetting_tables import (TRAIN_DEFINITION, ForgettingCaptureError, TrackedExamples, events_and_examples,
-                                 forgetting_scalars)
+from ._forgetting_tables import (
+    TRAIN_DEFINITION,
+    ForgettingCaptureError,
+    TrackedExamples,
+    events_and_examples,
+    forgetting_scalars,
+)
 from ._indices import HOW_TO_FIX_INDEX, SAMPLER, IndexSources, as_index_array
 from ._labels import LabelCheck
 from ._presentations import EpochDeduplicator, Presentation, Records, concat_indices, interleave

@@ -15,8 +15,13 @@ from ..schedule import EveryNEpochs, Schedule
 from ._base import Monitor
 from ._capture import logits_in
 from ._declared import TableSpec
-from ._forgetting_tables import (PROBE_DEFINITION, ForgettingCaptureError, TrackedExamples, events_and_examples,
-                                 forgetting_scalars)
+from ._forgetting_tables import (
+    PROBE_DEFINITION,
+    ForgettingCaptureError,
+    TrackedExamples,
+    events_and_examples,
+    forgetting_scalars,
+)
 
 
 class ProbeForgettingMonitor(Monitor):

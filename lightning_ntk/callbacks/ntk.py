@@ -23,12 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import spectral
+from .. import _args, spectral
 from ..ntk import KINDS, METHODS, empirical_ntk
 from ..ntk._model import layer_name, select_parameters
 from ..probe import Probe, ProbeSet
 from ..store import Field
-from .. import _args
 from ._base import Monitor
 from ._declared import ProbeSlot, as_heldout
 

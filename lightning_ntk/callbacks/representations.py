@@ -18,12 +18,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from torch import nn
 
+from .. import _args
 from ..probe import ProbeSet
 from ..representations import extract_features, few_shot_accuracy, linear_probe_accuracy
 from ..schedule import LogSpacedSteps, Schedule
 from ..store import Field
 from ._base import TableSpec
-from .. import _args
 from .codes import HeldoutLike, HeldoutProbeMonitor, class_labels, limited_threads, require_sklearn
 
 _CLASSIFIERS = {"centroid_euclidean": "euclidean", "centroid_cosine": "cosine", "logistic": "logistic"}

@@ -45,16 +45,16 @@ products), ``_eigs`` (Lanczos eigenpairs), ``_trace`` (Hutch++), ``_density`` (S
 """
 from __future__ import annotations
 
-from ._common import Batches, CurvatureMemoryError, GeneratorLike, LossFn, Tensor
+from ._common import Batches, CurvatureMemoryError, GeneratorLike, LossFn, Tensor  # noqa: F401 - type aliases
 from ._density import HessianDensityResult, hessian_density, smoothed_density
 from ._edge_of_stability import EdgeOfStability, edge_of_stability_threshold
-from ._eigs import WHICH, HessianEigenResult, hessian_eigs
-from ._hvp import _HVP, HVP_METHODS
-from ._loss_set import LossSet, _LossSet, squared_loss
+from ._eigs import WHICH, HessianEigenResult, hessian_eigs  # noqa: F401 - WHICH: the orders hessian_eigs takes
+from ._hvp import _HVP, HVP_METHODS  # noqa: F401 - for benchmarks/sharpness.py
+from ._loss_set import LossSet, _LossSet, squared_loss  # noqa: F401 - _LossSet: benchmarks/sharpness.py
 from ._parallel import data_parallel
 from ._preconditioned import PreconditionedSharpnessResult, preconditioned_sharpness
 from ._sam import SAMSharpnessResult, gradient_norm, sam_sharpness
-from ._trace import TRACE_METHODS, HessianTraceResult, hessian_trace
+from ._trace import TRACE_METHODS, HessianTraceResult, hessian_trace  # noqa: F401 - TRACE_METHODS
 
 # Settings, read at every call from here (``lightning_ntk.curvature.MEMORY_FRACTION = 0.5``).
 #: The share of the memory free on the device one Lanczos basis or Hutch++ sketch may take.

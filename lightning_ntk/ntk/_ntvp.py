@@ -87,7 +87,7 @@ def ntvp_kernel(
             b = min(a + rows, row_end)
             xr = x1[a:b]
 
-            def push(t: Dict[str, Tensor]) -> Tensor:
+            def push(t: Dict[str, Tensor], xr: Tensor = xr) -> Tensor:
                 return jvp(lambda p: fm(xr, p), (primals,), (t,))[1]
 
             prod = vmap(push)(tangents)  # (T, b - a, C): column (m, k) restricted to rows a:b
