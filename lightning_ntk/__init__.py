@@ -78,6 +78,7 @@ from .spectral import (
                     top_eigenpairs,
 )
 from .store import Field, Run, RunFormatError, RunStore, open_run
+from .task import TASKS, Task, TaskError, detect_task
 
 __all__ = [
     "__version__",
@@ -91,6 +92,8 @@ __all__ = [
     "BatchLayoutError", "Probe", "ProbeSet", "draw_probe",
     "EveryNEpochs", "EveryNSteps", "LogSpacedSteps", "Schedule", "StepList",
     "Field", "Run", "RunFormatError", "RunStore", "open_run",
+    # what outputs and targets mean
+    "TASKS", "Task", "TaskError", "detect_task",
     # spectral (kernel dynamics on arrays)
     "Eigenpairs", "KernelDistanceTrajectory", "KernelRegressionScores", "KernelRegressionSweep", "align_signs",
     "effective_rank", "eigen_energy", "kernel_distance", "kernel_distance_trajectory", "kernel_frobenius_norm",
