@@ -44,6 +44,7 @@ from .forgetting import (
                     WithIndex,
                     cartography_regions,
                     presentation_outcomes,
+                    regression_outcomes,
 )
 from .forgetting import rank as forgetting_rank
 from .forgetting import read_examples as read_forgetting_examples
@@ -102,7 +103,7 @@ __all__ = [
     "output_energy", "residual_energy", "subspace_overlap", "target_energy", "top_eigenpairs",
     # forgetting and cartography
     "CartographyRegions", "ForgettingRanking", "ForgettingTracker", "PresentationOutcomes", "cartography_regions",
-    "forgetting_rank", "presentation_outcomes", "WithIndex", "read_forgetting_examples",
+    "forgetting_rank", "presentation_outcomes", "regression_outcomes", "WithIndex", "read_forgetting_examples",
     # activation codes and representation probes
     "RELU_MODULE_TYPES", "ActivationCodes", "CodeChange", "activation_codes", "cluster_accuracy", "code_change",
     "hamming_distances", "kmeans_accuracy", "knn_accuracy", "logistic_accuracy", "redundancy_ratio",

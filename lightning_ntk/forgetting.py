@@ -130,6 +130,28 @@ def presentation_outcomes(logits: torch.Tensor, targets: torch.Tensor, *,
                                 p_true=log_p_true.exp())
 
 
+def regression_outcomes(predictions: torch.Tensor, targets: torch.Tensor, tolerance: float) -> PresentationOutcomes:
+    """Outcomes of real-valued predictions, for forgetting on a regression task.
+
+    Toneva et al. define forgetting for classification; for regression an example counts as
+    correct when every output is within ``tolerance`` of its target:
+    correct = [max_k |f_k - y_k| <= tolerance]; loss = mean_k (f_k - y_k)² (``F.mse_loss``
+    per example); margin = tolerance - max_k |f_k - y_k| (positive when correct);
+    p_true = NaN (there is no probability of the gold label: cartography's confidence and
+    variability are undefined).
+    """
+    f = predictions.detach()
+    b = f.shape[0]
+    f = f.reshape(b, -1).double()
+    y = targets.detach().reshape(b, -1).to(f.device, torch.float64)
+    if y.shape != f.shape:
+        raise ValueError(f"targets of shape {tuple(targets.shape)} do not match predictions of shape "
+                         f"{tuple(predictions.shape)}; pass one target per prediction")
+    error = (f - y).abs().amax(dim=1)
+    return PresentationOutcomes(correct=error <= tolerance, loss=((f - y) ** 2).mean(dim=1), margin=tolerance - error,
+                                p_true=torch.full((b,), float("nan"), dtype=torch.float64, device=f.device))
+
+
 # --------------------------------------------------------------------------------------
 # Streaming tracker
 # --------------------------------------------------------------------------------------

@@ -240,8 +240,8 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
             self._governor.start()
             self._governor.expect_final(self.group, self.schedule.final)
         draw_probes(self._probes, trainer, type(self).__name__, self._loaded_state)
-        with measurement_mode(pl_module, grad=False):  # every rank learns its shapes here
-            self._specs = self.table_specs(self.probe_set, pl_module)
+        with measurement_mode(pl_module, grad=False):  # every rank learns its shapes here (none if refused)
+            self._specs = [] if self.disabled else self.table_specs(self.probe_set, pl_module)
         if self._governor is not None:
             self._specs.append(skipped_table(self.group, self._governor.budget))
         if self._writer:

@@ -30,8 +30,9 @@ import torch
 from torch import nn
 
 from .. import _args
-from ..forgetting import ForgettingTracker, presentation_outcomes
+from ..forgetting import ForgettingTracker
 from ..probe import BatchFormat, ProbeSet, batch_to_xy
+from ..task import TASKS, Task
 from ._capture import LogitsCapture
 from ._declared import TableSpec
 from ._forgetting_tables import (
@@ -39,7 +40,11 @@ from ._forgetting_tables import (
     ForgettingCaptureError,
     TrackedExamples,
     events_and_examples,
+    examples_to_track,
     forgetting_scalars,
+    forgetting_task,
+    outcomes,
+    task_from_sample,
 )
 from ._indices import HOW_TO_FIX_INDEX, SAMPLER, IndexSources, as_index_array
 from ._labels import LabelCheck
@@ -87,6 +92,13 @@ class ForgettingMonitor(StreamingMonitor):
         flush_every: process the buffered batches every this many batches (default: 256,
             fewer when their logits would exceed 16 MiB; 64 under several processes).
         write_interval: see :class:`~._streaming.StreamingMonitor` (default 5 s).
+        task: what the outputs and targets are (:mod:`lightning_ntk.task`); default:
+            detected from the first example and checked at the first batch. Forgetting is
+            recorded for multi-class and binary classification, and for regression with
+            ``tolerance``; other tasks are refused with the reason.
+        tolerance: regression only: an example is correct when every output is within
+            ``tolerance`` of its target (loss = mean squared error, margin = tolerance -
+            largest error, p_true = NaN).
         **kwargs: see :class:`~lightning_ntk.callbacks.Monitor`.
     """
 
@@ -96,7 +108,8 @@ class ForgettingMonitor(StreamingMonitor):
 
     def __init__(self, path: str, *, mode: str = "train", index_key: Union[None, str, int] = None,
                  outputs_key: str = "logits", batch_format: BatchFormat = None, num_examples: Optional[int] = None,
-                 flush_every: Optional[int] = None, write_interval: float = 5.0, **kwargs: Any):
+                 flush_every: Optional[int] = None, write_interval: float = 5.0, task: Optional[str] = None,
+                 tolerance: Optional[float] = None, **kwargs: Any):
         owner = type(self).__name__
         _args.one_of(mode, "mode", ("train",), owner, hint="for an eval-mode pass on a probe (not Toneva et al.'s "
                      "definition) use ProbeForgettingMonitor")
@@ -112,6 +125,10 @@ class ForgettingMonitor(StreamingMonitor):
         super().__init__(path, flush_every=flush_every, write_interval=write_interval, **kwargs)
         self.mode, self.index_key, self.outputs_key, self.batch_format = mode, index_key, outputs_key, batch_format
         self.num_examples = _args.positive_int(num_examples, "num_examples", owner, optional=True)
+        self.task = None if task is None else _args.one_of(task, "task", TASKS, owner)
+        self.tolerance = _args.positive(tolerance, "tolerance", owner, optional=True)
+        self._task: Optional[Task] = None  # decided at train start from one example, checked at the first batch
+        self._task_checked = False
         self._examples = TrackedExamples()
         self._open_epoch: Optional[int] = None
         self._ended_epoch: Optional[int] = None  # the last epoch whose end hook ran
@@ -135,12 +152,14 @@ class ForgettingMonitor(StreamingMonitor):
 
     def config_extra(self) -> Dict[str, Any]:
         return {"definition": TRAIN_DEFINITION, "model_mode": "train (the training forward pass; no extra pass)",
+                "detected_task": None if self._task is None else self._task.to_config(),
                 "index_source": "sampler" if self.index_key is None else f"batch[{self.index_key!r}]"}
 
     def table_specs(self, probe: Optional[ProbeSet], pl_module: nn.Module) -> List[TableSpec]:
         if self.tracker is None:  # disabled before the examples were known
             return []
-        return events_and_examples(self.group, self.tracker.index, {"mode": "train", "definition": TRAIN_DEFINITION})
+        task = {"task": "" if self._task is None else self._task.kind, "tolerance": self.tolerance or float("nan")}
+        return events_and_examples(self.group, self.tracker.index, dict(task, mode="train", definition=TRAIN_DEFINITION))
 
     def extra_state(self) -> Dict[str, Any]:
         if self.tracker is None:
@@ -191,22 +210,11 @@ class ForgettingMonitor(StreamingMonitor):
     def prepare(self, trainer: Any, pl_module: Any) -> None:
         loaders = getattr(trainer, "train_dataloader", None)
         several = isinstance(loaders, (Mapping, list, tuple))
-        if several and not (self.index_key is not None and self.num_examples is not None):
-            raise ForgettingCaptureError(
-                f"{type(self).__name__} records one training dataloader, and this run has {len(loaders)}; pass "
-                "index_key= (where each batch carries its dataset index), num_examples= and a batch_format= "
-                "function returning (x, y)")
-        n = self.num_examples
-        if n is None:
-            dataset = getattr(loaders, "dataset", None)
-            try:
-                n = len(dataset)  # type: ignore[arg-type]
-            except TypeError:
-                raise ForgettingCaptureError(
-                    f"{type(self).__name__} cannot tell how many examples to track: the training loader's dataset "
-                    f"({type(dataset).__name__}) has no length. Pass num_examples= (one more than the largest "
-                    "dataset index). " + HOW_TO_FIX_INDEX) from None
+        n = examples_to_track(loaders, self.num_examples, self.index_key, type(self).__name__)
         self._examples.ensure(np.arange(n, dtype=np.int64), type(self).__name__)
+        self._task_checked = False
+        self._task = None if several else task_from_sample(loaders, pl_module, self.batch_format, self.outputs_key,
+                                                           self.task, self.tolerance, type(self).__name__)
         if self._indices is not None and not several:
             self._follow_loader(trainer)
 
@@ -262,6 +270,10 @@ class ForgettingMonitor(StreamingMonitor):
             raise ForgettingCaptureError(
                 f"{type(self).__name__} found no logits for this training batch: {self._capture.describe_missing()}. "
                 + _HOW_TO_FIX_LOGITS.format(key=self.outputs_key))
+        if not self._task_checked:  # the first batch: the task it shows (and the sample's, if any)
+            self._task = forgetting_task(logits, targets, self.task or (self._task and self._task.kind),
+                                         self.tolerance, type(self).__name__)
+            self._task_checked = True
         index, where = self._sources.indices(batch, outputs, popped)
         if len(index) != rows or int(logits.shape[0]) != rows:
             raise ForgettingCaptureError(
@@ -273,7 +285,8 @@ class ForgettingMonitor(StreamingMonitor):
             self._flush_every = max(1, min(_AUTO_FLUSH_BATCHES, _AUTO_FLUSH_BYTES // max(1, logits.numel() * logits.element_size())))
         labels = self._labels.snapshot if where == SAMPLER else None
         self._pending.append(Presentation(index, self._batch_step, int(trainer.current_epoch), logits,
-                                          targets.reshape(-1), labels))
+                                          targets.reshape(rows, -1) if self._task.kind == "regression"
+                                          else targets.reshape(-1), labels))
 
     # ---------------------------------------------------------------- processing
     def collect(self) -> Optional[Records]:
@@ -286,9 +299,9 @@ class ForgettingMonitor(StreamingMonitor):
         index = concat_indices([p.index for p in pending], as_index_array)
         logits = torch.cat([p.logits for p in pending])
         targets = torch.cat([p.targets.to(logits.device) for p in pending])
-        outcomes = presentation_outcomes(logits, targets, check_targets=False)
-        values = torch.stack([outcomes.correct.float(), outcomes.loss.float(), outcomes.margin.float(),
-                              outcomes.p_true.float()]).cpu().numpy()
+        result = outcomes(self._task, logits, targets, self.tolerance)
+        values = torch.stack([result.correct.float(), result.loss.float(), result.margin.float(),
+                              result.p_true.float()]).cpu().numpy()
         if any(p.labels is not None for p in pending) and self._labels.mismatch(
                 [p.labels for p in pending], sizes, index, targets):
             raise ForgettingCaptureError(
@@ -321,7 +334,8 @@ class ForgettingMonitor(StreamingMonitor):
                 if self._open_epoch is not None and epoch != self._open_epoch:
                     tracker.end_epoch()  # an epoch end that no hook reported (e.g. resumed past it)
                 self._open_epoch = epoch
-                tracker.update(records.index[a:b], records.correct[a:b], records.p_true[a:b], step=records.step[a:b])
+                p_true = None if self._task.kind == "regression" else records.p_true[a:b]  # no p(gold): no confidence
+                tracker.update(records.index[a:b], records.correct[a:b], p_true, step=records.step[a:b])
             events = self._tables.get(f"{self.group}/events") if self._writer else None
             if events is not None:
                 events.extend(records.columns())
