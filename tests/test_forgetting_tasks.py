@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ntk import callbacks
-from lightning_ntk.store import open_run
+from lightning_ntk.store import check_run, open_run
 
 from .models import trainer
 
@@ -78,6 +78,9 @@ def test_regression_is_refused_without_tolerance(L, run_path):
     assert monitor == "forgetting" and "real predictions of real targets (regression, 1 output(s))" in message
     with open_run(run_path) as run:
         assert "forgetting/events" not in run.tables
+    report = check_run(run_path)  # lightning-ntk check names the monitor that failed
+    assert any(w.startswith("monitor forgetting failed at step 0: TaskError: ForgettingMonitor: the outputs are real")
+               for w in report.warnings), report.warnings
 
 
 def test_regression_with_tolerance_is_recorded_against_the_module(L, run_path):
