@@ -525,12 +525,27 @@ def test_report_refuses_a_file_as_folder(full_run, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------- export
 def test_csv_columns_equal_the_files_datasets(full_run, tmp_path):
-    paths = export_run(full_run, "csv", tmp_path)
+    from lightning_ntk.analysis import ExportWarning
+
+    with pytest.warns(ExportWarning) as caught:
+        paths = export_run(full_run, "csv", tmp_path)
     names = sorted(os.path.basename(p) for p in paths)
     assert names == sorted(["full.codes.csv", "full.forgetting.events.csv", "full.forgetting.examples.csv",
                             "full.ntk.csv", "full.probe_metrics.csv", "full.sharpness.csv", "full.probe.train.csv",
-                            "full.representations.csv"])
+                            "full.representations.csv", "full.probe_metrics.example_loss.csv"])
     pd = pytest.importorskip("pandas")
+    # nothing is dropped silently: every per-row field is a column, a long-form file, or named in the warning
+    message = str(caught[0].message)
+    with h5py.File(full_run, "r") as f:
+        for group in ("ntk", "probe_metrics", "sharpness", "codes", "representations"):
+            for name, ds in f[group].items():
+                if ds.ndim >= 3 and "DIMENSION_LIST" in ds.attrs:
+                    assert f"/{group}/{name} " in message, (group, name)
+        long = pd.read_csv(tmp_path / "full.probe_metrics.example_loss.csv")
+        values = f["probe_metrics/example_loss"][()]
+        assert list(long.columns) == ["step", "position", "example_loss"]
+        np.testing.assert_array_equal(long["example_loss"].to_numpy().astype(values.dtype).reshape(values.shape), values)
+        np.testing.assert_array_equal(long["step"].to_numpy().reshape(values.shape)[:, 0], f["probe_metrics/step"][()])
     sharp = pd.read_csv(tmp_path / "full.sharpness.csv")
     assert list(sharp.columns) == ["step", "epoch", "wall_time", "lr", "eigvals[0]", "eigvals[1]", "eigvals[2]",
                                    "residuals[0]", "residuals[1]", "residuals[2]", "n_hvp", "trace", "trace_stderr",

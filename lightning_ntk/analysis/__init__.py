@@ -7,7 +7,7 @@ data. Matplotlib, pandas and xarray are needed here (``pip install lightning-ntk
 nothing else in the package imports this module.
 """
 from .export import FORMATS as EXPORT_FORMATS
-from .export import ExportError, export_run
+from .export import ExportError, ExportWarning, export_run
 from .kernel_dynamics import EigenspaceTracking, KernelDynamics, eigenspace_tracking, kernel_dynamics
 from .plots_codes import plot_code_accuracy, plot_code_change, plot_code_redundancy
 from .plots_forgetting import plot_cartography, plot_forgetting_histogram
@@ -32,7 +32,7 @@ from .series import plot_series
 from .watch import watch
 
 __all__ = [
-    "EXPORT_FORMATS", "EigenspaceTracking", "ExportError", "KernelDynamics", "eigenspace_tracking", "kernel_dynamics", "SECTIONS", "Section", "export_run", "plot_cartography", "plot_code_accuracy",
+    "EXPORT_FORMATS", "EigenspaceTracking", "ExportError", "ExportWarning", "KernelDynamics", "eigenspace_tracking", "kernel_dynamics", "SECTIONS", "Section", "export_run", "plot_cartography", "plot_code_accuracy",
     "plot_code_change", "plot_code_redundancy", "plot_effective_rank", "plot_eigen_energy", "plot_eigenfunctions",
     "plot_forgetting_histogram", "plot_grad_norm", "plot_hessian_density", "plot_hessian_trace",
     "plot_kernel_alignment", "plot_kernel_distance", "plot_kernel_matrix", "plot_kernel_norms", "plot_kernel_velocity",

@@ -5,15 +5,19 @@
   dataset index for per-example tables), then every field with one value per row, in the
   table's order. A field with one short per-row axis (at most ``max_width`` values, e.g.
   ``eigvals`` (T, k)) becomes one column per value, ``eigvals[0]``, ``eigvals[1]``, …;
-  larger arrays (kernels, logits, eigenvectors) are left to netCDF. Probe sets are
-  exported the same way (``<run>.probe.<name>.csv``).
+  a wider one is written in long form to its own file, ``<run>.<group>.<field>.csv`` (the
+  row key, the position along the field's axis, the value). Arrays of more than one axis
+  per row (kernels, logits, eigenvectors) are left to netCDF, and named in an
+  :class:`ExportWarning` (the command line prints it): nothing is dropped silently. Probe
+  sets are exported the same way (``<run>.probe.<name>.csv``).
 * ``netcdf``: one file per group, ``<run>.<group>.nc``, written by xarray with the
   h5netcdf engine: every field with its named axes and coordinates, complete rows only.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional, Sequence
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..store import Run, open_run
 
@@ -24,8 +28,13 @@ class ExportError(RuntimeError):
     """An export cannot be written as asked (missing optional package, bad argument)."""
 
 
-def _frame(run: Run, group: str, max_width: int):
-    """A pandas DataFrame of the per-row scalars (and short vectors) of ``group``; None if none."""
+class ExportWarning(UserWarning):
+    """Fields a tabular export leaves out (arrays of several axes per row): use netCDF for them."""
+
+
+def _frame(run: Run, group: str, max_width: int) -> Tuple[Any, Dict[str, Any], List[str]]:
+    """A pandas DataFrame of the per-row scalars and short vectors of ``group`` (None if
+    none), the long-form frames of its wider vectors (by field), and the fields left out."""
     import pandas as pd
 
     view = run[group]
@@ -42,6 +51,9 @@ def _frame(run: Run, group: str, max_width: int):
         names = ([view.key] if view.key else []) + [f for f in view.fields if f != view.key]
     else:  # a static group: probe index, y, ...
         names = view.fields
+    long: Dict[str, Any] = {}
+    omitted: List[str] = []
+    key = view.key if (view.is_table or view.is_fixed) and view.key in names else None
     for name in names:
         ds = view.group[name]
         if ds.ndim == 0:
@@ -54,9 +66,14 @@ def _frame(run: Run, group: str, max_width: int):
         elif values.ndim == 2 and values.shape[1] <= max_width:
             for i in range(values.shape[1]):
                 columns[f"{name}[{i}]"] = values[:, i]
-    if not columns:
-        return None
-    return pd.DataFrame(columns)
+        elif values.ndim == 2:
+            rows, width = values.shape
+            row_key = view[key] if key is not None and name != key else range(rows)
+            long[name] = pd.DataFrame({key or "row": [k for k in row_key for _ in range(width)],
+                                       "position": list(range(width)) * rows, name: values.reshape(-1)})
+        else:
+            omitted.append(f"/{group}/{name} {tuple(values.shape)}")
+    return (pd.DataFrame(columns) if columns else None), long, omitted
 
 
 def _file_name(run: Run, group: str, suffix: str) -> str:
@@ -109,6 +126,7 @@ def export_run(run: "Run | os.PathLike[str] | str", to: str, out_dir: "os.PathLi
             raise ExportError(f"out_dir {out_dir} exists and is not a folder")
         os.makedirs(out_dir, exist_ok=True)
         written: List[str] = []
+        omitted: List[str] = []
         for group in _groups(opened, groups):
             view = opened[group]
             if (view.is_table or view.is_fixed) and len(view) == 0:
@@ -118,16 +136,19 @@ def export_run(run: "Run | os.PathLike[str] | str", to: str, out_dir: "os.PathLi
                 opened.to_xarray(group).to_netcdf(path, engine="h5netcdf")
                 written.append(path)
                 continue
-            frame = _frame(opened, group, max_width)
-            if frame is None:
-                continue
-            if to == "csv":
-                path = os.path.join(out_dir, _file_name(opened, group, "csv"))
-                frame.to_csv(path, index=False)
-            else:
-                path = os.path.join(out_dir, _file_name(opened, group, "parquet"))
-                frame.to_parquet(path, index=False, engine="pyarrow")
-            written.append(path)
+            frame, long, left_out = _frame(opened, group, max_width)
+            omitted += left_out
+            parts = ([(group, frame)] if frame is not None else []) + [(f"{group}/{f}", v) for f, v in long.items()]
+            for name, table in parts:
+                path = os.path.join(out_dir, _file_name(opened, name, to if to == "csv" else "parquet"))
+                if to == "csv":
+                    table.to_csv(path, index=False)
+                else:
+                    table.to_parquet(path, index=False, engine="pyarrow")
+                written.append(path)
+        if omitted:
+            warnings.warn(f"{to} export of {opened.path} leaves out {len(omitted)} field(s) with several axes per row "
+                          f"(use --to netcdf for them): {', '.join(omitted)}", ExportWarning, stacklevel=2)
         return written
     finally:
         if owned:
