@@ -32,3 +32,20 @@ def L(request):
 @pytest.fixture
 def run_path(tmp_path):
     return str(tmp_path / "run.h5")
+
+
+@pytest.fixture(scope="session")
+def ddp_runs(tmp_path_factory):
+    """One training with every monitor in one process and under 2-process DDP (gloo, CPU),
+    same global batch (tests/ddp_script.py): {devices: run file}. Shared by tests/test_ddp.py
+    and the DDP contract of tests/test_monitor_contract.py (two subprocess trainings in all)."""
+    from .ddp_script import MONITORS, launch
+
+    folder = tmp_path_factory.mktemp("ddp")
+    out = {}
+    for devices in (1, 2):
+        path = str(folder / f"devices{devices}.h5")
+        proc, _ = launch(path, devices, MONITORS)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        out[devices] = path
+    return out

@@ -6,7 +6,10 @@ Same global batch either way: DDP with 2 devices and per-device batch B/2 on an 
 DistributedSampler sees, at each step, exactly the examples of the single-process batch B.
 """
 import argparse
+import os
+import subprocess
 import sys
+import time
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
@@ -18,6 +21,19 @@ from lightning_ntk.schedule import EveryNSteps
 from .models import blob_data, make_module, namespace, tiny_net
 
 GLOBAL_BATCH = 16
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MONITORS = ["probe", "ntk", "codes", "representations", "sharpness", "forgetting"]
+
+
+def launch(path, devices, monitors, extra=(), timeout=240):
+    """Run this script in a subprocess (for the tests); returns (CompletedProcess, seconds)."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("LOCAL_RANK", None)
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "tests.ddp_script", path, "--devices", str(devices),
+                           "--monitors", ",".join(monitors), *extra], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    return proc, time.monotonic() - started
 
 
 class Boom(RuntimeError):

@@ -65,21 +65,6 @@ def test_values_equal_an_independent_computation(L, run_path):
         np.testing.assert_array_equal(run.probe("given")["index"], np.arange(20))
 
 
-def test_monitors_do_not_change_the_training_trajectory(L, tmp_path):
-    """Dropout + BatchNorm + shuffling: weights after training equal those without monitors."""
-    net_kwargs = dict(dropout=0.3, batchnorm=True)
-    plain, _ = _fit(L, [], net_kwargs=net_kwargs)
-    monitors = [ProbeMetricsMonitor(str(tmp_path / "a.h5"), schedule=1, on_error="raise", probe=Probe(size=40)),
-                ProbeMetricsMonitor(str(tmp_path / "a.h5"), name="val", schedule=2, on_error="raise",
-                                    probe=Probe(size=20, seed=3, name="other"))]
-    monitored, _ = _fit(L, monitors, net_kwargs=net_kwargs)
-    for (name, a), (_, b) in zip(plain.state_dict().items(), monitored.state_dict().items()):
-        assert torch.equal(a, b), name
-    with open_run(tmp_path / "a.h5") as run:
-        assert set(run.tables) == {"probe_metrics", "probe_metrics_val"}
-        assert len(run["probe_metrics"]) == 13 and len(run["probe_metrics_val"]) == 7
-
-
 def test_scalars_reach_the_users_logger(L, tmp_path):
     logger = L.loggers.CSVLogger(str(tmp_path), name="logs")
     path = str(tmp_path / "run.h5")
@@ -93,34 +78,6 @@ def test_scalars_reach_the_users_logger(L, tmp_path):
     logged = {int(r["step"]): float(r["probe_metrics/loss"]) for r in rows}
     assert sorted(logged) == list(stored.index)
     np.testing.assert_allclose([logged[s] for s in stored.index], stored["loss"].values, rtol=1e-6)
-
-
-def test_resume_from_mid_training_checkpoint(L, tmp_path):
-    """Crash after a mid-epoch checkpoint, resume: steps strictly increasing, none lost, values equal."""
-    data = blob_data()
-    reference_path = str(tmp_path / "reference.h5")
-    _fit(L, [ProbeMetricsMonitor(reference_path, schedule=2, on_error="raise", probe=Probe(size=30))], epochs=3,
-         data=data)
-
-    path = str(tmp_path / "run.h5")
-    ckpt_dir = tmp_path / "ckpt"
-    checkpoint = L.callbacks.ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=5, save_top_k=-1,
-                                             filename="{step}")
-    _fit(L, [ProbeMetricsMonitor(path, schedule=2, on_error="raise", probe=Probe(size=30)), checkpoint],
-         epochs=3, data=data, enable_checkpointing=True)
-    # Resume from the step-10 checkpoint (mid-epoch 2): rows for steps 12.. were written after it.
-    torch.manual_seed(123)  # a different RNG state: the resumed run must not depend on it for the file's steps
-    module = make_module(L, tiny_net())
-    t = trainer(L, [ProbeMetricsMonitor(path, schedule=2, on_error="raise", probe=Probe(size=30))], max_epochs=3)
-    t.fit(module, loader(data), ckpt_path=str(ckpt_dir / "step=10.ckpt"))
-    with open_run(path) as run, open_run(reference_path) as ref:
-        steps = run["probe_metrics"]["step"]
-        assert np.all(np.diff(steps) > 0)
-        np.testing.assert_array_equal(steps, ref["probe_metrics"]["step"])
-        assert [h["event"] for h in run.history] == ["created", "resumed"]
-        # Rows up to the checkpoint are the original ones, bit for bit.
-        upto = int(np.searchsorted(steps, 10, side="right"))
-        np.testing.assert_array_equal(run["probe_metrics"]["logits"][:upto], ref["probe_metrics"]["logits"][:upto])
 
 
 def test_existing_path_is_refused(L, run_path):
@@ -165,27 +122,9 @@ def test_two_monitors_of_one_kind_need_names(L, run_path):
         _fit(L, [a, b])
 
 
-def test_failing_measurement_warns_and_training_continues(L, run_path):
-    def broken_loss(outputs, targets):
-        raise FloatingPointError("boom")
-
-    with pytest.warns(RuntimeWarning, match="boom.*on_error='raise'"):
-        _, t = _fit(L, [ProbeMetricsMonitor(run_path, loss_fn=broken_loss, probe=Probe(size=10))])
-    assert t.global_step == 12
-    with open_run(run_path) as run:  # the failure is recorded in the file, once (then disabled)
-        assert run.errors() == [{"step": 0, "monitor": "probe_metrics", "message": "FloatingPointError: boom"}]
-        assert len(run["probe_metrics"]) == 0
-    with pytest.raises(FloatingPointError):
-        _fit(L, [ProbeMetricsMonitor(run_path, loss_fn=broken_loss, probe=Probe(size=10), on_error="raise",
-                                     overwrite=True)])
-
-
+# The arguments every monitor takes (path, name, on_error, batch_size, schedule, ...):
+# tests/test_monitor_contract.py::test_bad_common_argument_names_the_monitor.
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(path=3), "path must be a file path"),
-    (dict(path="r.h5", name="a/b"), "name must be"),
-    (dict(path="r.h5", on_error="ignore"), "on_error must be"),
-    (dict(path="r.h5", batch_size=0), "batch_size must be"),
-    (dict(path="r.h5", schedule="often"), "schedule must be"),
     (dict(path="r.h5", probe="train"), "probe must be"),
     (dict(path="r.h5", loss_fn=3), "loss_fn must be callable"),
 ])

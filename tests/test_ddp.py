@@ -1,70 +1,32 @@
 """Real 2-process DDP (gloo, CPU) against a single-process run with the same global batch."""
 import os
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
-from lightning_ntk import callbacks
 from lightning_ntk.store import check_run, open_run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MONITORS = ["probe", "ntk", "codes", "representations", "sharpness", "forgetting"]
+from .ddp_script import launch as _run
+
+# Every test here starts training processes: slow (run by plain `pytest`, skipped by -m "not slow").
+pytestmark = pytest.mark.slow
+
+# The single-process and 2-process runs with every monitor are the session fixture
+# ``ddp_runs`` (conftest.py); tests/test_monitor_contract.py::test_ddp_equals_single_process
+# compares their numbers, monitor by monitor.
 
 
-def _run(path, devices, monitors, extra=(), timeout=240):
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("LOCAL_RANK", None)
-    started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "tests.ddp_script", path, "--devices", str(devices),
-                           "--monitors", ",".join(monitors), *extra], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-    return proc, time.monotonic() - started
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    monitors = [m for m in MONITORS if m not in ("sharpness", "forgetting")
-                or hasattr(callbacks, {"sharpness": "SharpnessMonitor", "forgetting": "ForgettingMonitor"}[m])]
-    folder = tmp_path_factory.mktemp("ddp")
-    out = {}
-    for devices in (1, 2):
-        path = str(folder / f"devices{devices}.h5")
-        proc, _ = _run(path, devices, monitors)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        out[devices] = path
-    return out
-
-
-def test_only_rank_zero_writes_and_files_check(runs):
-    folder = os.path.dirname(runs[2])
+def test_only_rank_zero_writes_and_files_check(ddp_runs):
+    folder = os.path.dirname(ddp_runs[2])
     assert sorted(os.listdir(folder)) == ["devices1.h5", "devices1.h5.weights.pt", "devices2.h5",
                                           "devices2.h5.weights.pt"]  # no lock left, no file per rank
-    assert check_run(runs[2]).ok
+    assert check_run(ddp_runs[2]).ok
 
 
-def test_ddp_numbers_equal_single_process(runs):
-    with open_run(runs[1]) as single, open_run(runs[2]) as ddp:
-        assert single.tables == ddp.tables
-        for table in single.tables:
-            a, b = single[table], ddp[table]
-            assert len(a) == len(b) > 0, table
-            for field in a.fields:
-                if field == "wall_time":
-                    continue
-                x, y = a[field], b[field]
-                if x.dtype.kind in "biu":
-                    np.testing.assert_array_equal(x, y, err_msg=f"{table}/{field}")
-                else:
-                    scale = np.nanmax(np.abs(x)) if np.isfinite(x).any() else 1.0
-                    if field == "residuals":  # error bounds at rounding level: compare on the eigenvalues' scale
-                        scale = np.nanmax(np.abs(a["eigvals"]))
-                    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5 * scale, equal_nan=True,
-                                               err_msg=f"{table}/{field}")
-    wa, wb = torch.load(runs[1] + ".weights.pt"), torch.load(runs[2] + ".weights.pt")
+def test_ddp_weights_equal_single_process(ddp_runs):
+    """The monitors' numbers are compared per monitor in test_monitor_contract.py."""
+    wa, wb = torch.load(ddp_runs[1] + ".weights.pt"), torch.load(ddp_runs[2] + ".weights.pt")
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6)
 

@@ -186,19 +186,6 @@ def test_num_workers_and_stale_prefetched_index_batches(L, run_path, persistent)
     assert_file_matches(run_path, module.seen, 96)
 
 
-def test_training_with_the_monitor_ends_with_the_same_weights(L, tmp_path):
-    data = WithIndex(noisy_blobs())
-    torch.manual_seed(0)
-    plain = recording_module(L, dropout=0.3)
-    fit(L, [], plain, data, epochs=2)
-    torch.manual_seed(0)
-    monitored = recording_module(L, dropout=0.3)
-    fit(L, [ForgettingMonitor(str(tmp_path / "run.h5"), on_error="raise", flush_every=1)], monitored, data, epochs=2)
-    for (name, a), (_, b) in zip(plain.state_dict().items(), monitored.state_dict().items()):
-        assert torch.equal(a, b), name
-    assert len(monitored.seen) == 20
-
-
 def test_resume_from_a_mid_epoch_checkpoint(L, tmp_path):
     path = str(tmp_path / "run.h5")
     data = WithIndex(noisy_blobs())
