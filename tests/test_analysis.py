@@ -693,6 +693,7 @@ def test_watch_exits_on_ctrl_c(full_run, tmp_path):
     assert "stopped watching (Ctrl-C)" in out and "Traceback" not in err
 
 
+@pytest.mark.slow  # a training in a subprocess, ~6 s
 def test_watch_sees_rows_of_a_concurrent_training(tmp_path):
     """A training in another process; watch prints its rows while it is still running."""
     path = str(tmp_path / "live.h5")

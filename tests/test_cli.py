@@ -18,6 +18,7 @@ def demo_file(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # the demo training (module fixture, ~10 s)
 def test_demo_writes_its_report(demo_file):
     report = os.path.join(os.path.dirname(demo_file), "demo_report", "report.html")
     with open(report) as handle:
@@ -25,6 +26,7 @@ def test_demo_writes_its_report(demo_file):
     assert "<img" in page and "probe_metrics" in page
 
 
+@pytest.mark.slow  # the demo training (module fixture, ~10 s)
 def test_demo_file_opens_in_every_reader(demo_file):
     with h5py.File(demo_file, "r") as f:
         assert f.attrs["format"] == "lightning_ntk"
@@ -42,6 +44,7 @@ def view_steps(path):
         return run["probe_metrics"]["step"]
 
 
+@pytest.mark.slow  # the demo training (module fixture, ~10 s)
 def test_info_console_script(demo_file):
     script = os.path.join(os.path.dirname(sys.executable), "lightning-ntk")
     cmd = [script] if os.path.exists(script) else [sys.executable, "-m", "lightning_ntk.cli"]

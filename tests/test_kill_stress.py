@@ -20,6 +20,9 @@ from lightning_ntk.store import _writer
 
 from .models import blob_data, loader, make_module, namespace, tiny_net, trainer
 
+# Forked trainings killed with SIGKILL: slow (skipped by pytest -m "not slow").
+pytestmark = pytest.mark.slow
+
 N_KILLS = 20
 TABLES = ("probe_metrics", "ntk")
 

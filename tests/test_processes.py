@@ -11,6 +11,9 @@ import pytest
 
 from lightning_ntk.store import open_run
 
+# Trainings in subprocesses (one killed with SIGKILL): slow (skipped by pytest -m "not slow").
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -25,6 +25,9 @@ from lightning_ntk.analysis.report import SECTIONS
 
 from .test_analysis import write_full_run
 
+# A headless browser in a subprocess: slow (skipped by pytest -m "not slow").
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARTIFACTS = os.path.join(ROOT, "test-artifacts")
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")

@@ -225,6 +225,7 @@ _CRASHING_WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a writer subprocess killed with SIGKILL
 def test_file_of_a_killed_writer_opens_and_resumes(run_path):
     proc = subprocess.run([sys.executable, "-c", _CRASHING_WRITER, run_path], cwd=ROOT, capture_output=True)
     assert proc.returncode == -9, proc.stderr.decode()
