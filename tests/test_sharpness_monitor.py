@@ -88,3 +88,103 @@ def test_adaptive_optimizer_has_no_threshold(L, run_path):
 def test_bad_arguments(kwargs, message):
     with pytest.raises((TypeError, ValueError), match=message):
         SharpnessMonitor("x.h5", **kwargs)
+
+
+def _diabetes(n=96):
+    from sklearn.datasets import load_diabetes
+
+    data = load_diabetes()
+    x = torch.tensor(data.data[:n], dtype=torch.float32)
+    y = torch.tensor((data.target[:n] - data.target.mean()) / data.target.std(), dtype=torch.float32)
+    return torch.utils.data.TensorDataset(x, y.unsqueeze(1))
+
+
+def _regression_module(L, logged):
+    class Regression(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 1))
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = nn.functional.mse_loss(self(x), y)
+            self.log("train_loss", loss, on_step=True, on_epoch=True)
+            logged.append(float(loss))
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    return Regression()
+
+
+def test_regression_sharpness_is_the_hessian_of_the_loss_trained(L, run_path):
+    """F.mse_loss in training_step: λ₁ equals the dense float64 Hessian of F.mse_loss (not of
+    ½‖f − y‖², which has half of it), and the measurement logs nothing of its own."""
+    data = _diabetes()
+    logged_with, logged_without = [], []
+    monitor = SharpnessMonitor(run_path, sharpness_set=64, k=2, tol=1e-8, schedule=EveryNEpochs(1),
+                               on_error="raise", dtype=torch.float64, budget=False)
+    torch.manual_seed(0)
+    module = _regression_module(L, logged_with)
+    t = trainer(L, [monitor], max_epochs=2)
+    t.fit(module, loader(data))
+    torch.manual_seed(0)
+    plain = _regression_module(L, logged_without)
+    t_plain = trainer(L, [], max_epochs=2)
+    t_plain.fit(plain, loader(data))
+    # The snapshots called training_step with logging silenced: the user's metrics are untouched.
+    assert float(t.callback_metrics["train_loss_epoch"]) == float(t_plain.callback_metrics["train_loss_epoch"])
+    assert len(logged_with) > len(logged_without)  # training_step did run for the snapshots
+    module.eval()
+    net = module.net.double()
+    x, y = (t.double() for t in data.tensors)
+    names = [n for n, _ in net.named_parameters()]
+    shapes = [p.shape for _, p in net.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for _, p in net.named_parameters()])
+
+    def mse(theta):
+        parts = torch.split(theta, [s.numel() for s in shapes])
+        params = {n: t.reshape(s) for n, t, s in zip(names, parts, shapes)}
+        return nn.functional.mse_loss(functional_call(net, params, (x[:64],)), y[:64])
+
+    lam = torch.linalg.eigvalsh(hessian(mse)(flat)).numpy()[::-1]
+    with open_run(run_path) as run:
+        view = run["sharpness"]
+        np.testing.assert_allclose(view["eigvals"][-1], lam[:2], rtol=1e-6)
+        np.testing.assert_allclose(view["loss"][-1], float(mse(flat)), rtol=1e-10)
+        assert "training_step" in run.config["SharpnessMonitor[sharpness]"]["loss_fn"]
+
+
+def test_manual_optimisation_is_refused_at_train_start_and_training_goes_on(L, run_path):
+    class Manual(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_net()
+            self.automatic_optimization = False
+            self.steps = 0
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(nn.functional.cross_entropy(self(x), y))
+            opt.step()
+            self.steps += 1
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    module = Manual()
+    with pytest.warns(RuntimeWarning, match="SharpnessMonitor.*manual optimisation.*pass loss_fn="):
+        trainer(L, [SharpnessMonitor(run_path, sharpness_set=16)], max_epochs=1).fit(module, loader(blob_data()))
+    assert module.steps == 6
+    with open_run(run_path) as run:
+        assert "sharpness" not in run.tables
+        assert b"manual optimisation" in run["errors"]["message"][0]

@@ -111,15 +111,12 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
         owner = type(self).__name__
         if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
             raise TypeError(f"{owner}: path must be a file path (str or os.PathLike), got {path!r}")
-        if name is not None and (not isinstance(name, str) or not name or "/" in name):
-            raise ValueError(f"{owner}: name must be a non-empty string without '/', got {name!r}")
-        self.path, self.name = os.fspath(path), name
+        self.path, self.name = os.fspath(path), _args.text(name, "name", owner, forbid="/", optional=True)
         self.on_error = _args.one_of(on_error, "on_error", ("warn", "raise"), owner)
         self.batch_size = _args.positive_int(batch_size, "batch_size", owner)
         self.forward_fn = _args.function(forward_fn, "forward_fn", owner, signature="(pl_module, x) -> outputs")
         self.collective_timeout = _args.positive(collective_timeout, "collective_timeout", owner)
-        if budget is not None and budget is not False and not isinstance(budget, Governor):
-            as_governor(budget)  # validates: a clear error now rather than at train start
+        as_governor(budget)  # validates now: a clear error before training
         self.schedule: Schedule = as_schedule(schedule, self.default_schedule())
         self.probe = as_probe(owner, probe, self.default_probe_size) if self.needs_probe else None
         self._probe = ProbeSlot("probe", self.probe)
@@ -127,17 +124,15 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
         self.overwrite, self.log_scalars, self.fsync, self.budget = bool(overwrite), bool(log_scalars), bool(fsync), budget
         self.disabled = False
         self._rows: Dict[str, int] = {}
-        self._last_step: Optional[int] = None
-        self._loaded_state: Optional[Dict[str, Any]] = None
+        self._last_step: Optional[int] = None  # the step of the latest snapshot
+        self._loaded_state: Optional[Dict[str, Any]] = None  # a checkpoint's, until train start
         # The epoch whose last batch has ended but whose on_train_epoch_end has not run yet: a
         # checkpoint saved in that window resumes into the next epoch without that hook.
         self._pending_epoch_end: Optional[int] = None
-        #: No snapshot can be due at a step before this one (Schedule.next_due_after).
-        self.next_due = 0
+        self.next_due = 0  # no snapshot can be due at a step before this one (Schedule.next_due_after)
         #: Snapshots taken, their total seconds, and the seconds spent handing rows to the store.
         self.timings: Dict[str, float] = {"snapshots": 0, "snapshot_s": 0.0, "store_s": 0.0}
-        self.snapshot_step: Optional[int] = None
-        self.snapshot_epoch: Optional[float] = None
+        self.snapshot_step, self.snapshot_epoch = None, None  # of the snapshot being taken (for measure)
         self._reset_runtime()
 
     def _reset_runtime(self) -> None:
@@ -240,8 +235,13 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
             self._governor.start()
             self._governor.expect_final(self.group, self.schedule.final)
         draw_probes(self._probes, trainer, type(self).__name__, self._loaded_state)
-        with measurement_mode(pl_module, grad=False):  # every rank learns its shapes here (none if refused)
-            self._specs = [] if self.disabled else self.table_specs(self.probe_set, pl_module)
+        error: Optional[BaseException] = None
+        try:  # every rank learns its shapes here; a refusal is settled like a failed snapshot
+            with measurement_mode(pl_module, grad=False):
+                self._specs = [] if self.disabled else self.table_specs(self.probe_set, pl_module)
+        except Exception as exc:  # noqa: BLE001 - the session's error policy decides
+            self._specs, error = [], exc
+        self._session.settle(self, int(trainer.global_step), error)
         if self._governor is not None:
             self._specs.append(skipped_table(self.group, self._governor.budget))
         if self._writer:

@@ -24,6 +24,7 @@ from .._losses import LossFn
 from ..probe import Probe, ProbeSet
 from ..store import Field
 from ._base import Monitor
+from ._step_loss import TrainingStepLoss, check_step_loss, silenced_logging, step_loss_of
 
 
 class SharpnessMonitor(Monitor):
@@ -39,8 +40,12 @@ class SharpnessMonitor(Monitor):
         sam_rho: also record SAM's ρ-sharpness for this radius (None: off).
         density: also record the SLQ spectral density (``density_steps`` Lanczos nodes).
         preconditioned: for Adam/AdamW also record the top eigenvalue of P^-1/2 H P^-1/2.
-        loss_fn: per-example loss ``loss_fn(outputs, targets)``; default cross-entropy for
-            class labels, ½‖f − y‖² for float targets (Cohen et al.'s squared loss).
+        loss_fn: ``loss_fn(outputs, targets)``, per-example losses or their mean. Default:
+            the loss the module trains, its own ``training_step((x, y), 0)`` on each batch
+            of the set (logging silenced; automatic optimisation only): λ₁ is then the
+            Hessian of exactly what is optimised (``F.mse_loss``, label smoothing, auxiliary
+            terms), as Cohen et al. compare it with 2/η. Pass Cohen et al.'s squared loss
+            ``lightning_ntk.squared_loss`` (½‖f − y‖²) or a cross-entropy to measure another.
         dtype: computation dtype (e.g. ``torch.float64``).
         **kwargs: see :class:`~lightning_ntk.callbacks.Monitor`.
     """
@@ -89,11 +94,13 @@ class SharpnessMonitor(Monitor):
         self._k_eff = k
 
     def config_extra(self) -> Dict[str, Any]:
-        default = "default (cross-entropy / ½ squared error)"
+        default = "the module's training_step loss"
         return dict(super().config_extra(), loss_fn=default if self.loss_fn is None else
                     getattr(self.loss_fn, "__qualname__", type(self.loss_fn).__name__))
 
     def fields(self, probe: Optional[ProbeSet], pl_module: nn.Module) -> List[Field]:
+        if self.loss_fn is None:  # refused at train start, not at the first snapshot
+            check_step_loss(pl_module, type(self).__name__)
         n_params = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
         self._k_eff = min(self.k, n_params)
         k = self._k_eff
@@ -123,12 +130,13 @@ class SharpnessMonitor(Monitor):
 
     def measure(self, trainer: Any, pl_module: nn.Module, probe: Optional[ProbeSet]) -> Tuple[Dict[str, Any], Dict[str, float]]:
         assert probe is not None
-        if self._dist.active:
-            # Under DDP each rank takes a share of the set; losses, gradients and HVPs are
-            # summed across ranks (curvature.data_parallel), so every rank gets the same answer.
-            with curvature.data_parallel(self._dist.all_reduce_sum):
-                return self._measure(trainer, pl_module, probe, probe.x.shape[0])
-        return self._measure(trainer, pl_module, probe, probe.x.shape[0])
+        with silenced_logging(pl_module):  # training_step's self.log calls: no value reaches the user's metrics
+            if self._dist.active:
+                # Under DDP each rank takes a share of the set; losses, gradients and HVPs are
+                # summed across ranks (curvature.data_parallel), so every rank gets the same answer.
+                with curvature.data_parallel(self._dist.all_reduce_sum):
+                    return self._measure(trainer, pl_module, probe, probe.x.shape[0])
+            return self._measure(trainer, pl_module, probe, probe.x.shape[0])
 
     def _measure(self, trainer: Any, pl_module: nn.Module, probe: ProbeSet, n: int) -> Tuple[Dict[str, Any], Dict[str, float]]:
         model = self.measured_model(pl_module)
@@ -142,7 +150,11 @@ class SharpnessMonitor(Monitor):
         # One LossSet per snapshot: the set is read, cast and counted once, and every
         # quantity below, the logged loss included, is computed on it (under DDP it sums
         # over ranks: built inside curvature.data_parallel by measure()).
-        loss_set = curvature.LossSet(model, self.loss_fn, batches, dtype=self.dtype)
+        loss_fn = self.loss_fn
+        if loss_fn is None:  # the module's own training loss, batch by batch
+            model, loss_fn = TrainingStepLoss(pl_module, type(self).__name__), step_loss_of
+            batches = [((x, y), y) for x, y in batches]
+        loss_set = curvature.LossSet(model, loss_fn, batches, dtype=self.dtype)
         result = curvature.hessian_eigs(loss_set, self._k_eff, tol=self.tol, max_hvp=self.max_hvp,
                                         return_eigenvectors=True, init=self._eigenvectors, warn=False)
         self._eigenvectors = result.eigenvectors
