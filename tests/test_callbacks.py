@@ -273,3 +273,30 @@ def test_grouped_monitors_skip_no_due_step_of_any_schedule(L, run_path):
             assert list(run[f"probe_metrics_{name}"]["step"]) == expected, name
 
 
+
+
+def test_every_train_start_refusal_comes_before_any_snapshot(L, run_path):
+    """A monitor refused at train start (here: its table schema cannot be worked out) is
+    recorded and warned about before any monitor's first snapshot, whatever the callback
+    order; the others, and training, go on."""
+    order = []
+
+    class Measuring(ProbeMetricsMonitor):
+        def measure(self, trainer, pl_module, probe):
+            order.append(("measure", trainer.global_step))
+            return super().measure(trainer, pl_module, probe)
+
+    class Refused(ProbeMetricsMonitor):
+        def fields(self, probe, pl_module):
+            order.append(("refused", 0))
+            raise ValueError("Refused: the probe's outputs are (N, 7), expected (N, 3); pass forward_fn=")
+
+    monitors = [Measuring(run_path, name="a", probe=Probe(size=16), schedule=EveryNEpochs(1), budget=False),
+                Refused(run_path, name="b", probe=Probe(size=16), schedule=EveryNEpochs(1), budget=False)]
+    with pytest.warns(RuntimeWarning, match=r"Refused \(probe_metrics_b\) failed at step 0.*pass forward_fn="):
+        _, t = _fit(L, monitors, epochs=2)
+    assert order[0] == ("refused", 0) and order[1] == ("measure", 0)
+    with open_run(run_path) as run:
+        assert list(run["probe_metrics_a"]["step"]) == [0, t.global_step // 2, t.global_step]
+        assert "probe_metrics_b" not in run.tables
+        assert run["errors"]["monitor"][0] == b"probe_metrics_b"

@@ -63,6 +63,12 @@ def model_summary(module: nn.Module) -> Dict[str, Any]:
             "trainable": int(sum(p.numel() for p in params if p.requires_grad)), "layers": layers[:200]}
 
 
+def chunked_forward(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``model``'s outputs on ``x``, in chunks of ``batch_size`` rows."""
+    outs = [model(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)]
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
 def fractional_epoch(trainer: Any, batch_idx: int) -> float:
     batches = getattr(trainer, "num_training_batches", None)
     if isinstance(batches, (int, float)) and np.isfinite(batches) and batches > 0:
@@ -129,6 +135,7 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
         # The epoch whose last batch has ended but whose on_train_epoch_end has not run yet: a
         # checkpoint saved in that window resumes into the next epoch without that hook.
         self._pending_epoch_end: Optional[int] = None
+        self._initial_due = False  # the step-0 snapshot, taken at the first batch
         self.next_due = 0  # no snapshot can be due at a step before this one (Schedule.next_due_after)
         #: Snapshots taken, their total seconds, and the seconds spent handing rows to the store.
         self.timings: Dict[str, float] = {"snapshots": 0, "snapshot_s": 0.0, "store_s": 0.0}
@@ -210,12 +217,6 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
         """What the monitor differentiates: ``pl_module``, or ``forward_fn`` as a module."""
         return pl_module if self.forward_fn is None else MeasuredModel(pl_module, self.forward_fn)
 
-    def forward(self, pl_module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The model's outputs on ``x`` (in chunks of ``batch_size``)."""
-        model = self.measured_model(pl_module)
-        outs = [model(x[i:i + self.batch_size]) for i in range(0, x.shape[0], self.batch_size)]
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
-
     # ---------------------------------------------------------------- Lightning hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if str(stage) not in ("fit", "TrainerFn.FITTING"):
@@ -249,9 +250,10 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
             self._store.set_config(self.state_key, self.config())
             self._store.set_model_summary(model_summary(pl_module))
             self._tables = session.declare(self._store, self._specs, self._probes, self._rows if resuming else None)
-        if self._last_step is None and self.schedule.due_at_step(trainer.global_step):
-            self._snapshot(trainer, pl_module, epoch=float(trainer.current_epoch))
-        elif resuming and self._pending_epoch_end is not None:
+        # The first snapshot waits for the first batch: every monitor's train-start checks
+        # (refusals) come before any monitor's snapshot work.
+        self._initial_due = self._last_step is None and self.schedule.due_at_step(trainer.global_step)
+        if not self._initial_due and resuming and self._pending_epoch_end is not None:
             # Resumed after an epoch's last batch but before its end hook: Lightning goes on with
             # the next epoch, so take that epoch-end snapshot now (the model is as it was then).
             epoch, self._pending_epoch_end = self._pending_epoch_end, None
@@ -261,6 +263,9 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self._session is not None:
             self._session.start_swmr()
+        if self._initial_due:  # the model is still as it was at train start
+            self._initial_due = False
+            self._snapshot(trainer, pl_module, epoch=float(trainer.current_epoch))
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._session.batch_end(self, trainer, pl_module, batch_idx)

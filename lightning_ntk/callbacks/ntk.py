@@ -28,7 +28,7 @@ from ..ntk import KINDS, METHODS, empirical_ntk
 from ..ntk._model import layer_name, select_parameters
 from ..probe import Probe, ProbeSet
 from ..store import Field
-from ._base import Monitor
+from ._base import Monitor, chunked_forward
 from ._declared import ProbeSlot, as_heldout
 
 #: The kernel is stored by default for these kinds up to this many probe examples.
@@ -183,7 +183,8 @@ class NTKMonitor(Monitor):
         if not np.all(np.isfinite(kernel)):
             return self._nonfinite_row(kernel), {"finite": 0.0}
         with torch.no_grad():
-            outputs = self.forward(pl_module, probe.x).reshape(len(probe), -1).double().cpu().numpy()
+            outputs = chunked_forward(self.measured_model(pl_module), probe.x, self.batch_size)
+            outputs = outputs.reshape(len(probe), -1).double().cpu().numpy()
         targets = _one_hot(probe.y, self._num_outputs)
 
         eig = spectral.top_eigenpairs(kernel, self._k_eff)
