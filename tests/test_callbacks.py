@@ -300,3 +300,27 @@ def test_every_train_start_refusal_comes_before_any_snapshot(L, run_path):
         assert list(run["probe_metrics_a"]["step"]) == [0, t.global_step // 2, t.global_step]
         assert "probe_metrics_b" not in run.tables
         assert run["errors"]["monitor"][0] == b"probe_metrics_b"
+
+
+@pytest.mark.parametrize("strategy", ["FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"])
+def test_sharding_strategies_are_refused_at_setup(L, run_path, strategy):
+    """FSDP and DeepSpeed shard the parameters (they cannot run on this CPU machine: an
+    uninitialised strategy object stands in); every monitor refuses at setup with the fix."""
+    class FakeTrainer:  # a stand-in Trainer (weak-referenceable, like Lightning's)
+        def __init__(self, cls):
+            self.is_global_zero, self.strategy = True, object.__new__(cls)
+
+    fake = FakeTrainer(getattr(L.strategies, strategy))
+    with pytest.raises(RuntimeError, match=f"ProbeMetricsMonitor: the Trainer's strategy is {strategy}, which shards "
+                                           "the model's parameters.*strategy='ddp'"):
+        ProbeMetricsMonitor(run_path, on_error="raise").setup(fake, None, "fit")
+    monitor = ProbeMetricsMonitor(run_path)
+    with pytest.warns(RuntimeWarning, match=f"failed at step 0 .*{strategy}"):
+        monitor.setup(fake, None, "fit")
+    assert monitor.disabled
+    monitor.teardown(fake, None, "fit")
+    ddp = FakeTrainer(L.strategies.DDPStrategy)
+    other = ProbeMetricsMonitor(run_path, on_error="raise")
+    other.setup(ddp, None, "fit")
+    assert not other.disabled
+    other.teardown(ddp, None, "fit")

@@ -34,7 +34,7 @@ from ..schedule import LogSpacedSteps, Schedule, ScheduleLike, as_schedule
 from ..store import Field, RunStore, Table, wall_time
 from ..store._writer import FixedTable
 from ._declared import Declared, ProbeLike, ProbeSlot, TableSpec, as_probe, draw_probes, skipped_table
-from ._lightning import CALLBACK_BASES
+from ._lightning import CALLBACK_BASES, strategy_refusal
 from ._session import FitSession
 
 ForwardFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -224,6 +224,7 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
         self._session, self.disabled = FitSession.join(trainer, self), False
         if self._writer:  # fail fast on an unusable location; existence is checked once resume is known
             RunStore.check_path(self.path, overwrite=self.overwrite, resume=True, check_exists=False)
+        self._session.settle(self, 0, strategy_refusal(trainer, type(self).__name__))
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         # Every strategy has restored checkpoints (and called load_state_dict) by now.

@@ -9,7 +9,7 @@ monitors' base class subclasses all of them, so one object works with
 from __future__ import annotations
 
 import importlib
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 NAMESPACES: Dict[str, Any] = {}
 for _name in ("lightning.pytorch", "pytorch_lightning"):
@@ -42,3 +42,26 @@ def namespace_of(trainer: Any) -> str:
 
 def loggers_of(trainer: Any) -> List[Any]:
     return list(getattr(trainer, "loggers", []) or [])
+
+
+#: Strategies that shard the parameters (or run the model in pieces): a monitor needs every
+#: parameter of the model on each rank to differentiate it, and reads its outputs whole.
+_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy")
+
+
+class StrategyError(RuntimeError):
+    """The Trainer's strategy cannot be monitored (it shards the model)."""
+
+
+def strategy_refusal(trainer: Any, owner: str) -> Optional[StrategyError]:
+    """Why ``owner`` cannot run under ``trainer``'s strategy, or None when it can."""
+    strategy = getattr(trainer, "strategy", None)
+    for ns in NAMESPACES.values():
+        for name in _SHARDED_STRATEGIES:
+            cls = getattr(ns.strategies, name, None)
+            if cls is not None and isinstance(strategy, cls):
+                return StrategyError(
+                    f"{owner}: the Trainer's strategy is {type(strategy).__name__}, which shards the model's "
+                    "parameters across ranks; the monitors need the whole model on every rank. Train with "
+                    "strategy='ddp' (or a single device) for the runs you instrument")
+    return None
