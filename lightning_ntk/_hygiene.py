@@ -27,9 +27,38 @@ def _cuda_devices(module: nn.Module) -> List[int]:
     return sorted(d if d is not None else torch.cuda.current_device() for d in devices)
 
 
+def original_module(module: nn.Module) -> Optional[nn.Module]:
+    """The eager module a compiled (``torch.compile``) one wraps (None for any other module).
+
+    torch has no public accessor: this reads ``OptimizedModule._orig_mod``, here only
+    (``tests/test_hygiene.py`` fails if a torch release moves it)."""
+    original = getattr(module, "_orig_mod", None)
+    if type(module).__name__ == "OptimizedModule" and isinstance(original, nn.Module):
+        return original
+    return None
+
+
+@contextlib.contextmanager
+def eager(module: nn.Module) -> Iterator[nn.Module]:
+    """Inside, every compiled (``torch.compile``) submodule of ``module`` is replaced by the eager
+    module it wraps (same parameters): a measurement neither runs nor recompiles the
+    compiled graphs (their guards, caches and RNG use stay as training left them), and
+    forward hooks on the inner modules fire. ``module`` itself compiled is returned eager."""
+    swaps = [(parent, name, child, original_module(child)) for parent in module.modules()
+             for name, child in parent.named_children() if original_module(child) is not None]
+    for parent, name, _, original in swaps:
+        setattr(parent, name, original)
+    try:
+        yield original_module(module) or module
+    finally:
+        for parent, name, compiled, _ in reversed(swaps):
+            setattr(parent, name, compiled)
+
+
 @contextlib.contextmanager
 def measurement_mode(module: nn.Module, train: bool = False, grad: bool = True) -> Iterator[nn.Module]:
-    """Run a measurement on ``module``: eval mode (unless ``train``), RNG forked, modes restored.
+    """Run a measurement on ``module``: eval mode (unless ``train``), RNG forked, modes
+    restored, compiled submodules run eagerly (:func:`eager`).
 
     Gradients are enabled inside (``grad=True``) so measurements can differentiate; use
     ``torch.autograd.grad`` there, never ``.backward()``, so ``.grad`` stays untouched.
@@ -39,12 +68,13 @@ def measurement_mode(module: nn.Module, train: bool = False, grad: bool = True) 
             "a measurement that needs gradients was requested under torch.inference_mode (e.g. from a validation "
             "hook); run it from a training hook or pass inference_mode=False to the Trainer"
         )
-    modes = [(m, m.training) for m in module.modules()]
-    try:
-        with torch.random.fork_rng(devices=_cuda_devices(module)):
-            module.train(train)
-            with torch.set_grad_enabled(grad):
-                yield module
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    with eager(module) as measured:
+        modes = [(m, m.training) for m in measured.modules()]
+        try:
+            with torch.random.fork_rng(devices=_cuda_devices(measured)):
+                measured.train(train)
+                with torch.set_grad_enabled(grad):
+                    yield measured
+        finally:
+            for m, mode in modes:
+                m.training = mode
