@@ -6,8 +6,9 @@ the owner (a function or monitor), the argument, what it must be and what it got
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Iterable, Optional, TypeVar
+from typing import Any, Iterable, Iterator, Optional, TypeVar
 
 import numpy as np
 
@@ -106,3 +107,15 @@ def text(value: Any, name: str, owner: str = "", *, forbid: str = "", optional: 
         requirement = "a non-empty string" + (f" without {' or '.join(map(repr, forbid))}" if forbid else "")
         _fail(owner, name, ("None or " if optional else "") + requirement, value, hint=hint)
     return value
+
+
+@contextlib.contextmanager
+def named(owner: str) -> Iterator[None]:
+    """Re-raise a ``TypeError``/``ValueError`` from inside with ``owner`` named first (for checks
+    of the functional core, e.g. a schedule or a budget given to a monitor)."""
+    try:
+        yield
+    except (TypeError, ValueError) as exc:
+        if str(exc).startswith(f"{owner}:"):
+            raise
+        raise type(exc)(f"{owner}: {exc}") from None

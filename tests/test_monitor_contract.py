@@ -260,24 +260,10 @@ def test_pickle_and_deepcopy_before_fit(tmp_path, kind):
         _fits_like(L, copied, monitor, path, expected, f"{kind} {how} before fit")
 
 
-# Found by this contract on the current code; each xfail names the exception type it expects.
-_KEEPS_LOG = (
-    "after fit the monitor keeps Lightning's callback.log/log_dict (bound methods of the LightningModule, set by "
-    "CallbackConnector._attach_model_logging_functions) in its pickled state: pickle.dumps raises AttributeError "
-    "for a module class defined in a function, and otherwise pickles the whole model")
-_KEEPS_LAST_STEP = (
-    "a fitted monitor (or its deepcopy) used for a new fit without a checkpoint keeps the previous fit's last "
-    "snapshot step (Monitor._last_step) and skips the new fit's step-0 snapshot: 4 rows instead of 5")
-AFTER_FIT_BUGS = {("pickle", kind): (AttributeError, _KEEPS_LOG) for kind in MONITORS}
-AFTER_FIT_BUGS.update({("deepcopy", kind): (AssertionError, _KEEPS_LAST_STEP) for kind in SNAPSHOT_MONITORS})
-
-
 def _after_fit_cases():
     for how in ("deepcopy", "pickle"):
         for kind in MONITORS:
-            raises, reason = AFTER_FIT_BUGS.get((how, kind), (None, None))
-            marks = [pytest.mark.xfail(strict=True, raises=raises, reason=reason)] if reason else []
-            yield pytest.param(how, kind, marks=marks, id=f"{how}-{kind}")
+            yield pytest.param(how, kind, id=f"{how}-{kind}")
 
 
 @pytest.mark.usefixtures("shared_governor")
@@ -307,20 +293,10 @@ BAD_ARGUMENTS = {
     "budget": (dict(budget="5%"), "budget"),
     "schedule": (dict(schedule="often"), "schedule"),
 }
-# (monitor, bad argument) pairs that fail the contract on the current code: the message
-# names the argument but not the monitor (ForgettingMonitor refuses both with its own message)
-NOT_NAMED = {(kind, "budget"): "budget= is checked by Governor(): 'Governor: budget must be a finite number > 0'"
-             for kind in SNAPSHOT_MONITORS}
-NOT_NAMED.update({(kind, "schedule"): "schedule= is checked by as_schedule(): 'schedule must be a "
-                  "lightning_ntk.schedule.Schedule ...', no owner" for kind in SNAPSHOT_MONITORS})
-
-
 def _argument_cases():
     for kind in MONITORS:
         for case in BAD_ARGUMENTS:
-            reason = NOT_NAMED.get((kind, case))
-            marks = [pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)] if reason else []
-            yield pytest.param(kind, case, marks=marks, id=f"{kind}-{case}")
+            yield pytest.param(kind, case, id=f"{kind}-{case}")
 
 
 @pytest.mark.parametrize("kind, case", list(_argument_cases()))
@@ -370,21 +346,15 @@ def per_example_cross_entropy(outputs, targets):
 
 
 # How each case fails: monitor kind and extra arguments. SharpnessMonitor measures the
-# module's training_step loss unless given loss_fn=; with loss_fn= it measures forward_fn.
-FAILURES = {kind: (kind, {}) for kind in MONITORS}
+# module's training_step loss unless given loss_fn=, and refuses forward_fn= without it
+# (tests/test_sharpness_monitor.py): with loss_fn= it measures forward_fn's outputs.
+FAILURES = {kind: (kind, {}) for kind in MONITORS if kind != "sharpness"}
 FAILURES["sharpness+loss_fn"] = ("sharpness", dict(loss_fn=per_example_cross_entropy))
-# Found by this contract on the current code (c1e5577): SharpnessMonitor without loss_fn=
-# replaces the measured model (forward_fn) by the module's training_step and never calls
-# the forward_fn it accepted: no failure, no warning, no /errors row ("DID NOT WARN/RAISE").
-_IGNORES_FORWARD_FN = ("SharpnessMonitor(forward_fn=...) without loss_fn= silently ignores forward_fn (the loss is "
-                       "pl_module.training_step since c1e5577): the failing forward_fn is never called")
 
 
 def _failure_cases():
     for case in FAILURES:
-        marks = [pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=_IGNORES_FORWARD_FN)] \
-            if case == "sharpness" else []
-        yield pytest.param(case, marks=marks, id=case)
+        yield pytest.param(case, id=case)
 
 
 def _failing_fit(L, case, path, on_error):

@@ -188,3 +188,14 @@ def test_manual_optimisation_is_refused_at_train_start_and_training_goes_on(L, r
     with open_run(run_path) as run:
         assert "sharpness" not in run.tables
         assert b"manual optimisation" in run["errors"]["message"][0]
+
+
+def test_forward_fn_without_loss_fn_is_refused_at_train_start(L, run_path):
+    """forward_fn= says how to call the model, but the default loss is training_step's: the
+    two do not go together without loss_fn= (a forward_fn would otherwise be ignored)."""
+    monitor = SharpnessMonitor(run_path, sharpness_set=16, forward_fn=lambda m, x: m(x))
+    with pytest.warns(RuntimeWarning, match="SharpnessMonitor.*forward_fn= gives the model's outputs.*pass "
+                                            "loss_fn="):
+        trainer(L, [monitor], max_epochs=1).fit(make_module(L, tiny_net()), loader(blob_data()))
+    with open_run(run_path) as run:
+        assert "sharpness" not in run.tables and len(run["errors"]) == 1

@@ -106,8 +106,8 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
     default_probe_size: ClassVar[Optional[int]] = 256
     #: Whether the session's batch-end dispatch runs this monitor's schedule.
     dispatched_by_session: ClassVar[bool] = True
-    #: Attributes rebuilt for each fit (:meth:`_reset_runtime`), never pickled.
-    runtime: ClassVar[Tuple[str, ...]] = ("_session", "_store", "_tables", "_specs", "_governor")
+    #: Attributes rebuilt for each fit (:meth:`_reset_runtime`), never pickled (``log``: Lightning's).
+    runtime: ClassVar[Tuple[str, ...]] = ("_session", "_store", "_tables", "_specs", "_governor", "log", "log_dict")
 
     def __init__(self, path: Union[str, "os.PathLike[str]"], *, name: Optional[str] = None,
                  schedule: ScheduleLike = None, probe: ProbeLike = None, overwrite: bool = False,
@@ -122,8 +122,9 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
         self.batch_size = _args.positive_int(batch_size, "batch_size", owner)
         self.forward_fn = _args.function(forward_fn, "forward_fn", owner, signature="(pl_module, x) -> outputs")
         self.collective_timeout = _args.positive(collective_timeout, "collective_timeout", owner)
-        as_governor(budget)  # validates now: a clear error before training
-        self.schedule: Schedule = as_schedule(schedule, self.default_schedule())
+        with _args.named(owner):  # the functional core's checks, with the monitor named
+            as_governor(budget)
+            self.schedule: Schedule = as_schedule(schedule, self.default_schedule())
         self.probe = as_probe(owner, probe, self.default_probe_size) if self.needs_probe else None
         self._probe = ProbeSlot("probe", self.probe)
         self._heldout: Optional[ProbeSlot] = None  # set by monitors that take heldout=
@@ -222,14 +223,13 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
         if str(stage) not in ("fit", "TrainerFn.FITTING"):
             return
         self._session, self.disabled = FitSession.join(trainer, self), False
+        self._new_fit()  # a checkpoint's state, if any, is loaded after setup
         if self._writer:  # fail fast on an unusable location; existence is checked once resume is known
             RunStore.check_path(self.path, overwrite=self.overwrite, resume=True, check_exists=False)
         self._session.settle(self, 0, strategy_refusal(trainer, type(self).__name__))
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        # Every strategy has restored checkpoints (and called load_state_dict) by now.
-        session = self._session
-        resuming = self._loaded_state is not None
+        session, resuming = self._session, self._loaded_state is not None  # checkpoints are restored by now
         session.start()
         self.next_due = 0
         self._governor = session.governor_for(self.budget)

@@ -2,6 +2,7 @@
 ``__init__`` signature), its resumable state (checkpoints and pickling) and its probes."""
 from __future__ import annotations
 
+import copy
 import inspect
 import warnings
 from dataclasses import dataclass, field
@@ -111,6 +112,10 @@ def from_checkpoint(value: Any, kind: str) -> Any:
     raise ValueError(f"unknown state kind {kind!r}")
 
 
+#: The base's per-fit state (besides each monitor's declared ``state``).
+_PER_FIT = ("_rows", "_last_step", "_pending_epoch_end", "_loaded_state", "next_due", "snapshot_step",
+            "snapshot_epoch", "timings")
+
 #: Arguments that say where the file goes, not what is measured: not in ``config``.
 _NOT_SETTINGS = ("path", "overwrite")
 
@@ -123,6 +128,9 @@ class Declared:
     #: Resumable state: attribute -> ``"array"`` | ``"arrays"`` | ``"value"`` (checkpointed
     #: under the attribute's name without the leading underscore).
     state: ClassVar[Dict[str, str]] = {}
+    #: Other attributes a new fit starts from their initial value (state kept across snapshots
+    #: that is converted for checkpoints by the monitor itself).
+    per_fit: ClassVar[Tuple[str, ...]] = ()
     #: ``__init__`` arguments that do not apply to this monitor: not in ``config``.
     config_exclude: ClassVar[Tuple[str, ...]] = ()
     #: Attributes rebuilt for each fit (:meth:`_reset_runtime`), never pickled.
@@ -130,6 +138,15 @@ class Declared:
 
     def _reset_runtime(self) -> None:
         """Set every attribute named in ``runtime`` (subclasses extend it)."""
+
+    def _new_fit(self) -> None:
+        """Start a fit from the monitor's initial state: a monitor fitted before (or a copy of
+        one) keeps nothing of that fit (the state it holds at its first fit is its initial one)."""
+        initial = self.__dict__.setdefault("_initial_state", {
+            name: copy.deepcopy(getattr(self, name)) for name in (*self.state, *self.per_fit, *_PER_FIT)
+            if hasattr(self, name)})
+        for name, value in initial.items():
+            setattr(self, name, copy.deepcopy(value))
 
     def __getstate__(self) -> Dict[str, Any]:
         drop = {n for klass in type(self).__mro__ for n in getattr(klass, "runtime", ())}

@@ -220,6 +220,7 @@ class ActivationCodeMonitor(HeldoutProbeMonitor):
     """
 
     quantity = "codes"
+    per_fit = ("_previous",)  # the previous snapshot's codes (code_change)
 
     def __init__(self, path: str, *, heldout: HeldoutLike = "auto", modules: Any = None, capture: str = "modules",
                  module_types: Tuple[Type[nn.Module], ...] = RELU_MODULE_TYPES,

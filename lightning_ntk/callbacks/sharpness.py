@@ -24,7 +24,7 @@ from .._losses import LossFn
 from ..probe import Probe, ProbeSet
 from ..store import Field
 from ._base import Monitor
-from ._step_loss import TrainingStepLoss, check_step_loss, silenced_logging, step_loss_of
+from ._step_loss import StepLossError, TrainingStepLoss, check_step_loss, silenced_logging, step_loss_of
 
 
 class SharpnessMonitor(Monitor):
@@ -100,6 +100,10 @@ class SharpnessMonitor(Monitor):
 
     def fields(self, probe: Optional[ProbeSet], pl_module: nn.Module) -> List[Field]:
         if self.loss_fn is None:  # refused at train start, not at the first snapshot
+            if self.forward_fn is not None:
+                raise StepLossError(f"{type(self).__name__}: forward_fn= gives the model's outputs, but without "
+                                    "loss_fn= the loss measured is the module's training_step, which calls the model "
+                                    "its own way; pass loss_fn=(outputs, targets) -> loss with forward_fn=")
             check_step_loss(pl_module, type(self).__name__)
         n_params = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
         self._k_eff = min(self.k, n_params)
