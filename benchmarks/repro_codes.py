@@ -121,10 +121,10 @@ def main(argv: Sequence[str] = ()) -> None:
             for epoch in args.epochs:
                 rows = [r[epoch] for r in per_seed]
 
-                def mean(key: str) -> float:
+                def mean(key: str, rows: list = rows) -> float:
                     return float(np.mean([r[key] for r in rows]))
 
-                def pm(key: str) -> str:
+                def pm(key: str, rows: list = rows) -> str:
                     values = [r[key] for r in rows]
                     return f"{np.mean(values):.3f}±{np.std(values):.3f}"
 

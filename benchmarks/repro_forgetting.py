@@ -54,8 +54,7 @@ from lightning_ntk.forgetting import rank, read_examples  # noqa: E402
 from lightning_ntk.store import RunStore  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _accounting import (HookClock, accounted_seconds, overhead_share, per_call_baseline, per_hook,  # noqa: E402
-                         share_of_run)
+from _accounting import HookClock, accounted_seconds, overhead_share, per_call_baseline, per_hook, share_of_run  # noqa: E402
 
 ForgettingMonitor = callbacks.ForgettingMonitor
 L = default_namespace()

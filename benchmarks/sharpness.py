@@ -43,7 +43,7 @@ from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lightning_ntk.curvature import hessian_eigs, hessian_trace, _HVP, _LossSet  # noqa: E402
+from lightning_ntk.curvature import _HVP, _LossSet, hessian_eigs, hessian_trace  # noqa: E402
 
 torch.set_num_threads(2)
 R = 7
@@ -287,7 +287,7 @@ def bench_model(name, model, x, y, ph, he):
            f"{'min ms':>7} {'ms/HVP':>7} {'ours/anchor med':>15} {'min':>5}")
     print(hdr)
     print("-" * len(hdr))
-    for group, method, settings, st, key in rows:
+    for group, method, settings, st, _key in rows:
         ratio, rmin = "", ""
         if not method.startswith("ours"):
             ratio = f"{by_key[ours_for[group]]['time'] / st['time']:.2f}"

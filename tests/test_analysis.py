@@ -21,13 +21,32 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from lightning_ntk.analysis import (ExportError, export_run, plot_cartography, plot_code_accuracy,  # noqa: E402
-                                    plot_code_change, plot_code_redundancy, plot_eigen_energy, plot_eigenfunctions,
-                                    plot_forgetting_histogram, plot_hessian_density, plot_hessian_trace,
-                                    plot_kernel_alignment, plot_kernel_distance, plot_kernel_matrix, plot_kernel_velocity,
-                                    plot_layer_trace, plot_ntk_eigenvalues, plot_probe_accuracy, plot_probe_loss,
-                                    plot_representation_accuracy, plot_series, plot_sharpness, watch,
-                                    write_report)
+from lightning_ntk.analysis import (  # noqa: E402
+    ExportError,
+    export_run,
+    plot_cartography,
+    plot_code_accuracy,
+    plot_code_change,
+    plot_code_redundancy,
+    plot_eigen_energy,
+    plot_eigenfunctions,
+    plot_forgetting_histogram,
+    plot_hessian_density,
+    plot_hessian_trace,
+    plot_kernel_alignment,
+    plot_kernel_distance,
+    plot_kernel_matrix,
+    plot_kernel_velocity,
+    plot_layer_trace,
+    plot_ntk_eigenvalues,
+    plot_probe_accuracy,
+    plot_probe_loss,
+    plot_representation_accuracy,
+    plot_series,
+    plot_sharpness,
+    watch,
+    write_report,
+)
 from lightning_ntk.analysis.report import SECTIONS  # noqa: E402
 from lightning_ntk.cli import main  # noqa: E402
 from lightning_ntk.store import Field, RunStore, open_run  # noqa: E402

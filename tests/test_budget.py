@@ -176,11 +176,9 @@ def test_charged_time_counts_against_the_budget():
 
 
 def test_forgetting_charges_its_per_batch_time(L, run_path):
-    from lightning_ntk.callbacks import ForgettingMonitor
+    from lightning_ntk.callbacks import ForgettingMonitor, set_default_budget
 
     from .models import blob_data, loader, make_module, tiny_net, trainer
-
-    from lightning_ntk.callbacks import set_default_budget
 
     previous = set_default_budget(0.05)  # the shared governor of the Trainer's monitors
     try:

@@ -14,7 +14,6 @@ from torch.nn import functional as F
 
 from lightning_ntk.curvature import (
     EdgeOfStability,
-    HessianEigenResult,
     edge_of_stability_threshold,
     gradient_norm,
     hessian_density,
@@ -24,7 +23,6 @@ from lightning_ntk.curvature import (
     sam_sharpness,
     smoothed_density,
 )
-
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -694,8 +692,7 @@ def test_data_parallel_shards_equal_the_whole_set():
 
 def test_memory_guard_refuses_before_allocating(monkeypatch):
     """With little memory free, Lanczos bases and the Hutch++ sketch are refused with the estimate and the knob."""
-    from lightning_ntk import CurvatureMemoryError
-    from lightning_ntk import curvature
+    from lightning_ntk import CurvatureMemoryError, curvature
     from lightning_ntk.curvature import hessian_density
     from lightning_ntk.ntk import _memory
 

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_ntk import callbacks
 from lightning_ntk.callbacks.forgetting import ForgettingCaptureError
-from lightning_ntk.forgetting import WithIndex, read_examples, rank
+from lightning_ntk.forgetting import WithIndex, rank, read_examples
 from lightning_ntk.schedule import EveryNEpochs
 from lightning_ntk.store import open_run
 

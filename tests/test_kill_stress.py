@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_ntk.store import check_run, open_run
-from lightning_ntk.store import _writer
+from lightning_ntk.store import _writer, check_run, open_run
 
 from .models import blob_data, loader, make_module, namespace, tiny_net, trainer
 

@@ -14,8 +14,14 @@ from torch.func import functional_call
 
 from lightning_ntk import LossSet, curvature
 from lightning_ntk.callbacks import SharpnessMonitor
-from lightning_ntk.curvature import (gradient_norm, hessian_density, hessian_eigs, hessian_trace,
-                                     preconditioned_sharpness, sam_sharpness)
+from lightning_ntk.curvature import (
+    gradient_norm,
+    hessian_density,
+    hessian_eigs,
+    hessian_trace,
+    preconditioned_sharpness,
+    sam_sharpness,
+)
 from lightning_ntk.schedule import EveryNEpochs
 from lightning_ntk.store import open_run
 

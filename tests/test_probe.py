@@ -3,8 +3,15 @@ import pytest
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from lightning_ntk.probe import (BatchLayoutError, Probe, ProbeSet, batch_to_xy, dataset_labels, draw_probe,
-                                 stratified_indices)
+from lightning_ntk.probe import (
+    BatchLayoutError,
+    Probe,
+    ProbeSet,
+    batch_to_xy,
+    dataset_labels,
+    draw_probe,
+    stratified_indices,
+)
 
 
 def test_stratified_proportions_hand_computed():

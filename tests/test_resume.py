@@ -5,10 +5,16 @@ import pytest
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
-from lightning_ntk.callbacks import (ActivationCodeMonitor, ForgettingMonitor, NTKMonitor, ProbeMetricsMonitor,
-                                     RepresentationMonitor, SharpnessMonitor)
+from lightning_ntk.callbacks import (
+    ActivationCodeMonitor,
+    ForgettingMonitor,
+    NTKMonitor,
+    ProbeMetricsMonitor,
+    RepresentationMonitor,
+    SharpnessMonitor,
+)
 from lightning_ntk.probe import Probe
-from lightning_ntk.schedule import EveryNEpochs, EveryNSteps
+from lightning_ntk.schedule import EveryNEpochs
 from lightning_ntk.store import open_run
 
 from .models import blob_data, make_module, tiny_net, trainer

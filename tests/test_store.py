@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from lightning_ntk.store import (Field, RunFormatError, RunStore, SchemaError, StoreError, chunk_shape, open_run)
+from lightning_ntk.store import Field, RunFormatError, RunStore, SchemaError, StoreError, chunk_shape, open_run
 from lightning_ntk.store._schema import CHUNK_MAX_BYTES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,7 +33,6 @@ def _write(path, rows=3, owner="m", **kwargs):
 
 def test_roundtrip_attrs_and_views(run_path):
     store, _ = _write(run_path)
-    store.set_config  # declared before SWMR only: checked below
     store.release("m")
     with open_run(run_path) as run:
         assert run.format_version == 1
@@ -52,7 +51,6 @@ def test_roundtrip_attrs_and_views(run_path):
 def test_xarray_opens_group_directly(run_path):
     xr = pytest.importorskip("xarray")
     store, _ = _write(run_path)
-    store.write_static  # after SWMR: refused (tested below)
     store.release("m")
     with xr.open_dataset(run_path, group="ntk", engine="h5netcdf") as ds:
         assert ds.sizes["step"] == 3
