@@ -327,6 +327,18 @@ def test_index_key_for_an_iterable_dataset(L, run_path):
     trainer(L, [monitor], max_epochs=2).fit(module, DataLoader(IndexedStream(noisy_blobs()), batch_size=None))
     assert len(module.seen) == 12
     assert_file_matches(run_path, module.seen, 96)
+    with open_run(run_path) as run:  # no first example before training: the task is told at the first batch
+        assert run["forgetting/events"].attrs["task"] == ""
+
+
+def test_a_given_task_is_recorded_even_when_it_cannot_be_seen_before_training(L, run_path):
+    monitor = ForgettingMonitor(run_path, index_key=-1, num_examples=96, task="multiclass", on_error="raise")
+    torch.manual_seed(0)
+    trainer(L, [monitor], max_epochs=1).fit(recording_module(L), DataLoader(IndexedStream(noisy_blobs()),
+                                                                            batch_size=None))
+    with open_run(run_path) as run:
+        assert run["forgetting/events"].attrs["task"] == "multiclass"
+        assert run.config["ForgettingMonitor[forgetting]"]["task"] == "multiclass"
 
 
 def test_logits_and_index_returned_by_training_step(L, run_path):

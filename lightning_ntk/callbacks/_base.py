@@ -104,8 +104,7 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
     quantity: ClassVar[str] = "monitor"
     needs_probe: ClassVar[bool] = True
     default_probe_size: ClassVar[Optional[int]] = 256
-    #: Whether the session's batch-end dispatch runs this monitor's schedule.
-    dispatched_by_session: ClassVar[bool] = True
+    dispatched_by_session: ClassVar[bool] = True  # the session's batch-end dispatch runs its schedule
     #: Attributes rebuilt for each fit (:meth:`_reset_runtime`), never pickled (``log``: Lightning's).
     runtime: ClassVar[Tuple[str, ...]] = ("_session", "_store", "_tables", "_specs", "_governor", "log", "log_dict")
 
@@ -118,6 +117,7 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
         if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
             raise TypeError(f"{owner}: path must be a file path (str or os.PathLike), got {path!r}")
         self.path, self.name = os.fspath(path), _args.text(name, "name", owner, forbid="/", optional=True)
+        self._state_key = f"{owner}[{self.group}]"  # read by Lightning at every hook dispatch
         self.on_error = _args.one_of(on_error, "on_error", ("warn", "raise"), owner)
         self.batch_size = _args.positive_int(batch_size, "batch_size", owner)
         self.forward_fn = _args.function(forward_fn, "forward_fn", owner, signature="(pl_module, x) -> outputs")
@@ -184,7 +184,7 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
 
     @property
     def state_key(self) -> str:
-        return f"{type(self).__name__}[{self.group}]"
+        return self._state_key
 
     @property
     def table(self) -> Optional[Table]:

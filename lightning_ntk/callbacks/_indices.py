@@ -13,8 +13,8 @@
 """
 from __future__ import annotations
 
-import collections
-from typing import Any, Deque, List, Mapping, Optional, Tuple
+import itertools
+from typing import Any, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -56,9 +56,11 @@ class BatchKeyIndices:
 
 
 class _RecordingSampler:
-    """Stands in for a BatchSampler's ``sampler``: yields its indices, and records them cut
-    into batches of ``batch_size`` (the last one kept unless ``drop_last``), as
-    ``BatchSampler.__iter__`` cuts them."""
+    """Stands in for a BatchSampler's ``sampler``: each pass over it is split (``itertools.tee``,
+    no Python work per index) into the stream the BatchSampler cuts into batches and one
+    copy per recorder, which takes each batch's ``batch_size`` indices when the batch has
+    been trained on, as ``BatchSampler.__iter__`` cut them (a last short batch included;
+    with ``drop_last`` it never reaches training, so it is never taken)."""
 
     def __init__(self, sampler: Any, batch_sampler: Any) -> None:
         self.sampler = sampler
@@ -67,19 +69,10 @@ class _RecordingSampler:
 
     def __iter__(self) -> Any:
         recorders = list(self.recorders)
-        for recorder in recorders:
-            recorder.start_pass()
-        size, chunk = self.batch_sampler.batch_size, []
-        for index in self.sampler:
-            chunk.append(index)
-            if len(chunk) == size:
-                for recorder in recorders:
-                    recorder.queue.append(chunk)
-                chunk = []
-            yield index
-        if chunk and not self.batch_sampler.drop_last:
-            for recorder in recorders:
-                recorder.queue.append(chunk)
+        served, *copies = itertools.tee(iter(self.sampler), 1 + len(recorders))
+        for recorder, copy in zip(recorders, copies):
+            recorder.start_pass(copy, self.batch_sampler.batch_size)
+        return served
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -109,14 +102,16 @@ class SamplerIndices:
     """Records the training DataLoader's index batches (see the module docstring)."""
 
     def __init__(self) -> None:
-        self.queue: Deque[List[Any]] = collections.deque()
+        self._copy: Iterator[Any] = iter(())  # this recorder's copy of the current pass's indices
+        self._batch_size = 1
         self.passes = 0
         self.unusable: Optional[str] = None  # why the current loader cannot be followed
         self._wrapped: List[_RecordingSampler] = []
         self._interception: Optional[Tuple[Any, Any, Any]] = None
 
-    def start_pass(self) -> None:  # a new iterator over the sampler: what the previous one left is stale
-        self.queue.clear()
+    def start_pass(self, copy: Iterator[Any], batch_size: int) -> None:
+        """A new iterator over the sampler: what the previous pass left is stale."""
+        self._copy, self._batch_size = copy, batch_size
         self.passes += 1
 
     def is_recording(self, loader: Any) -> bool:
@@ -137,8 +132,9 @@ class SamplerIndices:
         self._wrapped.append(sampler)
 
     def pop(self) -> Optional[Tuple[int, List[Any]]]:
-        """(pass number, the oldest recorded index batch), or None if none was recorded."""
-        return (self.passes, self.queue.popleft()) if self.queue else None
+        """(pass number, the next index batch of the current pass), or None if none was recorded."""
+        batch = list(itertools.islice(self._copy, self._batch_size))
+        return (self.passes, batch) if batch else None
 
     def intercept(self, trainer: Any) -> None:
         """Record each training loader from the moment Lightning prepares it: Lightning calls
@@ -172,7 +168,7 @@ class SamplerIndices:
             if not sampler.recorders and sampler.batch_sampler.sampler is sampler:
                 sampler.batch_sampler.sampler = sampler.sampler
         self._wrapped = []
-        self.queue.clear()
+        self._copy = iter(())
         if self._interception is not None:
             strategy, previous, wrapper = self._interception
             self._interception = None

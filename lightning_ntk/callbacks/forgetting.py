@@ -158,7 +158,8 @@ class ForgettingMonitor(StreamingMonitor):
     def table_specs(self, probe: Optional[ProbeSet], pl_module: nn.Module) -> List[TableSpec]:
         if self.tracker is None:  # disabled before the examples were known
             return []
-        task = {"task": "" if self._task is None else self._task.kind, "tolerance": self.tolerance or float("nan")}
+        kind = self._task.kind if self._task is not None else (self.task or "")  # "": told at the first batch
+        task = {"task": kind, "tolerance": self.tolerance or float("nan")}
         return events_and_examples(self.group, self.tracker.index, dict(task, mode="train", definition=TRAIN_DEFINITION))
 
     def extra_state(self) -> Dict[str, Any]:
