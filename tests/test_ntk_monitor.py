@@ -155,3 +155,42 @@ def test_the_heldout_probe_is_written_and_checked_on_resume(L, tmp_path):
         trainer(L, [monitor((x_held[:20], y_held[:20])), L.callbacks.ModelCheckpoint(dirpath=ckpt)], max_epochs=2,
                 enable_checkpointing=True).fit(make_module(L, tiny_net()), loader(blob_data()),
                                                ckpt_path=f"{ckpt}/last.ckpt")
+
+
+@pytest.mark.parametrize("task", ["binary", "regression"])
+def test_targets_follow_the_task(L, run_path, task):
+    """One binary logit and a real-valued output: the alignment and energies use the labels
+    or values themselves (not a one-hot of C = 1 columns, which would fail), KRR's accuracy
+    thresholds at 0.5 for binary and is NaN for regression."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 6, generator=g)
+    y = (x[:, 0] > 0).long() if task == "binary" else x[:, :1] * 2.0 + 0.1 * torch.randn(64, 1, generator=g)
+    data = torch.utils.data.TensorDataset(x, y)
+
+    class Module(type(make_module(L))):
+        def training_step(self, batch, batch_idx):
+            xb, yb = batch
+            z = self(xb)
+            if task == "binary":
+                return torch.nn.functional.binary_cross_entropy_with_logits(z.squeeze(1), yb.float())
+            return torch.nn.functional.mse_loss(z, yb)
+
+    torch.manual_seed(0)
+    module = Module()
+    module.net = tiny_net(classes=1)
+    monitor = NTKMonitor(run_path, probe=Probe(size=32), schedule=EveryNEpochs(1), k=3, store_kernel=True,
+                         heldout=(x[:16], y[:16]), on_error="raise")
+    trainer(L, [monitor], max_epochs=1).fit(module, loader(data))
+    with open_run(run_path) as run:
+        view = run["ntk"]
+        probe_y = np.asarray(run.probe("train_32")["y"], dtype=np.float64).reshape(32, 1)
+        kernel = view["kernel"][-1].astype(np.float64)
+        yy = probe_y @ probe_y.T
+        expected = np.sum(kernel * yy) / np.linalg.norm(kernel) / np.linalg.norm(yy)
+        np.testing.assert_allclose(view["kernel_target_alignment"][-1], expected, rtol=1e-5)
+        u = view["eigvecs"][-1].astype(np.float64)
+        np.testing.assert_allclose(view["target_energy"][-1], np.cumsum((u.T @ probe_y[:, 0]) ** 2)
+                                   / np.sum(probe_y ** 2), rtol=1e-4, atol=1e-6)
+        accuracy = view["krr_accuracy"][-1]
+        assert (0 <= accuracy <= 1) if task == "binary" else np.isnan(accuracy)
+        assert np.isfinite(view["krr_mse"][-1])

@@ -28,6 +28,7 @@ from ..ntk import KINDS, METHODS, empirical_ntk
 from ..ntk._model import layer_name, select_parameters
 from ..probe import Probe, ProbeSet
 from ..store import Field
+from ..task import TASKS, Task, TaskError, detect_task
 from ._base import Monitor, chunked_forward
 from ._declared import ProbeSlot, as_heldout
 
@@ -54,6 +55,10 @@ class NTKMonitor(Monitor):
             pair ``(x, y)``) for kernel-regression accuracy; None: no KRR.
         krr_eps: KRR ridge ε in K + ε·tr(K)/n·I (Lee et al. 2020).
         method, dtype, max_memory: passed to :func:`lightning_ntk.empirical_ntk`.
+        task: what the outputs and targets are (:mod:`lightning_ntk.task`; default: detected
+            from the probe at train start). The targets of alignment, energies and KRR are
+            one-hot labels for multi-class, the labels or values themselves otherwise;
+            per-token outputs are refused (not supported yet).
         **kwargs: see :class:`~lightning_ntk.callbacks.Monitor` (path, probe — default
             256 stratified training examples — schedule — default log-spaced steps — ...).
     """
@@ -62,6 +67,7 @@ class NTKMonitor(Monitor):
     state = {"_kernel_init": "array", "_kernel_prev": "array", "_epoch_prev": "value", "_eigvecs_prev": "array"}
 
     def __init__(self, path: str, *, kind: str = "trace", k: int = 20, store_kernel: Optional[bool] = None,
+                 task: Optional[str] = None,
                  per_layer: bool = True, heldout: Union[Probe, ProbeSet, Tuple[torch.Tensor, torch.Tensor], None] = None,
                  krr_eps: float = 1e-4, method: str = "auto", dtype: Optional[torch.dtype] = None,
                  max_memory: Union[None, int, str] = None, **kwargs: Any):
@@ -73,6 +79,8 @@ class NTKMonitor(Monitor):
         self.krr_eps = _args.number(krr_eps, "krr_eps", owner, minimum=0)
         self.dtype = _args.one_of(dtype, "dtype", (None, torch.float32, torch.float64), owner)
         self.store_kernel = store_kernel
+        self.task = None if task is None else _args.one_of(task, "task", TASKS, owner)
+        self._task = Task("multiclass", 0)  # detected at train start (fields)
         self.per_layer = bool(per_layer)
         self.heldout = heldout
         self._heldout = ProbeSlot("heldout", as_heldout(owner, heldout))
@@ -98,8 +106,13 @@ class NTKMonitor(Monitor):
         assert probe is not None
         n = len(probe)
         device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
-        out = self.measured_model(pl_module)(probe.x[:1].to(device))
-        self._num_outputs = int(out.reshape(1, -1).shape[1])
+        rows = min(n, 32)
+        out = self.measured_model(pl_module)(probe.x[:rows].to(device))
+        self._task = detect_task(out, probe.y[:rows].to(device), self.task, owner=type(self).__name__)
+        if self._task.kind == "sequence":
+            raise TaskError(f"{type(self).__name__}: per-token outputs (B, T, V): the eNTK over every token's "
+                            "outputs is not supported yet; pass forward_fn= returning per-sequence outputs")
+        self._num_outputs = int(out.reshape(rows, -1).shape[1])
         m = self._matrix_size(n)
         self._k_eff = min(self.k, m)
         selected = select_parameters(self.measured_model(pl_module), None)
@@ -185,7 +198,7 @@ class NTKMonitor(Monitor):
         with torch.no_grad():
             outputs = chunked_forward(self.measured_model(pl_module), probe.x, self.batch_size)
             outputs = outputs.reshape(len(probe), -1).double().cpu().numpy()
-        targets = _one_hot(probe.y, self._num_outputs)
+        targets = _targets(probe.y, self._task, self._num_outputs)
 
         eig = spectral.top_eigenpairs(kernel, self._k_eff)
         eigvecs = eig.eigvecs if self._eigvecs_prev is None else spectral.align_signs(eig.eigvecs, self._eigvecs_prev)
@@ -220,9 +233,8 @@ class NTKMonitor(Monitor):
         if self.heldout_set is not None:
             held = self.heldout_set.to(probe.x.device)
             cross = self._kernel(model, held.x, probe.x).detach().double().cpu().numpy()
-            scores = spectral.kernel_regression_scores(kernel, targets, cross, held.y.cpu().numpy(),
-                                                       eps=self.krr_eps)
-            row["krr_accuracy"], row["krr_mse"] = scores.accuracy, scores.mse
+            row["krr_accuracy"], row["krr_mse"] = _krr_scores(kernel, targets, cross, held.y, self._task,
+                                                              self._num_outputs, self.krr_eps)
         if self._store_kernel:
             row["kernel"] = kernel.astype(np.float32)
         self._kernel_prev = kernel.astype(np.float32)
@@ -263,11 +275,28 @@ def _trace(kernel: torch.Tensor) -> float:
     return spectral.kernel_trace(values)
 
 
-def _one_hot(y: torch.Tensor, num_classes: int) -> np.ndarray:
+def _krr_scores(kernel: np.ndarray, targets: np.ndarray, cross: np.ndarray, held_y: torch.Tensor, task: Task,
+                num_outputs: int, eps: float) -> Tuple[float, float]:
+    """(accuracy, mse) of kernel regression on the held-out probe: multi-class, argmax against
+    the label; binary and multi-label, the prediction thresholded at 0.5 against the 0/1
+    labels (per entry); regression, NaN accuracy. mse over every target entry."""
+    if task.kind == "multiclass":
+        scores = spectral.kernel_regression_scores(kernel, targets, cross, held_y.cpu().numpy(), eps=eps)
+        return scores.accuracy, scores.mse
+    predictions = spectral.kernel_regression(kernel, targets, cross, eps=eps).reshape(cross.shape[0], -1)
+    truth = _targets(held_y, task, num_outputs)
+    mse = float(np.mean((predictions - truth) ** 2))
+    accuracy = float(np.mean((predictions > 0.5) == (truth > 0.5))) if task.kind != "regression" else float("nan")
+    return accuracy, mse
+
+
+def _targets(y: torch.Tensor, task: Task, num_outputs: int) -> np.ndarray:
+    """The targets as vectors beside the outputs (N, C): one-hot class labels (multi-class),
+    the labels or values themselves (binary with one logit, multi-label, regression)."""
     y = y.detach().cpu()
-    if y.dtype.is_floating_point:
-        return y.reshape(y.shape[0], -1).double().numpy()
-    return np.eye(num_classes)[y.numpy()]
+    if task.kind == "multiclass":
+        return np.eye(num_outputs)[y.long().numpy()]
+    return y.reshape(y.shape[0], -1).double().numpy()
 
 
 def _energy_vectors(kind: str, targets: np.ndarray, outputs: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
