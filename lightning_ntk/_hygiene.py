@@ -7,8 +7,10 @@ shuffling), untouched ``.grad`` buffers and BatchNorm running statistics (eval m
 from __future__ import annotations
 
 import contextlib
+import random
 from typing import Iterator, List, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -57,8 +59,9 @@ def eager(module: nn.Module) -> Iterator[nn.Module]:
 
 @contextlib.contextmanager
 def measurement_mode(module: nn.Module, train: bool = False, grad: bool = True) -> Iterator[nn.Module]:
-    """Run a measurement on ``module``: eval mode (unless ``train``), RNG forked, modes
-    restored, compiled submodules run eagerly (:func:`eager`).
+    """Run a measurement on ``module``: eval mode (unless ``train``), every RNG (torch's,
+    NumPy's and Python's global ones) restored afterwards, modes restored, compiled
+    submodules run eagerly (:func:`eager`).
 
     Gradients are enabled inside (``grad=True``) so measurements can differentiate; use
     ``torch.autograd.grad`` there, never ``.backward()``, so ``.grad`` stays untouched.
@@ -70,6 +73,7 @@ def measurement_mode(module: nn.Module, train: bool = False, grad: bool = True) 
         )
     with eager(module) as measured:
         modes = [(m, m.training) for m in measured.modules()]
+        states = random.getstate(), np.random.get_state()  # a training_step may draw from these too
         try:
             with torch.random.fork_rng(devices=_cuda_devices(measured)):
                 measured.train(train)
@@ -78,3 +82,5 @@ def measurement_mode(module: nn.Module, train: bool = False, grad: bool = True) 
         finally:
             for m, mode in modes:
                 m.training = mode
+            random.setstate(states[0])
+            np.random.set_state(states[1])

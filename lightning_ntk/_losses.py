@@ -33,3 +33,36 @@ def per_example_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tens
 def resolve_loss(loss_fn: Optional[LossFn]) -> LossFn:
     """``loss_fn(outputs, targets)`` returning per-example losses (N,) or a mean; None -> default."""
     return per_example_loss if loss_fn is None else loss_fn
+
+
+def _binary_cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    b = outputs.shape[0]
+    z, y = outputs.reshape(b, -1), targets.reshape(b, -1).to(outputs.dtype)
+    return F.binary_cross_entropy_with_logits(z, y, reduction="none").mean(dim=1)
+
+
+def _mean_squared_error(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    b = outputs.shape[0]
+    return (outputs.reshape(b, -1) - targets.reshape(b, -1).to(outputs.dtype)).pow(2).mean(dim=1)
+
+
+def _cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(outputs, targets.long(), reduction="none")
+
+
+#: The standard per-example loss of each task: ``F.cross_entropy``; ``F.binary_cross_entropy_with_logits``
+#: (mean over labels); ``F.mse_loss`` (mean over outputs). Their mean over examples is the
+#: batch loss PyTorch's functions compute with their default ``reduction="mean"``.
+TASK_LOSSES = {"multiclass": _cross_entropy, "binary": _binary_cross_entropy, "multilabel": _binary_cross_entropy,
+               "regression": _mean_squared_error}
+
+
+def task_accuracy(kind: str, outputs: torch.Tensor, targets: torch.Tensor) -> Optional[float]:
+    """Accuracy for a task: argmax against the label (multi-class); the logit's sign against the
+    0/1 label (binary; per label for multi-label); None for regression and other tasks."""
+    if kind == "multiclass":
+        return float((outputs.argmax(dim=1) == targets.long()).double().mean())
+    if kind in ("binary", "multilabel"):
+        b = outputs.shape[0]
+        return float(((outputs.reshape(b, -1) > 0) == (targets.reshape(b, -1) > 0.5)).double().mean())
+    return None

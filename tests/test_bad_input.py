@@ -29,7 +29,7 @@ CASES = [
      "budget must be a finite number > 0"),
     ("collective timeout", lambda: callbacks.ProbeMetricsMonitor(P, collective_timeout=0), ValueError,
      "collective_timeout must be a finite number > 0, got 0"),
-    ("loss_fn", lambda: callbacks.ProbeMetricsMonitor(P, loss_fn="mse"), TypeError, "loss_fn must be callable"),
+    ("loss_fn", lambda: callbacks.ProbeMetricsMonitor(P, loss_fn="mse"), TypeError, "ProbeMetricsMonitor: loss_fn must be None or a callable"),
     ("ntk kind", lambda: callbacks.NTKMonitor(P, kind="sum"), ValueError, "kind must be one of"),
     ("ntk k", lambda: callbacks.NTKMonitor(P, k=0), ValueError, r"NTKMonitor: k must be a positive integer, got 0; the number of eigenpairs kept"),
     ("ntk method", lambda: callbacks.NTKMonitor(P, method="magic"), ValueError, "method must be one of"),

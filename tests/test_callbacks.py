@@ -126,7 +126,7 @@ def test_two_monitors_of_one_kind_need_names(L, run_path):
 # tests/test_monitor_contract.py::test_bad_common_argument_names_the_monitor.
 @pytest.mark.parametrize("kwargs, message", [
     (dict(path="r.h5", probe="train"), "probe must be"),
-    (dict(path="r.h5", loss_fn=3), "loss_fn must be callable"),
+    (dict(path="r.h5", loss_fn=3), "loss_fn must be None or a callable"),
 ])
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises((TypeError, ValueError), match=message):
@@ -324,3 +324,37 @@ def test_sharding_strategies_are_refused_at_setup(L, run_path, strategy):
     other.setup(ddp, None, "fit")
     assert not other.disabled
     other.teardown(ddp, None, "fit")
+
+
+def test_probe_metrics_use_the_tasks_standard_loss(L, run_path):
+    """Regression: the probe loss is F.mse_loss (what the module logs), not ½‖f − y‖²;
+    accuracy is NaN (there is none). One binary logit: BCE with logits, accuracy by sign."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 6, generator=g)
+    cases = {"regression": (x[:, :1] * 2.0, nn.functional.mse_loss),
+             "binary": ((x[:, 0] > 0).long(), lambda z, y: nn.functional.binary_cross_entropy_with_logits(
+                 z.squeeze(1), y.float()))}
+    for name, (y, loss_fn) in cases.items():
+        path = str(run_path) + f".{name}.h5"
+        monitor = ProbeMetricsMonitor(path, probe=Probe(size=32), schedule=EveryNEpochs(1), on_error="raise",
+                                      budget=False)
+        class Module(type(make_module(L))):
+            def training_step(self, batch, batch_idx, loss_fn=loss_fn):
+                return loss_fn(self(batch[0]), batch[1])
+
+        torch.manual_seed(0)
+        module = Module()
+        module.net = tiny_net(classes=1)
+        trainer(L, [monitor], max_epochs=1).fit(module, loader(torch.utils.data.TensorDataset(x, y)))
+        module.eval()
+        with open_run(path) as run:
+            probe = run.probe("train_32")
+            px, py = torch.as_tensor(probe["x"]), torch.as_tensor(probe["y"])
+            with torch.no_grad():
+                z = module(px)
+            np.testing.assert_allclose(run["probe_metrics"]["loss"][-1], float(loss_fn(z, py)), rtol=1e-5)
+            accuracy = run["probe_metrics"]["accuracy"][-1]
+            if name == "regression":
+                assert np.isnan(accuracy)
+            else:
+                assert accuracy == pytest.approx(float(((z.squeeze(1) > 0).long() == py).double().mean()))

@@ -68,3 +68,16 @@ def test_every_monitor_leaves_a_compiled_training_unchanged(L, tmp_path):
             assert len(run[table]) > 0, table
         assert np.all(run["codes"]["redundancy_ratio_train"] >= 0)  # hooks on the inner ReLU fired
         assert len(run["forgetting/events"]) == 2 * 96
+
+
+def test_measurement_mode_restores_every_global_rng():
+    """A measurement may run the user's training_step, which may draw from NumPy's or Python's
+    global generators (mixup, augmentations): the training's streams are unchanged after it."""
+    import random
+
+    net = nn.Linear(2, 2)
+    before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    with measurement_mode(net):
+        torch.rand(3), np.random.rand(3), random.random()
+    after = (torch.get_rng_state(), np.random.get_state()[1], random.getstate())
+    assert torch.equal(before[0], after[0]) and np.array_equal(before[1], after[1]) and before[2] == after[2]

@@ -752,3 +752,21 @@ def test_the_last_rows_are_written_by_the_training_thread(L, run_path, monkeypat
     assert complete and complete[0] == threading.main_thread().name  # the write of the last rows
     with open_run(run_path) as run:
         assert len(run["forgetting/events"]) == 3 * 48
+
+
+def test_a_loader_returning_batches_out_of_order_is_refused(L, run_path):
+    """in_order=False: workers hand batches back as they finish, not in sampler order."""
+    data = DataLoader(WithIndex(noisy_blobs()), batch_size=12, num_workers=2, in_order=False)
+    with pytest.warns(RuntimeWarning, match="in_order=False"):
+        trainer(L, [ForgettingMonitor(run_path)], max_epochs=1).fit(recording_module(L), data)
+
+
+def test_a_probe_forgetting_monitor_starts_each_fit_afresh(L, tmp_path):
+    x, y = noisy_blobs().tensors
+    monitor = callbacks.ProbeForgettingMonitor(str(tmp_path / "a.h5"), probe=(x[:30], y[:30]),
+                                               schedule=EveryNEpochs(1), on_error="raise", budget=False)
+    for name in ("a", "b"):
+        monitor.path = str(tmp_path / f"{name}.h5")
+        fit(L, [monitor], recording_module(L), WithIndex(noisy_blobs()), epochs=2)
+        with open_run(monitor.path) as run:
+            np.testing.assert_array_equal(run["forgetting/examples"]["presentations"], np.full(30, 3))

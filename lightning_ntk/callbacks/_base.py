@@ -224,9 +224,9 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
             return
         self._session, self.disabled = FitSession.join(trainer, self), False
         self._new_fit()  # a checkpoint's state, if any, is loaded after setup
+        self._session.settle(self, 0, strategy_refusal(trainer, type(self).__name__))  # every rank
         if self._writer:  # fail fast on an unusable location; existence is checked once resume is known
             RunStore.check_path(self.path, overwrite=self.overwrite, resume=True, check_exists=False)
-        self._session.settle(self, 0, strategy_refusal(trainer, type(self).__name__))
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         session, resuming = self._session, self._loaded_state is not None  # checkpoints are restored by now
@@ -323,7 +323,7 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
     def _release(self) -> None:
         if self._session is not None:
             self._session.leave(self)
-        self._store, self._tables = None, {}
+        self._session, self._store, self._tables = None, None, {}
 
     def state_dict(self) -> Dict[str, Any]:
         if self._store is not None:

@@ -92,6 +92,9 @@ def _followable(loader: Any) -> Tuple[Optional[Any], Optional[str]]:
     batch_sampler = getattr(loader, "batch_sampler", None)
     if batch_sampler is None:
         return None, "the training loader has no batch_sampler (batch_size=None)"
+    if getattr(loader, "in_order", True) is False:
+        return None, ("the training loader has in_order=False: its workers return batches in the order they "
+                      "finish, not in sampler order")
     if not isinstance(batch_sampler, BatchSampler) or type(batch_sampler).__iter__ is not BatchSampler.__iter__:
         return None, (f"its batch_sampler is a {type(batch_sampler).__name__}, whose batches the monitor cannot "
                       "follow (only torch's BatchSampler: a loader with batch_size= and any sampler)")

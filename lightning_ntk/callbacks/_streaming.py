@@ -134,7 +134,7 @@ class StreamingMonitor(Monitor):
             error = exc
         if self._settle_deferred(step, error):
             return
-        records = self.gather(local)
+        records = self._guard(step, self.gather, local)  # every rank the same records: the same outcome
         if records is not None:
             self._guard(step, self.apply, records)
         self._guard(step, self.after_processing, step, reason)

@@ -37,16 +37,13 @@ class ProbeForgettingMonitor(Monitor):
     """
 
     quantity = "forgetting"
-    runtime = ("_examples",)
+    per_fit = ("_examples",)  # a new fit starts with no tracker; a checkpoint's is loaded after setup
 
     def __init__(self, path: str, *, outputs_key: str = "logits", **kwargs: Any):
         super().__init__(path, **kwargs)
         if not isinstance(outputs_key, str) or not outputs_key:
             raise ValueError(f"{type(self).__name__}: outputs_key must be a non-empty string, got {outputs_key!r}")
         self.outputs_key = outputs_key
-
-    def _reset_runtime(self) -> None:
-        super()._reset_runtime()
         self._examples = TrackedExamples()
 
     def default_schedule(self) -> Schedule:
