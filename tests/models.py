@@ -56,6 +56,29 @@ def make_module(L: Any, net: Optional[nn.Module] = None, lr: float = 0.1, moment
     return TinyModule()
 
 
+def make_manual_module(L: Any, net: Optional[nn.Module] = None):
+    """make_module's module with manual optimisation: training_step steps the optimiser
+    itself, returns nothing, and counts its steps."""
+
+    class Manual(type(make_module(L))):
+        def __init__(self) -> None:
+            super().__init__()
+            if net is not None:
+                self.net = net
+            self.automatic_optimization = False
+            self.steps = 0
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(nn.functional.cross_entropy(self(x), y))
+            opt.step()
+            self.steps += 1
+
+    return Manual()
+
+
 def loader(ds: TensorDataset, batch_size: int = 16, shuffle: bool = True, **kwargs: Any) -> DataLoader:
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, **kwargs)
 

@@ -13,7 +13,7 @@ from torch import nn
 from lightning_ntk import open_run
 from lightning_ntk.schedule import EveryNSteps
 
-from .models import blob_data, loader, make_module, trainer
+from .models import blob_data, loader, make_manual_module, make_module, trainer
 
 DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "extending.md"
 
@@ -70,22 +70,10 @@ def test_the_per_batch_example_records_every_training_loss(L, run_path):
 
 
 def test_the_per_batch_example_refuses_a_step_without_a_loss(L, run_path):
-    class Manual(type(make_module(L))):
-        def __init__(self):
-            super().__init__()
-            self.automatic_optimization = False
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            opt = self.optimizers()
-            opt.zero_grad()
-            self.manual_backward(nn.functional.cross_entropy(self(x), y))
-            opt.step()
-
     monitor = _examples()["BatchLossMonitor"](run_path)
     torch.manual_seed(0)
     with pytest.warns(RuntimeWarning, match="BatchLossMonitor.*returned no loss to record"):
-        trainer(L, [monitor], max_epochs=1).fit(Manual(), loader(blob_data()))
+        trainer(L, [monitor], max_epochs=1).fit(make_manual_module(L), loader(blob_data()))
     with open_run(run_path) as run:
         errors = run["errors"]
         assert len(errors) == 1 and b"returned no loss" in errors["message"][0]

@@ -9,7 +9,7 @@ from lightning_ntk.callbacks import SharpnessMonitor
 from lightning_ntk.schedule import EveryNEpochs
 from lightning_ntk.store import open_run
 
-from .models import blob_data, loader, make_module, tiny_net, trainer
+from .models import blob_data, loader, make_manual_module, make_module, tiny_net, trainer
 
 
 def _dense_hessian(module, x, y):
@@ -160,28 +160,7 @@ def test_regression_sharpness_is_the_hessian_of_the_loss_trained(L, run_path):
 
 
 def test_manual_optimisation_is_refused_at_train_start_and_training_goes_on(L, run_path):
-    class Manual(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = tiny_net()
-            self.automatic_optimization = False
-            self.steps = 0
-
-        def forward(self, x):
-            return self.net(x)
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            opt = self.optimizers()
-            opt.zero_grad()
-            self.manual_backward(nn.functional.cross_entropy(self(x), y))
-            opt.step()
-            self.steps += 1
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    module = Manual()
+    module = make_manual_module(L)
     with pytest.warns(RuntimeWarning, match="SharpnessMonitor.*manual optimisation.*pass loss_fn="):
         trainer(L, [SharpnessMonitor(run_path, sharpness_set=16)], max_epochs=1).fit(module, loader(blob_data()))
     assert module.steps == 6
