@@ -98,7 +98,18 @@ def test_unwritable_path_is_refused(L, tmp_path):
 
 def test_probe_larger_than_dataset_is_refused(L, run_path):
     with pytest.raises(ValueError, match="asks for 500 examples but the train dataset has only 96"):
-        _fit(L, [ProbeMetricsMonitor(run_path, probe=Probe(size=500))])
+        _fit(L, [ProbeMetricsMonitor(run_path, probe=Probe(size=500), on_error="raise")])
+    # with on_error="warn" (the default) the refusal is a warning and a row of /errors; training goes on
+    with pytest.warns(RuntimeWarning, match="asks for 500 examples"):
+        _, t = _fit(L, [ProbeMetricsMonitor(str(run_path) + ".warn.h5", probe=Probe(size=500))])
+    assert t.global_step == 12
+
+
+def test_a_default_probe_fits_a_small_dataset(L, run_path):
+    """The default probe (256 examples) takes the whole dataset when it is smaller (96 here)."""
+    _fit(L, [ProbeMetricsMonitor(run_path, on_error="raise")])
+    with open_run(run_path) as run:
+        np.testing.assert_array_equal(run.probe("train_96")["index"], np.arange(96))
 
 
 def test_unknown_batch_layout_is_refused(L, run_path):
@@ -110,7 +121,7 @@ def test_unknown_batch_layout_is_refused(L, run_path):
             return {"pixels": torch.randn(6), "answer": i % 3}
 
     with pytest.raises(BatchLayoutError, match=r"keys \['answer', 'pixels'\]"):
-        monitor = ProbeMetricsMonitor(run_path, probe=Probe(size=10))
+        monitor = ProbeMetricsMonitor(run_path, probe=Probe(size=10), on_error="raise")
         t = trainer(L, [monitor], max_epochs=1)
         t.fit(make_module(L), torch.utils.data.DataLoader(Weird(), batch_size=8))
 

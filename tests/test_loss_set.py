@@ -152,3 +152,29 @@ def test_a_sharpness_snapshot_builds_its_loss_set_once(L, run_path, monkeypatch)
         assert np.all(np.isfinite(view["trace"])) and np.all(np.isfinite(view["sam_sharpness"]))
     assert snapshots >= 2
     assert counts == {"init": snapshots, "materialise": snapshots}
+
+
+def test_auto_never_picks_a_forward_over_reverse_product_that_disagrees(monkeypatch):
+    """Whatever the timing, "auto" keeps double backward when forward-over-reverse gives
+    another product (a forward-mode formula missing or wrong for some op)."""
+    from lightning_ntk.curvature import _hvp
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    ls = LossSet(model, None, [(x[:4], y[:4]), (x[4:], y[4:])], dtype=torch.float64)
+    monkeypatch.setattr(_hvp, "_retained_graphs_fit", lambda ls: False)  # force the timed choice
+    import time
+
+    right, slow = _hvp._HVP._forward_over_reverse, _hvp._HVP._double_backward
+
+    def slow_double_backward(self, vs):  # so that timing alone would pick forward-over-reverse
+        time.sleep(0.01)
+        return slow(self, vs)
+
+    monkeypatch.setattr(_hvp._HVP, "_double_backward", slow_double_backward)
+    for factor, expected in ((1.0, "forward_over_reverse"), (1.0 + 1e-6, "double_backward")):
+        monkeypatch.setattr(_hvp, "_AUTO_CACHE", {})
+        monkeypatch.setattr(_hvp._HVP, "_forward_over_reverse", lambda self, vs, f=factor: right(self, vs) * f)
+        with ls.measuring():
+            assert _hvp._choose_auto(ls) == expected

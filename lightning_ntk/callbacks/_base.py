@@ -126,7 +126,7 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
             as_governor(budget)
             self.schedule: Schedule = as_schedule(schedule, self.default_schedule())
         self.probe = as_probe(owner, probe, self.default_probe_size) if self.needs_probe else None
-        self._probe = ProbeSlot("probe", self.probe)
+        self._probe = ProbeSlot("probe", self.probe, clamp=probe is None)
         self._heldout: Optional[ProbeSlot] = None  # set by monitors that take heldout=
         self.overwrite, self.log_scalars, self.fsync, self.budget = bool(overwrite), bool(log_scalars), bool(fsync), budget
         self.disabled = False
@@ -236,9 +236,9 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
         if self._governor is not None:
             self._governor.start()
             self._governor.expect_final(self.group, self.schedule.final)
-        draw_probes(self._probes, trainer, type(self).__name__, self._loaded_state)
         error: Optional[BaseException] = None
-        try:  # every rank learns its shapes here; a refusal is settled like a failed snapshot
+        try:  # every rank learns its probes and shapes here; a refusal is settled like a failed snapshot
+            draw_probes(self._probes, trainer, type(self).__name__, self._loaded_state)
             with measurement_mode(pl_module, grad=False):
                 self._specs = [] if self.disabled else self.table_specs(self.probe_set, pl_module)
         except Exception as exc:  # noqa: BLE001 - the session's error policy decides

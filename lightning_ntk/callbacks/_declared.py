@@ -246,10 +246,12 @@ class ProbeSlot:
     setting, the set drawn at train start, a copy on the model's device, and the dataset
     indices a checkpoint recorded (a resumed run must draw the same examples)."""
 
-    def __init__(self, role: str, setting: Union[str, Probe, ProbeSet, None], auto_size: int = 512) -> None:
+    def __init__(self, role: str, setting: Union[str, Probe, ProbeSet, None], auto_size: int = 512,
+                 clamp: bool = False) -> None:
         self.role = role
         self.setting = setting
         self.auto_size = auto_size
+        self.clamp = clamp  # a default Probe (not the user's): at most the whole dataset
         self.drawn: Optional[ProbeSet] = None
         self.loaded_index: Optional[List[int]] = None
         self._on_device: Optional[ProbeSet] = None
@@ -260,6 +262,11 @@ class ProbeSlot:
         setting = self.setting
         if isinstance(setting, str):  # "auto"
             setting = self._auto_validation(trainer, owner)
+        if self.clamp and isinstance(setting, Probe) and setting.size is not None:
+            n = map_style_length(_trainer_dataloader(trainer, setting.source))
+            if n is not None and n < setting.size:  # the default size fits the user's data, not the demo's
+                setting = Probe(size=n, source=setting.source, seed=setting.seed, stratified=setting.stratified,
+                                batch_format=setting.batch_format, store_inputs=setting.store_inputs, first=setting.first)
         drawn = setting.draw(trainer) if isinstance(setting, Probe) else setting
         self.drawn, self._on_device = drawn, None
         index = None if drawn is None else drawn.index.tolist()

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import curvature
 from .._losses import LossFn
@@ -134,7 +135,9 @@ class SharpnessMonitor(Monitor):
 
     def measure(self, trainer: Any, pl_module: nn.Module, probe: Optional[ProbeSet]) -> Tuple[Dict[str, Any], Dict[str, float]]:
         assert probe is not None
-        with silenced_logging(pl_module):  # training_step's self.log calls: no value reaches the user's metrics
+        # training_step's self.log calls are silenced (no value reaches the user's metrics);
+        # attention runs its math kernel: the fused CPU/CUDA kernels have no double backward.
+        with silenced_logging(pl_module), sdpa_kernel(SDPBackend.MATH):
             if self._dist.active:
                 # Under DDP each rank takes a share of the set; losses, gradients and HVPs are
                 # summed across ranks (curvature.data_parallel), so every rank gets the same answer.

@@ -172,11 +172,11 @@ def _choose_auto(ls: "LossSet") -> str:
         _AUTO_CACHE[key] = "double_backward_retain"
         return "double_backward_retain"
     v = torch.ones(ls.n_params, dtype=ls.dtype, device=ls.device) / math.sqrt(ls.n_params)
-    timings = {}
+    timings, products = {}, {}
     for m in ("double_backward", "forward_over_reverse"):
         h = _HVP(ls, m, only=[0])
         try:
-            h(v)  # warm-up
+            products[m] = h(v)  # warm-up, and the product both methods must agree on
             best_t = math.inf
             for _ in range(3):  # minimum of three: robust to other load on the machine
                 _sync(ls.device)
@@ -187,6 +187,13 @@ def _choose_auto(ls: "LossSet") -> str:
             timings[m] = best_t
         except Exception:  # forward AD not supported by some op: not a candidate
             timings[m] = math.inf
+    if timings["forward_over_reverse"] < math.inf and "double_backward" in products:
+        # A forward-mode formula that is missing or wrong for some op would make the products
+        # silently wrong: a method that disagrees with double backward is out.
+        a, b = products["double_backward"], products["forward_over_reverse"]
+        tolerance = (1e-9 if ls.dtype == torch.float64 else 1e-4) * max(float(a.norm()), 1e-30)
+        if float((a - b).norm()) > tolerance:
+            timings["forward_over_reverse"] = math.inf
     best = min(timings, key=timings.get)  # ties: double_backward (first)
     _AUTO_CACHE[key] = best
     return best
