@@ -2,7 +2,6 @@
 which tasks forgetting is defined for."""
 from __future__ import annotations
 
-import random
 from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
@@ -60,16 +59,12 @@ def task_from_sample(loader: Any, pl_module: Any, batch_format: Any, outputs_key
     dataset, collate = getattr(loader, "dataset", None), getattr(loader, "collate_fn", None)
     if dataset is None or collate is None or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
         return None
-    states = random.getstate(), np.random.get_state()
     try:
-        with measurement_mode(pl_module, grad=False):  # eval mode, torch RNG forked, modes restored
+        with measurement_mode(pl_module, grad=False):  # eval mode, every RNG and mode restored
             x, y = batch_to_xy(collate([dataset[0]]), batch_format)
             logits = logits_in(pl_module(x.to(next(pl_module.parameters()).device)), outputs_key)
     except Exception:  # noqa: BLE001 - an unusual layout: the first batch decides
         return None
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
     if logits is None or not isinstance(y, torch.Tensor):
         return None
     return forgetting_task(logits, y, task, tolerance, owner)

@@ -25,6 +25,8 @@ from ._base import Monitor
 
 #: Per-batch time is handed to the governor once this many seconds have accumulated.
 _CHARGE_EVERY = 1e-3
+#: ``flush_every=None`` under several processes.
+DDP_FLUSH_BATCHES = 64
 #: Buffered table rows that force a write whatever ``write_interval`` says.
 MAX_BUFFERED_ROWS = 1 << 18
 
@@ -34,7 +36,8 @@ class StreamingMonitor(Monitor):
 
     Args:
         flush_every: process the buffered batches every this many batches (bounds memory).
-            None: the subclass decides (:meth:`default_flush_every`).
+            None: the subclass decides from the first batch (:meth:`default_flush_every`);
+            64 under several processes.
         write_interval: seconds between writes to the file (0: at every epoch end). Always
             written at the end of training, before a checkpoint and on an exception.
         **kwargs: see :class:`~lightning_ntk.callbacks.Monitor` (``schedule``, ``probe``,
@@ -164,7 +167,9 @@ class StreamingMonitor(Monitor):
         if self._charged_governor is not None:
             self._charged_governor.start()
         self._batches_since_flush, self._deferred, self._scalars_logged_at = 0, None, None
-        self._flush_every = self.flush_every
+        # Under DDP the processing points are collectives: a fixed count every rank knows (an
+        # automatic one would be decided from each rank's first batch).
+        self._flush_every = self.flush_every or (DDP_FLUSH_BATCHES if self._dist.active else None)
         step = int(trainer.global_step)
         self._guard(step, self.prepare, trainer, pl_module)
         self._settle_deferred(step)

@@ -142,9 +142,6 @@ class HeldoutProbeMonitor(Monitor):
         self._split = None
         super().on_train_start(trainer, pl_module)
 
-    def _heldout_for(self, pl_module: nn.Module) -> Optional[ProbeSet]:
-        return self._heldout.on(pl_module)
-
     def _fixed_split(self, labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         if self._split is None:
             self._split = fixed_split(labels, self.seed)
@@ -326,7 +323,7 @@ class ActivationCodeMonitor(HeldoutProbeMonitor):
     def measure(self, trainer: Any, pl_module: nn.Module,
                 probe: Optional[ProbeSet]) -> Tuple[Dict[str, Any], Dict[str, float]]:
         assert probe is not None
-        heldout = self._heldout_for(pl_module)
+        heldout = self._heldout.on(pl_module)
         codes = {"train": self._codes(pl_module, probe.x)}
         if heldout is not None:
             codes["heldout"] = self._codes(pl_module, heldout.x)

@@ -61,8 +61,8 @@ _HOW_TO_FIX_LOGITS = (
     "Toneva et al.'s definition)."
 )
 #: ``flush_every=None``: batches between processing points, fewer when that many batches
-#: of logits would exceed this many bytes; under several processes a fixed count.
-_AUTO_FLUSH_BATCHES, _AUTO_FLUSH_BYTES, _DDP_FLUSH_BATCHES = 256, 16 << 20, 64
+#: of logits would exceed this many bytes (one process; see StreamingMonitor under DDP).
+_AUTO_FLUSH_BATCHES, _AUTO_FLUSH_BYTES = 256, 16 << 20
 
 
 class ForgettingMonitor(StreamingMonitor):
@@ -200,7 +200,6 @@ class ForgettingMonitor(StreamingMonitor):
         self._examples.tracker, self._pending, self._ended_epoch = None, [], None
         super().on_train_start(trainer, pl_module)  # prepare(), then the tables
         if not self.disabled:
-            self._flush_every = self.flush_every or (_DDP_FLUSH_BATCHES if self._dist.active else None)
             self._batch_step = int(trainer.global_step)
             self._capture.attach(pl_module)
             if self._loaded_state is not None and self.tracker is not None:
@@ -243,7 +242,6 @@ class ForgettingMonitor(StreamingMonitor):
         self._capture.active = False
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         self._batch_step = int(trainer.global_step)
-        self._capture.clear()
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         self._sources.epoch_pass = None
@@ -282,12 +280,16 @@ class ForgettingMonitor(StreamingMonitor):
                 f"{len(index)} dataset indices {where}. A sampler that does not yield one index per example, a "
                 "collate_fn that changes the batch size, or a module output that is not per-example logits breaks "
                 "the pairing. " + HOW_TO_FIX_INDEX)
-        if self._flush_every is None:  # the same on every rank: batches have the same shape
-            self._flush_every = max(1, min(_AUTO_FLUSH_BATCHES, _AUTO_FLUSH_BYTES // max(1, logits.numel() * logits.element_size())))
         labels = self._labels.snapshot if where == SAMPLER else None
         self._pending.append(Presentation(index, self._batch_step, int(trainer.current_epoch), logits,
                                           targets.reshape(rows, -1) if self._task.kind == "regression"
                                           else targets.reshape(-1), labels))
+
+    def default_flush_every(self, batch: Any) -> int:
+        """256 batches, fewer when that many batches of logits would exceed 16 MiB."""
+        logits = self._pending[-1].logits if self._pending else None
+        per_batch = 1 if logits is None else max(1, logits.numel() * logits.element_size())
+        return max(1, min(_AUTO_FLUSH_BATCHES, _AUTO_FLUSH_BYTES // per_batch))
 
     # ---------------------------------------------------------------- processing
     def collect(self) -> Optional[Records]:

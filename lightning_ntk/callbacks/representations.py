@@ -165,7 +165,7 @@ class RepresentationMonitor(HeldoutProbeMonitor):
                 probe: Optional[ProbeSet]) -> Tuple[Dict[str, Any], Dict[str, float]]:
         assert probe is not None
         owner = type(self).__name__
-        heldout = self._heldout_for(pl_module)
+        heldout = self._heldout.on(pl_module)
         train_features = self._features(pl_module, probe)
         y_train = class_labels(probe, owner, "the probes")
         heldout_features = self._features(pl_module, heldout) if heldout is not None else None
