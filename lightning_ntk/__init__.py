@@ -48,7 +48,15 @@ from .forgetting import (
 )
 from .forgetting import rank as forgetting_rank
 from .forgetting import read_examples as read_forgetting_examples
-from .ntk import NTKMemoryError, empirical_ntk, empirical_ntk_reference, estimate_ntk_memory
+from .ntk import (
+                    NTKMemoryError,
+                    SketchedNTK,
+                    empirical_ntk,
+                    empirical_ntk_reference,
+                    estimate_ntk_memory,
+                    rademacher_projections,
+                    sketched_ntk,
+)
 from .probe import BatchLayoutError, Probe, ProbeSet, draw_probe
 from .representations import FewShotResult, extract_features, few_shot_accuracy, linear_probe_accuracy
 from .schedule import EveryNEpochs, EveryNSteps, LogSpacedSteps, Schedule, StepList
@@ -85,6 +93,7 @@ __all__ = [
     "__version__",
     # eNTK
     "CurvatureMemoryError", "NTKMemoryError", "empirical_ntk", "empirical_ntk_reference", "estimate_ntk_memory",
+    "SketchedNTK", "rademacher_projections", "sketched_ntk",
     # curvature
     "EdgeOfStability", "HessianDensityResult", "HessianEigenResult", "HessianTraceResult", "LossSet",
     "PreconditionedSharpnessResult", "SAMSharpnessResult", "edge_of_stability_threshold", "gradient_norm",

@@ -7,6 +7,8 @@ multiclass     (B, C), C >= 2                              (B,) integer class la
 binary         (B,) or (B, 1): one logit                   (B,) integer (or bool) in {0, 1}
 multilabel     (B, C), one logit per label                 (B, C) integer (or bool) in {0, 1}
 sequence       (B, T, V): per-token logits                 (B, T) integer tokens; ``ignore_index``
+causal_lm      (B, T, V): per-token logits                 (B, T) equal to the input ids: logits at t
+                                                           predict the target at t + 1 (Hugging Face)
 regression     (B,) or (B, K): real predictions            real values of the outputs' shape
 none           anything                                    no targets
 =============  ==========================================  ===================================
@@ -16,15 +18,22 @@ real targets that are all 0 or 1 is binary classification as often as it is regr
 (and (B, C) real targets in {0, 1} multi-label as often as regression). Outputs that are
 not per-example predictions of the targets (a generator's images, a feature map) are
 refused too.
+
+Sequence tasks are measured per token on (sequence, position) pairs: :func:`aligned_tokens`
+pairs each position's logits with its target (shifted by one for ``causal_lm``, the
+convention of Hugging Face causal language models, whose loss shifts the labels inside:
+detected when the targets equal the integer inputs), :func:`token_positions` picks a
+deterministic subset of the positions whose target is not ``ignore_index``.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
+import numpy as np
 import torch
 
-TASKS = ("multiclass", "binary", "multilabel", "sequence", "regression", "none")
+TASKS = ("multiclass", "binary", "multilabel", "sequence", "causal_lm", "regression", "none")
 #: Targets equal to this are ignored in sequence tasks (PyTorch's and Hugging Face's default).
 IGNORE_INDEX = -100
 
@@ -41,6 +50,9 @@ class Task:
     kind: str
     num_outputs: int
     ignore_index: Optional[int] = None
+    #: Sequence tasks: the logits at position t predict the target at t + shift (1 for a
+    #: causal language model whose targets are its inputs, as in Hugging Face).
+    shift: int = 0
 
     def to_config(self) -> Dict[str, Any]:
         return asdict(self)
@@ -59,11 +71,22 @@ def _describe(outputs: torch.Tensor, targets: Optional[torch.Tensor]) -> str:
     return f"outputs of shape {tuple(outputs.shape)} and {y}"
 
 
+def labels_are_inputs(inputs: Any, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> bool:
+    """True when integer ``targets`` equal the integer ``inputs`` wherever they are not
+    ``ignore_index``: a causal language model's labels in the Hugging Face convention."""
+    if not isinstance(inputs, torch.Tensor) or inputs.shape != targets.shape or not _is_integer(inputs):
+        return False
+    kept = targets != ignore_index
+    return bool(kept.any()) and bool((inputs.to(targets.device)[kept] == targets[kept]).all())
+
+
 def detect_task(outputs: torch.Tensor, targets: Optional[torch.Tensor], task: Optional[str] = None, *,
-                owner: str = "") -> Task:
+                owner: str = "", inputs: Any = None) -> Task:
     """The task of a batch of ``outputs`` and ``targets`` (see the module docstring).
 
     ``task`` (one of :data:`TASKS`) overrides detection; it is checked against the shapes.
+    ``inputs`` (the batch's inputs) tells a causal language model, whose targets equal its
+    inputs, from a per-token tagger (``task="sequence"`` says the targets are aligned).
     Raises :class:`TaskError` naming what was found and the ``task=`` that fixes it.
     """
     prefix = f"{owner}: " if owner else ""
@@ -80,9 +103,15 @@ def detect_task(outputs: torch.Tensor, targets: Optional[torch.Tensor], task: Op
                         "outputs_key= or forward_fn= to select the per-example predictions")
     y = targets.detach()
     if outputs.ndim == 3:
-        if _is_integer(y) and y.shape == outputs.shape[:2] and task in (None, "sequence"):
-            return Task("sequence", int(outputs.shape[2]), IGNORE_INDEX)
-        raise TaskError(f"{prefix}{found}: per-token outputs (B, T, V) need integer targets (B, T)")
+        if _is_integer(y) and y.shape == outputs.shape[:2] and task in (None, "sequence", "causal_lm"):
+            shift = int(task == "causal_lm" or (task is None and labels_are_inputs(inputs, y)))
+            if shift and y.shape[1] < 2:
+                raise TaskError(f"{prefix}{found}: a causal language model needs sequences of at least 2 tokens")
+            return Task("sequence", int(outputs.shape[2]), IGNORE_INDEX, shift)
+        raise TaskError(f"{prefix}{found}: per-token outputs (B, T, V) need integer targets (B, T)"
+                        + ("" if task in (None, "sequence", "causal_lm") else f"; task={task!r} does not fit them"))
+    if task in ("sequence", "causal_lm"):
+        raise TaskError(f"{prefix}{found}: task={task!r} needs per-token outputs (B, T, V) and integer targets (B, T)")
     if outputs.ndim > 3:
         raise TaskError(f"{prefix}{found}: the outputs are not per-example predictions of the targets (a "
                         "generator's images or a feature map?); pass forward_fn= (or outputs_key=) returning "
@@ -122,3 +151,60 @@ def detect_task(outputs: torch.Tensor, targets: Optional[torch.Tensor], task: Op
     if task in ("binary", "multilabel") and binary_like and (width == 1) == (task == "binary"):
         return Task(task, width)
     raise TaskError(f"{prefix}{found}: task={task!r} does not fit these outputs and targets")
+
+
+# ------------------------------------------------------------------------- sequence tasks
+def aligned_tokens(outputs: torch.Tensor, targets: torch.Tensor, task: Task) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-token logits (B, T', V) and the targets they predict (B, T'): the targets shifted
+    by ``task.shift`` (a causal LM's logits at t predict the token at t + 1)."""
+    if task.shift:
+        return outputs[:, :-task.shift], targets[:, task.shift:]
+    return outputs, targets
+
+
+def token_positions(targets: torch.Tensor, task: Task, per_sequence: int) -> np.ndarray:
+    """A deterministic subset of at most ``per_sequence`` positions per sequence whose target
+    (after the shift) is not ``ignore_index``: (N, P) positions into :func:`aligned_tokens`'s
+    time axis, -1 where a sequence has fewer. Spread evenly over each sequence's valid
+    positions, each sequence offset by the golden ratio so that the chosen positions cover
+    the time axis across the probe (with one position per sequence too)."""
+    if per_sequence < 1:
+        raise ValueError(f"per_sequence must be >= 1, got {per_sequence}")
+    y = targets.detach().cpu()
+    if task.shift:
+        y = y[:, task.shift:]
+    valid = (y != task.ignore_index).numpy() if task.ignore_index is not None else np.ones(tuple(y.shape), bool)
+    out = np.full((y.shape[0], per_sequence), -1, dtype=np.int64)
+    for i in range(y.shape[0]):
+        where = np.flatnonzero(valid[i])
+        if where.size == 0:
+            continue
+        p = min(per_sequence, where.size)
+        offset = (i * 0.6180339887498949) % 1.0
+        picks = np.floor((np.arange(p) + offset) * where.size / p).astype(np.int64)
+        out[i, :p] = where[np.minimum(picks, where.size - 1)]
+    return out
+
+
+def token_targets(targets: torch.Tensor, task: Task, positions: np.ndarray) -> np.ndarray:
+    """The target token of each chosen (sequence, position) pair, in row-major pair order
+    (positions -1 left out)."""
+    y = targets.detach().cpu()
+    if task.shift:
+        y = y[:, task.shift:]
+    rows, cols = np.nonzero(positions >= 0)
+    return y.numpy()[rows, positions[rows, cols]]
+
+
+def predictions_in(output: Any, key: str = "logits") -> Optional[torch.Tensor]:
+    """The predictions in a model output: the tensor itself, ``output[key]`` (a dict), the
+    attribute ``output.key`` (Hugging Face's ``ModelOutput``) or a tuple's first element."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        value = output.get(key)
+    elif isinstance(output, (tuple, list)):
+        value = output[0] if output else None
+    else:
+        value = getattr(output, key, None)
+    return value if isinstance(value, torch.Tensor) else None

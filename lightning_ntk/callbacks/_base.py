@@ -18,6 +18,7 @@ keeps what resume needs in ``state_dict``.
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple, Union
@@ -33,24 +34,44 @@ from ..probe import ProbeSet
 from ..schedule import LogSpacedSteps, Schedule, ScheduleLike, as_schedule
 from ..store import Field, RunStore, Table, wall_time
 from ..store._writer import FixedTable
-from ._declared import Declared, ProbeLike, ProbeSlot, TableSpec, as_probe, draw_probes, skipped_table
+from ..task import predictions_in
+from ._declared import (
+    DEFAULT_MAX_ROW_MB,
+    Declared,
+    ProbeLike,
+    ProbeSlot,
+    TableSpec,
+    as_probe,
+    cap_rows,
+    draw_probes,
+    skipped_table,
+)
 from ._lightning import CALLBACK_BASES, strategy_refusal
 from ._session import FitSession
 
+_log = logging.getLogger("lightning_ntk")
 ForwardFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
 
 class MeasuredModel(nn.Module):
-    """Presents ``forward_fn(module, x)`` as a module whose parameters are ``module``'s."""
+    """Presents ``forward_fn(module, x)`` (default ``module(x)``) as a module whose parameters
+    are ``module``'s and whose output is the predictions tensor: a dict's ``"logits"``, an
+    output object's ``.logits`` (Hugging Face) or a tuple's first element."""
 
-    def __init__(self, module: nn.Module, forward_fn: ForwardFn):
+    def __init__(self, module: nn.Module, forward_fn: Optional[ForwardFn] = None):
         super().__init__()
         self.module = module
         self._forward_fn = forward_fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._forward_fn(self.module, x)
+        out = self.module(x) if self._forward_fn is None else self._forward_fn(self.module, x)
+        predictions = predictions_in(out)
+        if predictions is None:
+            raise TypeError(f"the model returned a {type(out).__name__} without a tensor of predictions (a tensor, "
+                            "a 'logits' key or .logits attribute, a tuple's first element); pass forward_fn=(module, "
+                            "x) -> the per-example predictions")
+        return predictions
 
 
 def model_summary(module: nn.Module) -> Dict[str, Any]:
@@ -99,6 +120,9 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
             First and final snapshots are always taken; skipped ones are in ``/skipped/<group>``.
         collective_timeout: under DDP, seconds to wait for the other ranks before failing
             (never a hang); one group per Trainer, with the first monitor's timeout.
+        max_row_mb: cap on one row of the monitor's table (MB): optional fields (logits,
+            stored kernels) are left out above it, named in the table's ``dropped_fields``
+            attribute; None: no cap.
     """
 
     quantity: ClassVar[str] = "monitor"
@@ -112,7 +136,7 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
                  schedule: ScheduleLike = None, probe: ProbeLike = None, overwrite: bool = False,
                  on_error: str = "warn", forward_fn: Optional[ForwardFn] = None, batch_size: int = 256,
                  log_scalars: bool = True, fsync: bool = True, budget: BudgetLike = None,
-                 collective_timeout: float = 300.0):
+                 collective_timeout: float = 300.0, max_row_mb: Optional[float] = DEFAULT_MAX_ROW_MB):
         owner = type(self).__name__
         if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
             raise TypeError(f"{owner}: path must be a file path (str or os.PathLike), got {path!r}")
@@ -122,6 +146,9 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
         self.batch_size = _args.positive_int(batch_size, "batch_size", owner)
         self.forward_fn = _args.function(forward_fn, "forward_fn", owner, signature="(pl_module, x) -> outputs")
         self.collective_timeout = _args.positive(collective_timeout, "collective_timeout", owner)
+        self.max_row_mb = _args.positive(max_row_mb, "max_row_mb", owner, optional=True)
+        self._dropped: Dict[str, List[str]] = {}  # fields left out of each table by the row cap
+        self._wrap_outputs = False  # the model returns more than a tensor (HF outputs): read its logits
         with _args.named(owner):  # the functional core's checks, with the monitor named
             as_governor(budget)
             self.schedule: Schedule = as_schedule(schedule, self.default_schedule())
@@ -215,8 +242,16 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
         return self._session.collectives
 
     def measured_model(self, pl_module: nn.Module) -> nn.Module:
-        """What the monitor differentiates: ``pl_module``, or ``forward_fn`` as a module."""
-        return pl_module if self.forward_fn is None else MeasuredModel(pl_module, self.forward_fn)
+        """What the monitor differentiates: ``pl_module``, or ``forward_fn`` (or the logits of
+        a non-tensor output, see :meth:`sample_outputs`) as a module."""
+        wrap = self.forward_fn is not None or self._wrap_outputs
+        return MeasuredModel(pl_module, self.forward_fn) if wrap else pl_module
+
+    def sample_outputs(self, pl_module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The measured model's predictions on ``x`` (at train start): notes whether the
+        module's raw output needs its logits read out (a dict or a ``ModelOutput``)."""
+        self._wrap_outputs = self.forward_fn is None and not isinstance(pl_module(x), torch.Tensor)
+        return self.measured_model(pl_module)(x)
 
     # ---------------------------------------------------------------- Lightning hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -241,6 +276,10 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
             draw_probes(self._probes, trainer, type(self).__name__, self._loaded_state)
             with measurement_mode(pl_module, grad=False):
                 self._specs = [] if self.disabled else self.table_specs(self.probe_set, pl_module)
+            self._dropped = cap_rows(self._specs, self.max_row_mb, type(self).__name__)
+            for group, names in self._dropped.items():
+                _log.info("%s: %s left out of /%s (a row would take more than max_row_mb=%g MB); pass a larger "
+                          "max_row_mb= to keep them", type(self).__name__, ", ".join(names), group, self.max_row_mb)
         except Exception as exc:  # noqa: BLE001 - the session's error policy decides
             self._specs, error = [], exc
         self._session.settle(self, int(trainer.global_step), error)
@@ -357,6 +396,7 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
                 row, scalars = self.measure(trainer, pl_module, self._probe.on(pl_module))
             if self._writer and self.table is not None:
                 measured = clock()
+                row = {k: v for k, v in row.items() if k not in self._dropped.get(self.group, ())}
                 self.table.append(dict(row, step=step, epoch=epoch, wall_time=wall_time()))
                 self._store.flush_async()  # the writer thread writes; an earlier write's error surfaces here
                 self.timings["store_s"] += clock() - measured

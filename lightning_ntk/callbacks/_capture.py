@@ -11,27 +11,15 @@ module, a CUDA graph replaying into the same buffer), and no more memory than th
 """
 from __future__ import annotations
 
-from typing import Any, List, Mapping, Optional
+from typing import Any, List, Optional
 
 import torch
 from torch import nn
 
+from ..task import predictions_in
+
 #: Outputs kept per batch while looking for the logits (the first of each row count).
 MAX_CANDIDATES = 8
-
-
-def logits_in(output: Any, key: str) -> Optional[torch.Tensor]:
-    """The logits in a module output: the tensor, a tuple's first element, ``output[key]``
-    or ``output.key`` (Hugging Face style outputs)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, Mapping):
-        value = output.get(key)
-    elif isinstance(output, (tuple, list)):
-        value = output[0] if output else None
-    else:
-        value = getattr(output, key, None)
-    return value if isinstance(value, torch.Tensor) else None
 
 
 class LogitsCapture:
@@ -63,7 +51,7 @@ class LogitsCapture:
         # through pl_module(...)) is skipped below.
         if not self.active or not module.training:
             return
-        logits = logits_in(output, self.logits_key)
+        logits = predictions_in(output, self.logits_key)
         if logits is None or logits.ndim < 1:
             if self.first_seen is None:
                 self.first_seen = type(output).__name__ if logits is None else f"tensor of shape {tuple(logits.shape)}"

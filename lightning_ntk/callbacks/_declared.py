@@ -34,6 +34,49 @@ class TableSpec:
     coords: Dict[str, Any] = field(default_factory=dict)
     attrs: Dict[str, Any] = field(default_factory=dict)
     n_rows: Optional[int] = None
+    #: Fields left out (named in the table's attributes) when a row would exceed the size cap.
+    optional: Tuple[str, ...] = ()
+
+
+#: Default cap on the bytes one row of a monitor's table may take (``max_row_mb``).
+DEFAULT_MAX_ROW_MB = 16.0
+
+
+def field_bytes(spec: Field) -> int:
+    n = 1
+    for s in spec.shape:
+        n *= int(s)
+    return n * np.dtype(spec.dtype).itemsize
+
+
+def cap_rows(specs: List[TableSpec], max_row_mb: Optional[float], owner: str) -> Dict[str, List[str]]:
+    """Keep each table's row under ``max_row_mb`` MB: its optional fields (logits, stored
+    kernels) are left out, largest first, until it fits; the cap and what was left out go
+    into the table's attributes (``max_row_mb``, ``dropped_fields``). A row whose required
+    fields alone exceed the cap is refused, naming them and the arguments that fix it.
+    Returns ``{group: dropped field names}``."""
+    dropped: Dict[str, List[str]] = {}
+    if max_row_mb is None:
+        return dropped
+    cap = float(max_row_mb) * 2 ** 20
+    for spec in specs:
+        total = sum(field_bytes(f) for f in spec.fields)
+        gone: List[str] = []
+        for f in sorted((f for f in spec.fields if f.name in spec.optional), key=field_bytes, reverse=True):
+            if total <= cap:
+                break
+            gone.append(f.name)
+            total -= field_bytes(f)
+        if total > cap:
+            largest = sorted(spec.fields, key=field_bytes, reverse=True)[:3]
+            raise ValueError(f"{owner}: one row of /{spec.group} takes {total / 2 ** 20:.1f} MB, over max_row_mb="
+                             f"{max_row_mb:g} (largest: " + ", ".join(f"{f.name} {f.shape}" for f in largest)
+                             + "); pass a smaller probe= (or k=) or a larger max_row_mb=")
+        spec.fields = [f for f in spec.fields if f.name not in gone]
+        spec.attrs.update(max_row_mb=float(max_row_mb), dropped_fields=gone)
+        if gone:
+            dropped[spec.group] = gone
+    return dropped
 
 
 # ------------------------------------------------------------------------- settings
@@ -231,10 +274,12 @@ def skipped_table(group: str, budget: float) -> TableSpec:
 
 def draw_probes(slots: List["ProbeSlot"], trainer: Any, owner: str, loaded: Optional[Mapping[str, Any]]) -> None:
     """Draw every probe of a monitor for this fit, checked against a checkpoint's indices."""
+    first = slots[0].setting if slots else None  # the training probe's batch layout serves "auto" too
+    batch_format = first.batch_format if isinstance(first, Probe) else None
     for slot in slots:
         if slot.setting is not None:
             slot.loaded_index = (loaded or {}).get(f"{slot.role}_index")
-            slot.draw(trainer, owner)
+            slot.draw(trainer, owner, batch_format)
     names = [slot.drawn.name for slot in slots if slot.drawn is not None]
     if len(set(names)) != len(names):
         raise ValueError(f"{owner}: the held-out probe and the training probe are both named {names[0]!r}; give the "
@@ -256,12 +301,12 @@ class ProbeSlot:
         self.loaded_index: Optional[List[int]] = None
         self._on_device: Optional[ProbeSet] = None
 
-    def draw(self, trainer: Any, owner: str) -> Optional[ProbeSet]:
-        """Draw the set for this fit (``"auto"``: up to ``auto_size`` validation examples,
-        none without a validation set) and check it against the checkpoint's."""
+    def draw(self, trainer: Any, owner: str, batch_format: Any = None) -> Optional[ProbeSet]:
+        """Draw the set for this fit (``"auto"``: up to ``auto_size`` validation examples, in
+        ``batch_format``, none without a validation set) and check it against the checkpoint's."""
         setting = self.setting
         if isinstance(setting, str):  # "auto"
-            setting = self._auto_validation(trainer, owner)
+            setting = self._auto_validation(trainer, owner, batch_format)
         if self.clamp and isinstance(setting, Probe) and setting.size is not None:
             n = map_style_length(_trainer_dataloader(trainer, setting.source))
             if n is not None and n < setting.size:  # the default size fits the user's data, not the demo's
@@ -276,7 +321,7 @@ class ProbeSlot:
                                f"the {self.role}= setting changed); resume with the same data and settings")
         return drawn
 
-    def _auto_validation(self, trainer: Any, owner: str) -> Optional[Probe]:
+    def _auto_validation(self, trainer: Any, owner: str, batch_format: Any) -> Optional[Probe]:
         try:
             loader = _trainer_dataloader(trainer, "val")
         except ValueError:  # no validation dataloader in this run
@@ -286,7 +331,7 @@ class ProbeSlot:
             warnings.warn(f"{owner}: the validation dataloader has no map-style dataset to draw a held-out probe "
                           "from; going on without one (pass heldout=(x, y) to give it)", RuntimeWarning, stacklevel=3)
             return None
-        return Probe(size=min(self.auto_size, n), source="val") if n else None
+        return Probe(size=min(self.auto_size, n), source="val", batch_format=batch_format) if n else None
 
     def on(self, pl_module: nn.Module) -> Optional[ProbeSet]:
         """The drawn set on the model's device (moved once)."""

@@ -11,8 +11,7 @@ from .._hygiene import measurement_mode
 from ..forgetting import ForgettingTracker, PresentationOutcomes, presentation_outcomes, regression_outcomes
 from ..probe import batch_to_xy
 from ..store import Field
-from ..task import Task, TaskError, detect_task
-from ._capture import logits_in
+from ..task import Task, TaskError, detect_task, predictions_in
 from ._declared import TableSpec
 from ._indices import HOW_TO_FIX_INDEX, ForgettingCaptureError
 
@@ -62,7 +61,7 @@ def task_from_sample(loader: Any, pl_module: Any, batch_format: Any, outputs_key
     try:
         with measurement_mode(pl_module, grad=False):  # eval mode, every RNG and mode restored
             x, y = batch_to_xy(collate([dataset[0]]), batch_format)
-            logits = logits_in(pl_module(x.to(next(pl_module.parameters()).device)), outputs_key)
+            logits = predictions_in(pl_module(x.to(next(pl_module.parameters()).device)), outputs_key)
     except Exception:  # noqa: BLE001 - an unusual layout: the first batch decides
         return None
     if logits is None or not isinstance(y, torch.Tensor):

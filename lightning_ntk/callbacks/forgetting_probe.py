@@ -12,8 +12,8 @@ from torch import nn
 from ..forgetting import presentation_outcomes
 from ..probe import ProbeSet
 from ..schedule import EveryNEpochs, Schedule
+from ..task import predictions_in
 from ._base import Monitor
-from ._capture import logits_in
 from ._declared import TableSpec
 from ._forgetting_tables import (
     PROBE_DEFINITION,
@@ -70,7 +70,7 @@ class ProbeForgettingMonitor(Monitor):
         with torch.no_grad():
             for x, _ in probe.batches(self.batch_size):
                 output = model(x)
-                logits = logits_in(output, self.outputs_key)
+                logits = predictions_in(output, self.outputs_key)
                 if logits is None:
                     raise ForgettingCaptureError(
                         f"{type(self).__name__}: the model's output on the probe is a {type(output).__name__} without "
