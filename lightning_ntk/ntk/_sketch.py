@@ -239,8 +239,8 @@ def sketched_ntk(
         raise NTKMemoryError(
             f"{OWNER}: {m} projections of the ({n1}, {n2}) kernel in {dtype} need more than "
             f"max_memory={format_bytes(budget)} (at least {format_bytes(need)}: the (N1, N2, m) per-projection "
-            "kernels and the two (N1, N2) results, plus working memory). Use fewer projections (the error grows "
-            "only as 1/sqrt(m)), a smaller probe (fewer examples), or raise max_memory (bytes or a string such "
+            "kernels and the two (N1, N2) results, plus working memory). Use fewer projections (the standard error "
+            "is proportional to 1/sqrt(m)), a smaller probe (fewer examples), or raise max_memory (bytes or a string such "
             "as '8GB')."
         ) from None
     assert isinstance(per_projection, Tensor)  # per_layer=False
