@@ -49,8 +49,16 @@ class SketchedNTK:
     projections: m, the number of sign vectors. seed: the seed of their generator.
     num_outputs: C, the number of model outputs per example (after flattening).
 
+    Each K_r is unbiased (E[s s^T] = I), so ``kernel`` is; its error, like ``stderr``,
+    falls as 1/sqrt(m).
+
     The sign matrix S (m, C) is not stored (m * C can be large):
     ``rademacher_projections(r.projections, r.num_outputs, r.seed)`` draws it again, exactly.
+
+    Background: randomised trace estimation (Hutchinson 1989; variance and bounds: Avron &
+    Toledo 2011), applied to each C x C block Theta(x, x'). The exact eNTK's cost grows with
+    the number of outputs (Novak et al. 2022 give the costs); the pseudo-NTK of Mohamadi et
+    al. 2023 is the one fixed projection s = (1, ..., 1).
     """
 
     kernel: Tensor
