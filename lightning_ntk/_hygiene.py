@@ -58,10 +58,28 @@ def eager(module: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextlib.contextmanager
+def plain_attention() -> Iterator[None]:
+    """Attention computed from its parts, the user's settings restored afterwards: the math
+    SDPA kernel (the fused CPU/CUDA kernels have no double backward, which Hessian-vector
+    products need, nor vmap rules, which Jacobians use) and no ``nn.TransformerEncoderLayer``
+    / ``nn.MultiheadAttention`` inference fast path (it skips the submodules' hooks, which
+    activation codes and features read)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+@contextlib.contextmanager
 def measurement_mode(module: nn.Module, train: bool = False, grad: bool = True) -> Iterator[nn.Module]:
     """Run a measurement on ``module``: eval mode (unless ``train``), every RNG (torch's,
     NumPy's and Python's global ones) restored afterwards, modes restored, compiled
-    submodules run eagerly (:func:`eager`).
+    submodules run eagerly (:func:`eager`), attention in its plain form (:func:`plain_attention`).
 
     Gradients are enabled inside (``grad=True``) so measurements can differentiate; use
     ``torch.autograd.grad`` there, never ``.backward()``, so ``.grad`` stays untouched.
@@ -75,7 +93,7 @@ def measurement_mode(module: nn.Module, train: bool = False, grad: bool = True) 
         modes = [(m, m.training) for m in measured.modules()]
         states = random.getstate(), np.random.get_state()  # a training_step may draw from these too
         try:
-            with torch.random.fork_rng(devices=_cuda_devices(measured)):
+            with torch.random.fork_rng(devices=_cuda_devices(measured)), plain_attention():
                 measured.train(train)
                 with torch.set_grad_enabled(grad):
                     yield measured

@@ -1,10 +1,13 @@
-"""Default losses, per example: cross-entropy for class labels, squared error otherwise."""
+"""Default losses, per example: cross-entropy for class labels and tokens, squared error otherwise."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .task import Task
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -57,7 +60,22 @@ TASK_LOSSES = {"multiclass": _cross_entropy, "binary": _binary_cross_entropy, "m
                "regression": _mean_squared_error}
 
 
-def task_accuracy(kind: str, outputs: torch.Tensor, targets: torch.Tensor) -> Optional[float]:
+def token_losses(outputs: torch.Tensor, targets: torch.Tensor, task: "Task") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence cross-entropy of per-token logits (B, T, V): (mean over the sequence's
+    tokens whose target is not ``ignore_index``, number of those tokens). The token-weighted
+    mean over sequences, sum(mean * count) / sum(count), is ``F.cross_entropy`` over every
+    token with ``ignore_index`` (what a language model trains)."""
+    from .task import aligned_tokens, kept_tokens
+
+    logits, y = aligned_tokens(outputs, targets, task)
+    ignore = task.ignore_index if task.ignore_index is not None else -100
+    per_token = F.cross_entropy(logits.transpose(1, 2), y.long(), ignore_index=ignore, reduction="none")
+    counts = kept_tokens(targets, task)
+    return per_token.sum(dim=1) / counts.clamp(min=1), counts
+
+
+def task_accuracy(kind: str, outputs: torch.Tensor, targets: torch.Tensor,
+                  task: Optional["Task"] = None) -> Optional[float]:
     """Accuracy for a task: argmax against the label (multi-class); the logit's sign against the
     0/1 label (binary; per label for multi-label); None for regression and other tasks."""
     if kind == "multiclass":
@@ -65,4 +83,10 @@ def task_accuracy(kind: str, outputs: torch.Tensor, targets: torch.Tensor) -> Op
     if kind in ("binary", "multilabel"):
         b = outputs.shape[0]
         return float(((outputs.reshape(b, -1) > 0) == (targets.reshape(b, -1) > 0.5)).double().mean())
+    if kind == "sequence" and task is not None:  # next-token (or per-token) accuracy over the kept tokens
+        from .task import aligned_tokens
+
+        logits, y = aligned_tokens(outputs, targets, task)
+        kept = y != (task.ignore_index if task.ignore_index is not None else -100)
+        return float((logits.argmax(dim=2) == y)[kept].double().mean()) if bool(kept.any()) else float("nan")
     return None

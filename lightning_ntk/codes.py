@@ -46,6 +46,7 @@ from torch.overrides import TorchFunctionMode
 
 from ._args import function, integer, one_of, positive_int
 from ._hygiene import module_device
+from .task import tokens_at
 
 __all__ = [
     "RELU_MODULE_TYPES",
@@ -201,7 +202,8 @@ def activation_codes(model: nn.Module, x: torch.Tensor, modules: Any = None, *,
                      capture: str = "modules",
                      module_types: Tuple[Type[nn.Module], ...] = RELU_MODULE_TYPES,
                      batch_size: int = 256,
-                     forward_fn: Optional[Callable[[nn.Module, torch.Tensor], Any]] = None) -> ActivationCodes:
+                     forward_fn: Optional[Callable[[nn.Module, torch.Tensor], Any]] = None,
+                     positions: Optional[np.ndarray] = None) -> ActivationCodes:
     """Activation codes 1[pre-activation > 0] of every example of ``x``.
 
     Runs ``model`` under ``torch.no_grad()`` in batches, in the mode the caller set
@@ -219,6 +221,10 @@ def activation_codes(model: nn.Module, x: torch.Tensor, modules: Any = None, *,
         batch_size: examples per forward pass.
         forward_fn: ``forward_fn(model, xb)`` runs the forward pass (default ``model(xb)``),
             for models called another way; its output is discarded.
+        positions: per-token codes of sequences: (N, P) positions (-1: none, see
+            :func:`lightning_ntk.task.token_positions`); every captured activation must be
+            per token (B, T, ...), and each chosen (sequence, position) pair is one code
+            (its units at that position), in row-major pair order.
 
     Returns:
         :class:`ActivationCodes` with the bits of every captured call concatenated in
@@ -262,8 +268,14 @@ def activation_codes(model: nn.Module, x: torch.Tensor, modules: Any = None, *,
                                  "and modules=[...] naming the activations to capture")
             k = counts.get(name, 0)
             counts[name] = k + 1
-            seg.append((name if k == 0 else f"{name}#{k}", int(t[0].numel())))
-            flat.append(t.reshape(b, -1).cpu())
+            if positions is not None:
+                if t.ndim < 3:
+                    raise ValueError(f"activation {name!r} has shape {tuple(t.shape)}, not per token (B, T, ...): "
+                                     "per-token codes need every captured activation per token; pass modules= "
+                                     "naming the per-token activations")
+                t = tokens_at(t, positions[start:start + b])
+            seg.append((name if k == 0 else f"{name}#{k}", int(np.prod(t.shape[1:]))))
+            flat.append(t.reshape(t.shape[0], -1).cpu())
         bits = torch.cat(flat, dim=1).numpy()
         if segments is None:
             segments, n_units = seg, bits.shape[1]

@@ -68,9 +68,39 @@ def batch_to_xy(batch: Any, batch_format: BatchFormat = None) -> Tuple[Any, Any]
     )
 
 
+def batch_layout(batch: Any, batch_format: BatchFormat, n: int) -> Tuple[Optional[Tuple[Any, ...]], Dict[Any, torch.Tensor]]:
+    """How to rebuild a batch of the user's layout from (x, y) and the other per-example
+    tensors of the batch (``extras``, e.g. an ``attention_mask``): ``("dict", x_key, y_key)``
+    or ``("tuple", length)``; None when it cannot be rebuilt (a ``batch_format`` function,
+    or items that are not per-example tensors)."""
+    def per_example(v: Any) -> bool:
+        return isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == n
+
+    if callable(batch_format):
+        return None, {}
+    if isinstance(batch, Mapping):
+        keys = tuple(batch_format) if batch_format is not None else next(
+            ((a, b) for a, b in _DICT_KEY_PAIRS if a in batch and b in batch), None)
+        if keys is None:
+            return None, {}
+        extras = {k: v for k, v in batch.items() if k not in keys and per_example(v)}
+        if len(extras) + 2 != len(batch):
+            return None, {}
+        return ("dict", *keys), extras
+    if isinstance(batch, (tuple, list)) and batch_format is None:
+        extras = {i: v for i, v in enumerate(batch) if i >= 2}
+        if not all(per_example(v) for v in extras.values()):
+            return None, {}
+        return ("tuple", len(batch)), extras
+    return None, {}
+
+
 @dataclass
 class ProbeSet:
-    """A fixed set of examples: inputs ``x``, targets ``y`` and their dataset indices."""
+    """A fixed set of examples: inputs ``x``, targets ``y`` and their dataset indices.
+
+    ``extras`` holds the batch's other per-example tensors (an ``attention_mask``, an index)
+    and ``layout`` how the user's batches hold them (see :meth:`user_batch`)."""
 
     name: str
     x: torch.Tensor
@@ -78,6 +108,19 @@ class ProbeSet:
     index: np.ndarray
     source: str = "tensors"
     meta: Dict[str, Any] = field(default_factory=dict)
+    extras: Dict[Any, torch.Tensor] = field(default_factory=dict)
+    layout: Optional[Tuple[Any, ...]] = None
+
+    def user_batch(self, rows: slice) -> Any:
+        """Rows of the probe as a batch of the user's layout (a dict with its keys, a tuple
+        with its items), for a ``training_step``; ``(x, y)`` when the layout is unknown."""
+        x, y = self.x[rows], self.y[rows]
+        extras = {k: v[rows] for k, v in self.extras.items()}
+        if self.layout is not None and self.layout[0] == "dict":
+            return {self.layout[1]: x, self.layout[2]: y, **extras}
+        if self.layout is not None and self.layout[0] == "tuple":
+            return tuple([x, y] + [extras[i] for i in range(2, self.layout[1])])
+        return (x, y)
 
     def __post_init__(self) -> None:
         self.index = np.asarray(self.index, dtype=np.int64)
@@ -96,7 +139,8 @@ class ProbeSet:
         return int(self.y.max().item()) + 1
 
     def to(self, device: Union[str, torch.device]) -> "ProbeSet":
-        return ProbeSet(self.name, self.x.to(device), self.y.to(device), self.index, self.source, dict(self.meta))
+        return ProbeSet(self.name, self.x.to(device), self.y.to(device), self.index, self.source, dict(self.meta),
+                        {k: v.to(device) for k, v in self.extras.items()}, self.layout)
 
     def batches(self, batch_size: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, len(self), batch_size):
@@ -225,7 +269,9 @@ def draw_probe(dataset: Any, size: Optional[int] = 256, *, seed: int = 0, strati
     else:
         index = np.arange(n, dtype=np.int64) if size == n else random_indices(n, size, seed)
     collate = collate_fn or _default_collate
-    x, y = batch_to_xy(collate([dataset[int(i)] for i in index]), batch_format)
+    batch = collate([dataset[int(i)] for i in index])
+    x, y = batch_to_xy(batch, batch_format)
+    layout, extras = batch_layout(batch, batch_format, int(index.shape[0]))
     if not isinstance(x, torch.Tensor):
         raise BatchLayoutError(
             f"probe inputs must be a tensor, got {type(x).__name__}; pass batch_format= a function batch -> (x, y) "
@@ -234,7 +280,8 @@ def draw_probe(dataset: Any, size: Optional[int] = 256, *, seed: int = 0, strati
     y = torch.as_tensor(y)
     meta = {"size": size, "seed": seed, "stratified": bool(stratified) and not first, "first": bool(first),
             "dataset_size": n}
-    return ProbeSet(name, x.detach().clone(), y.detach().clone(), index, source=source, meta=meta)
+    return ProbeSet(name, x.detach().clone(), y.detach().clone(), index, source=source, meta=meta,
+                    extras={k: v.detach().clone() for k, v in extras.items()}, layout=layout)
 
 
 class Probe:

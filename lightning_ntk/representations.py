@@ -25,13 +25,15 @@ import torch.nn as nn
 
 from ._args import function, integer, one_of, positive_int
 from ._hygiene import module_device
+from .task import tokens_at
 
 __all__ = ["extract_features", "FewShotResult", "few_shot_accuracy", "linear_probe_accuracy"]
 
 
 def extract_features(model: nn.Module, x: torch.Tensor, layer: Union[None, str, nn.Module] = None, *,
                      batch_size: int = 256,
-                     forward_fn: Optional[Callable[[nn.Module, torch.Tensor], Any]] = None) -> np.ndarray:
+                     forward_fn: Optional[Callable[[nn.Module, torch.Tensor], Any]] = None,
+                     positions: Optional[np.ndarray] = None) -> np.ndarray:
     """Features of ``x`` at a layer of ``model``, as a (N, D) float array.
 
     ``layer=None``: the input of the last ``nn.Linear`` module *called* during the forward
@@ -39,7 +41,9 @@ def extract_features(model: nn.Module, x: torch.Tensor, layer: Union[None, str, 
     module object): that module's output (its last call, if it runs several times).
     Features are flattened to (N, D). Runs under ``torch.no_grad()`` in the caller's
     train/eval mode, which is left unchanged. ``forward_fn(model, xb)`` runs the forward
-    pass when the model is called another way (default ``model(xb)``).
+    pass when the model is called another way (default ``model(xb)``). ``positions``
+    (N, P), for sequences: the features (B, T, ...) at the chosen positions (-1: none), one
+    row per (sequence, position) pair (:func:`lightning_ntk.task.tokens_at`).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor of inputs, got {type(x).__name__}")
@@ -88,6 +92,8 @@ def extract_features(model: nn.Module, x: torch.Tensor, layer: Union[None, str, 
         if f.shape[0] != xb.shape[0]:
             raise ValueError(f"features have shape {tuple(f.shape)}, whose first axis is not the "
                              f"batch ({xb.shape[0]}); choose another layer=")
+        if positions is not None:
+            f = tokens_at(f, positions[start:start + xb.shape[0]])
         out.append(f.reshape(f.shape[0], -1).float().cpu().numpy())
     if not out:
         raise ValueError("x holds no examples")

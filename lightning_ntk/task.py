@@ -162,6 +162,13 @@ def aligned_tokens(outputs: torch.Tensor, targets: torch.Tensor, task: Task) -> 
     return outputs, targets
 
 
+def kept_tokens(targets: torch.Tensor, task: Task) -> torch.Tensor:
+    """Per sequence, the number of positions whose (shifted) target is not ``ignore_index``."""
+    y = targets[:, task.shift:] if task.shift else targets
+    return (y != task.ignore_index).sum(dim=1) if task.ignore_index is not None else torch.full(
+        (y.shape[0],), y.shape[1], device=y.device)
+
+
 def token_positions(targets: torch.Tensor, task: Task, per_sequence: int) -> np.ndarray:
     """A deterministic subset of at most ``per_sequence`` positions per sequence whose target
     (after the shift) is not ``ignore_index``: (N, P) positions into :func:`aligned_tokens`'s
@@ -208,3 +215,16 @@ def predictions_in(output: Any, key: str = "logits") -> Optional[torch.Tensor]:
     else:
         value = getattr(output, key, None)
     return value if isinstance(value, torch.Tensor) else None
+
+
+def tokens_at(values: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
+    """Rows of per-token values (B, T, ...) at the chosen positions (B, P) (-1: none), in
+    row-major pair order: (number of chosen pairs, ...)."""
+    if values.ndim < 2 or values.shape[0] != positions.shape[0]:
+        raise ValueError(f"per-token values (B, T, ...) with B = {positions.shape[0]} expected, got shape "
+                         f"{tuple(values.shape)}")
+    rows, cols = np.nonzero(positions >= 0)
+    picked = positions[rows, cols]
+    if picked.size and int(picked.max()) >= values.shape[1]:
+        raise ValueError(f"position {int(picked.max())} is beyond the time axis of values of shape {tuple(values.shape)}")
+    return values[torch.as_tensor(rows, device=values.device), torch.as_tensor(picked, device=values.device)]

@@ -73,7 +73,7 @@ def cap_rows(specs: List[TableSpec], max_row_mb: Optional[float], owner: str) ->
                              f"{max_row_mb:g} (largest: " + ", ".join(f"{f.name} {f.shape}" for f in largest)
                              + "); pass a smaller probe= (or k=) or a larger max_row_mb=")
         spec.fields = [f for f in spec.fields if f.name not in gone]
-        spec.attrs.update(max_row_mb=float(max_row_mb), dropped_fields=gone)
+        spec.attrs.update(max_row_mb=float(max_row_mb), dropped_fields=list(gone))
         if gone:
             dropped[spec.group] = gone
     return dropped

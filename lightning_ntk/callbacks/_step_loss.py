@@ -3,7 +3,8 @@
 Curvature measured on another loss than the one optimised is another landscape: for
 ``F.mse_loss`` on one output, ½‖f − y‖² has half its Hessian, and the sharpness drawn
 against 2/η is off by 2× (Cohen et al. 2021 compare the Hessian of the training loss). So
-by default the monitors differentiate ``pl_module.training_step((x, y), 0)`` itself,
+by default the monitors differentiate ``pl_module.training_step(batch, 0)`` itself (the
+set's examples in the layout of the user's batches: a dict with its keys, a tuple),
 whatever it computes (``F.mse_loss``, label smoothing, auxiliary terms), with the module's
 logging silenced for the call (no value of the measurement reaches the user's metrics).
 """
@@ -32,19 +33,23 @@ def check_step_loss(pl_module: Any, owner: str) -> None:
 
 
 class TrainingStepLoss(nn.Module):
-    """``forward(x, y)`` = the loss ``pl_module.training_step((x, y), 0)`` returns (a scalar
-    tensor, or the ``"loss"`` of a dict). Its parameters are the module's (prefix ``module.``)."""
+    """``forward(batch)`` = the loss ``pl_module.training_step(batch, 0)`` returns (a scalar
+    tensor, or the ``"loss"`` of a dict), ``batch`` in the user's layout
+    (:meth:`lightning_ntk.probe.ProbeSet.user_batch`). Its parameters are the module's
+    (prefix ``module.``)."""
 
     def __init__(self, pl_module: nn.Module, owner: str) -> None:
         super().__init__()
         self.module = pl_module
         self._owner = owner
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, batch: Any) -> torch.Tensor:
         try:
-            out = self.module.training_step((x, y), 0)
+            out = self.module.training_step(batch, 0)
         except Exception as exc:
-            raise StepLossError(f"{self._owner}: the module's training_step failed on the set's (x, y) batches "
+            layout = f"dict batches with keys {sorted(batch)}" if isinstance(batch, Mapping) else \
+                f"{type(batch).__name__} batches of {len(batch)} items"
+            raise StepLossError(f"{self._owner}: the module's training_step failed on the set's {layout} "
                                 f"({type(exc).__name__}: {exc}); pass loss_fn=(outputs, targets) -> loss") from exc
         loss = out.get("loss") if isinstance(out, Mapping) else out
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:

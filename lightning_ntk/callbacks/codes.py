@@ -14,6 +14,7 @@ The held-out machinery (:class:`HeldoutProbeMonitor`) is shared with
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Type
 
 import numpy as np
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from .. import _args
+from .._hygiene import module_device
 from ..codes import (
     RELU_MODULE_TYPES,
     ActivationCodes,
@@ -35,8 +37,12 @@ from ..codes import (
 from ..probe import Probe, ProbeSet, _trainer_dataloader, stratified_indices
 from ..schedule import LogSpacedSteps, Schedule
 from ..store import Field
+from ..task import Task, TaskError, detect_task
 from ._base import Monitor, TableSpec
 from ._declared import HeldoutLike, ProbeSlot, as_heldout, map_style_length
+from ._tokens import TokenPairs, positions_per_sequence
+
+_log = logging.getLogger("lightning_ntk")
 
 #: Default size of each probe (training and held-out): at most this many examples.
 DEFAULT_PROBE_SIZE = 512
@@ -74,12 +80,19 @@ def limited_threads(n: Optional[int]) -> Iterator[None]:
 def class_labels(probe: ProbeSet, owner: str, what: str) -> np.ndarray:
     """The probe's targets as a 1-D integer label array, or a clear error."""
     y = probe.y
-    if y.ndim != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
-        raise ValueError(
-            f"{owner}: {what} need(s) integer class labels, but probe {probe.name!r} has targets of dtype "
-            f"{y.dtype} and shape {tuple(y.shape)}"
-        )
+    if y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise TaskError(f"{owner}: {what} need(s) integer class labels, but probe {probe.name!r} has real-valued "
+                        f"targets ({y.dtype}, shape {tuple(y.shape)}: regression?); pass a probe= or batch_format= "
+                        "giving integer labels" + _NO_CLASSES_HINT.get(owner, ""))
+    if y.ndim != 1:
+        raise TaskError(f"{owner}: {what} need(s) one integer class label per example, but probe {probe.name!r} has "
+                        f"targets of shape {tuple(y.shape)}; per-token targets (B, T) are read per token when the model's "
+                        "outputs are per token (B, T, V) (pass forward_fn= returning them), otherwise pass a "
+                        "batch_format= returning (x, labels of shape (B,))" + _NO_CLASSES_HINT.get(owner, ""))
     return y.detach().cpu().numpy()
+
+
+_NO_CLASSES_HINT = {"ActivationCodeMonitor": "; without classes pass measures=('redundancy', 'code_change')"}
 
 
 def fixed_split(labels: np.ndarray, seed: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -111,6 +124,10 @@ class HeldoutProbeMonitor(Monitor):
             (stored as ``/probe/heldout``).
         seed: seed of the fixed split of the training probe used when there is no
             held-out probe, and of the measures' own randomness.
+        token_positions: sequence tasks (per-token outputs (B, T, V) and targets (B, T)):
+            each chosen (sequence, position) pair is one example labelled with its target
+            token (for a causal LM the next token); positions per sequence, default about
+            512 pairs per probe (:func:`lightning_ntk.task.token_positions`).
         classifier_threads: BLAS/OpenMP threads for the scikit-learn measures (None: as
             configured). One by default: the problems are small, and on a busy machine
             more threads were measured to slow a 512-example logistic fit from 0.2 s to 13 s.
@@ -118,9 +135,9 @@ class HeldoutProbeMonitor(Monitor):
     """
 
     default_probe_size = DEFAULT_PROBE_SIZE
-    runtime = ("_split",)
+    runtime = ("_split", "_sequence", "_pairs")
 
-    def __init__(self, path: str, *, heldout: HeldoutLike = "auto", seed: int = 0,
+    def __init__(self, path: str, *, heldout: HeldoutLike = "auto", seed: int = 0, token_positions: Optional[int] = None,
                  classifier_threads: Optional[int] = 1, **kwargs: Any):
         self._default_probe = kwargs.get("probe") is None
         super().__init__(path, **kwargs)
@@ -128,11 +145,54 @@ class HeldoutProbeMonitor(Monitor):
         self.heldout = heldout
         self._heldout = ProbeSlot("heldout", as_heldout(owner, heldout), auto_size=DEFAULT_PROBE_SIZE)
         self.seed = _args.integer(seed, "seed", owner, minimum=0)
+        self.token_positions = _args.positive_int(token_positions, "token_positions", owner, optional=True)
         self.classifier_threads = _args.positive_int(classifier_threads, "classifier_threads", owner, optional=True)
 
     def _reset_runtime(self) -> None:
         super()._reset_runtime()
         self._split: Optional[Tuple[np.ndarray, np.ndarray]] = None
+        self._sequence: Optional[Task] = None  # per-token outputs and targets: measured per (sequence, position)
+        self._pairs: Dict[str, TokenPairs] = {}
+
+    def _token_view(self, pl_module: nn.Module, probe: ProbeSet) -> None:
+        """At train start: with per-token outputs (B, T, V) and integer targets (B, T), the
+        probes' examples are their (sequence, position) pairs labelled with the target token."""
+        self._sequence, self._pairs = None, {}
+        y = probe.y
+        if y.ndim != 2 or y.dtype.is_floating_point or y.dtype == torch.bool:
+            return
+        rows = min(len(probe), 32)
+        x = probe.x[:rows].to(module_device(pl_module))
+        try:
+            task = detect_task(self.sample_outputs(pl_module, x), y[:rows].to(x.device), owner=type(self).__name__,
+                               inputs=x)
+        except TaskError:
+            return  # not per-token predictions: class_labels says what is needed
+        if task.kind != "sequence":
+            return
+        per = positions_per_sequence(len(probe), self.token_positions, total=DEFAULT_PROBE_SIZE)
+        self._sequence = task
+        self._pairs = {"probe": TokenPairs.choose(probe, task, per)}
+        if self.heldout_set is not None:
+            self._pairs["heldout"] = TokenPairs.choose(self.heldout_set, task, per)
+
+    def labels(self, role: str, what: str) -> np.ndarray:
+        """Class labels of the training (``"probe"``) or held-out probe's examples: per pair
+        (the target token) for sequence tasks."""
+        if self._sequence is not None:
+            return self._pairs[role].target
+        probe = self.probe_set if role == "probe" else self.heldout_set
+        assert probe is not None
+        return class_labels(probe, type(self).__name__, what)
+
+    def positions(self, role: str) -> Optional[np.ndarray]:
+        """Chosen positions of a sequence probe's pairs (None: not a sequence task)."""
+        return None if self._sequence is None else self._pairs[role].positions
+
+    def examples(self, role: str) -> int:
+        probe = self.probe_set if role == "probe" else self.heldout_set
+        assert probe is not None
+        return len(probe) if self._sequence is None else len(self._pairs[role].row)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self._default_probe:
@@ -163,6 +223,8 @@ class HeldoutProbeMonitor(Monitor):
         for spec in specs:
             spec.attrs.update(heldout_probe=self.heldout_set.name if self.heldout_set is not None else "",
                               evaluation=self.evaluation)
+            if self._sequence is not None:
+                spec.attrs.update(sequence_task=self._sequence.to_config(), **self._pairs["probe"].attrs())
         return specs
 
     def config_extra(self) -> Dict[str, Any]:
@@ -201,9 +263,12 @@ class ActivationCodeMonitor(HeldoutProbeMonitor):
         heldout: see :class:`HeldoutProbeMonitor`.
         modules, capture, module_types: what to capture, as in
             :func:`lightning_ntk.codes.activation_codes` (ReLU-family modules by default;
-            ``capture="functional"`` for ``F.relu`` inside ``forward``).
+            ``capture="functional"`` for ``F.relu`` inside ``forward``, chosen automatically
+            when the model has no ReLU-family module).
         measures: any of ``"redundancy"``, ``"knn"``, ``"logistic"``, ``"kmeans"``,
-            ``"code_change"`` (default: all). ``"logistic"`` and ``"kmeans"`` need scikit-learn.
+            ``"code_change"``. Default: all; for targets that are not class labels (regression,
+            multi-label) the label-free ones, ``("redundancy", "code_change")`` (a log line
+            says so). ``"logistic"`` and ``"kmeans"`` need scikit-learn.
         k: neighbours of the k-NN classifier (He et al.: 9).
         kmeans_n_init: k-means restarts (10, as in He et al.'s scikit-learn version).
         store_codes: also store the packed codes of each snapshot.
@@ -217,11 +282,11 @@ class ActivationCodeMonitor(HeldoutProbeMonitor):
     """
 
     quantity = "codes"
-    per_fit = ("_previous",)  # the previous snapshot's codes (code_change)
+    per_fit = ("_previous", "measures", "capture")  # the previous codes (code_change); defaults settled per fit
 
     def __init__(self, path: str, *, heldout: HeldoutLike = "auto", modules: Any = None, capture: str = "modules",
                  module_types: Tuple[Type[nn.Module], ...] = RELU_MODULE_TYPES,
-                 measures: Sequence[str] = _CODE_MEASURES, k: int = 9, kmeans_n_init: int = 10,
+                 measures: Optional[Sequence[str]] = None, k: int = 9, kmeans_n_init: int = 10,
                  store_codes: bool = False, seed: int = 0, classifier_threads: Optional[int] = 1, **kwargs: Any):
         super().__init__(path, heldout=heldout, seed=seed, classifier_threads=classifier_threads, **kwargs)
         owner = type(self).__name__
@@ -229,6 +294,8 @@ class ActivationCodeMonitor(HeldoutProbeMonitor):
             raise ValueError(f"{owner}: capture must be 'modules' or 'functional', got {capture!r}")
         if capture == "functional" and modules is not None:
             raise ValueError(f"{owner}: modules= selects hooked modules and only applies to capture='modules'")
+        self._measures_given = measures is not None
+        measures = _CODE_MEASURES if measures is None else measures
         if isinstance(measures, str) or not all(isinstance(m, str) for m in measures):
             raise TypeError(f"{owner}: measures must be a sequence of names from {_CODE_MEASURES}, got {measures!r}")
         unknown = [m for m in measures if m not in _CODE_MEASURES]
@@ -257,31 +324,47 @@ class ActivationCodeMonitor(HeldoutProbeMonitor):
     def _classifies(self) -> bool:
         return any(m in self.measures for m in ("knn", "logistic", "kmeans"))
 
-    def _codes(self, pl_module: nn.Module, x: torch.Tensor) -> ActivationCodes:
+    def _codes(self, pl_module: nn.Module, x: torch.Tensor, role: str = "probe") -> ActivationCodes:
+        positions = self.positions(role)
         return activation_codes(pl_module, x, self.modules, capture=self.capture, module_types=self.module_types,
-                                batch_size=self.batch_size, forward_fn=self.forward_fn)
+                                batch_size=self.batch_size, forward_fn=self.forward_fn,
+                                positions=None if positions is None else positions[:x.shape[0]])
 
     def _check_probes(self, probe: ProbeSet) -> None:
         if not self._classifies:
             return
         owner = type(self).__name__
+        if not self._measures_given and self._sequence is None:
+            try:
+                class_labels(probe, owner, "the classifiers")
+            except TaskError as reason:  # no classes: the label-free measures, said once
+                self.measures = ("redundancy", "code_change")
+                _log.info("%s: measuring %s only: %s", owner, self.measures, reason)
+                return
         what = "measures " + str([m for m in self.measures if m in ("knn", "logistic", "kmeans")])
-        labels = class_labels(probe, owner, what)
+        labels = self.labels("probe", what)
         if self.heldout_set is not None:
-            class_labels(self.heldout_set, owner, what)
-            n_fit = len(probe)
+            self.labels("heldout", what)
+            n_fit = len(labels)
         else:
-            n_fit = len(probe) - len(probe) // 2
+            n_fit = len(labels) - len(labels) // 2
         if "knn" in self.measures and n_fit < self.k:
             raise ValueError(f"{owner}: k-NN with k={self.k} needs at least {self.k} codes to fit on; the "
                              f"{'training probe' if self.heldout_set is not None else 'fit half of the training probe'}"
                              f" has {n_fit}. Use a larger probe or a smaller k")
-        if "kmeans" in self.measures and np.unique(labels).shape[0] > len(probe):
+        if "kmeans" in self.measures and np.unique(labels).shape[0] > len(labels):
             raise ValueError(f"{owner}: k-means needs at least as many codes as labels")
 
     def fields(self, probe: Optional[ProbeSet], pl_module: nn.Module) -> List[Field]:
         assert probe is not None
+        self._token_view(pl_module, probe)
         self._check_probes(probe)
+        if self.capture == "modules" and self.modules is None and not any(
+                isinstance(m, self.module_types) for m in pl_module.modules()):
+            # ReLU applied functionally (e.g. nn.TransformerEncoderLayer's feed-forward)
+            self.capture = "functional"
+            _log.info("%s: the model has no ReLU-family module; capturing its ReLU-family function calls "
+                      "(capture='functional')", type(self).__name__)
         sample = self._codes(pl_module, probe.x[:1])
         self._n_bytes = int(sample.packed.shape[1])
         self._segments = list(sample.segments)
@@ -301,11 +384,12 @@ class ActivationCodeMonitor(HeldoutProbeMonitor):
             for which in ("train", "heldout") if held else ("train",):
                 fields += [Field(f"code_change_fraction_{which}"), Field(f"code_change_hamming_{which}")]
         if self.store_codes:
-            fields.append(Field("codes_train", (len(probe), self._n_bytes), "uint8",
-                                dims=("probe_example", "code_byte")))
+            unit = "example" if self._sequence is None else "token"
+            fields.append(Field("codes_train", (self.examples("probe"), self._n_bytes), "uint8",
+                                dims=(f"probe_{unit}", "code_byte")))
             if held:
-                fields.append(Field("codes_heldout", (len(self.heldout_set), self._n_bytes), "uint8",
-                                    dims=("heldout_example", "code_byte")))
+                fields.append(Field("codes_heldout", (self.examples("heldout"), self._n_bytes), "uint8",
+                                    dims=(f"heldout_{unit}", "code_byte")))
         return fields
 
     def table_specs(self, probe: Optional[ProbeSet], pl_module: nn.Module) -> List[TableSpec]:
@@ -326,17 +410,16 @@ class ActivationCodeMonitor(HeldoutProbeMonitor):
         heldout = self._heldout.on(pl_module)
         codes = {"train": self._codes(pl_module, probe.x)}
         if heldout is not None:
-            codes["heldout"] = self._codes(pl_module, heldout.x)
+            codes["heldout"] = self._codes(pl_module, heldout.x, "heldout")
         row: Dict[str, Any] = {"n_units": codes["train"].n_units}
         if "redundancy" in self.measures:
             for which, c in codes.items():
                 row[f"redundancy_ratio_{which}"] = redundancy_ratio(c)
         if self._classifies:
-            owner = type(self).__name__
-            y_train = class_labels(probe, owner, "the classifiers")
+            y_train = self.labels("probe", "the classifiers")
             if heldout is not None:
                 fit, y_fit = codes["train"], y_train
-                evaluate, y_eval = codes["heldout"], class_labels(heldout, owner, "the classifiers")
+                evaluate, y_eval = codes["heldout"], self.labels("heldout", "the classifiers")
             else:
                 fit_pos, eval_pos = self._fixed_split(y_train)
                 fit, y_fit = codes["train"][fit_pos], y_train[fit_pos]

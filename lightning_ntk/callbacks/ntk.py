@@ -28,9 +28,10 @@ from ..ntk import KINDS, METHODS, empirical_ntk
 from ..ntk._model import layer_name, select_parameters
 from ..probe import Probe, ProbeSet
 from ..store import Field
-from ..task import TASKS, Task, TaskError, detect_task
+from ..task import TASKS, Task, TaskError, aligned_tokens, detect_task
 from ._base import Monitor, chunked_forward
 from ._declared import ProbeSlot, as_heldout
+from ._tokens import TokenOutputs, TokenPairs, positions_per_sequence, token_probe
 
 #: The kernel is stored by default for these kinds up to this many probe examples.
 _STORE_KERNEL_MAX_N = 1024
@@ -57,8 +58,14 @@ class NTKMonitor(Monitor):
         method, dtype, max_memory: passed to :func:`lightning_ntk.empirical_ntk`.
         task: what the outputs and targets are (:mod:`lightning_ntk.task`; default: detected
             from the probe at train start). The targets of alignment, energies and KRR are
-            one-hot labels for multi-class, the labels or values themselves otherwise;
-            per-token outputs are refused (not supported yet).
+            one-hot labels for multi-class, the labels or values themselves otherwise.
+        sequence_kernel: for per-token outputs (B, T, V): ``"positions"`` (default), the
+            kernel between (sequence, position) pairs on a deterministic subset of positions
+            (targets: the one-hot target tokens); ``"pooled"``, one row per sequence, the
+            logits averaged over its positions (targets: the tokens' frequencies; refused
+            when targets are padded with ignore_index).
+        token_positions: positions per sequence (default: about 256 pairs in all); the
+            pairs are the table's ``token_sequence`` / ``token_position`` attributes.
         **kwargs: see :class:`~lightning_ntk.callbacks.Monitor` (path, probe — default
             256 stratified training examples — schedule — default log-spaced steps — ...).
     """
@@ -67,7 +74,8 @@ class NTKMonitor(Monitor):
     state = {"_kernel_init": "array", "_kernel_prev": "array", "_epoch_prev": "value", "_eigvecs_prev": "array"}
 
     def __init__(self, path: str, *, kind: str = "trace", k: int = 20, store_kernel: Optional[bool] = None,
-                 task: Optional[str] = None,
+                 task: Optional[str] = None, sequence_kernel: str = "positions",
+                 token_positions: Optional[int] = None,
                  per_layer: bool = True, heldout: Union[Probe, ProbeSet, Tuple[torch.Tensor, torch.Tensor], None] = None,
                  krr_eps: float = 1e-4, method: str = "auto", dtype: Optional[torch.dtype] = None,
                  max_memory: Union[None, int, str] = None, **kwargs: Any):
@@ -80,7 +88,11 @@ class NTKMonitor(Monitor):
         self.dtype = _args.one_of(dtype, "dtype", (None, torch.float32, torch.float64), owner)
         self.store_kernel = store_kernel
         self.task = None if task is None else _args.one_of(task, "task", TASKS, owner)
-        self._task = Task("multiclass", 0)  # detected at train start (fields)
+        self._task = Task("multiclass", 0)  # detected at train start (fields); per pair for sequences
+        self.sequence_kernel = _args.one_of(sequence_kernel, "sequence_kernel", ("positions", "pooled"), owner)
+        self.token_positions = _args.positive_int(token_positions, "token_positions", owner, optional=True)
+        self._sequence: Optional[Task] = None  # the detected sequence task, when outputs are per token
+        self._pairs: Dict[str, TokenPairs] = {}  # probe role -> chosen (sequence, position) pairs
         self.per_layer = bool(per_layer)
         self.heldout = heldout
         self._heldout = ProbeSlot("heldout", as_heldout(owner, heldout))
@@ -104,18 +116,20 @@ class NTKMonitor(Monitor):
 
     def fields(self, probe: Optional[ProbeSet], pl_module: nn.Module) -> List[Field]:
         assert probe is not None
-        n = len(probe)
         device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
-        rows = min(n, 32)
-        out = self.measured_model(pl_module)(probe.x[:rows].to(device))
-        self._task = detect_task(out, probe.y[:rows].to(device), self.task, owner=type(self).__name__)
+        rows = min(len(probe), 32)
+        x = probe.x[:rows].to(device)
+        out = self.sample_outputs(pl_module, x)
+        self._task = detect_task(out, probe.y[:rows].to(device), self.task, owner=type(self).__name__, inputs=x)
+        self._sequence, self._pairs = None, {}
         if self._task.kind == "sequence":
-            raise TaskError(f"{type(self).__name__}: per-token outputs (B, T, V): the eNTK over every token's "
-                            "outputs is not supported yet; pass forward_fn= returning per-sequence outputs")
-        self._num_outputs = int(out.reshape(rows, -1).shape[1])
+            self._sequence = self._task
+            self._task = self._sequence_view(probe)
+        n = len(self._view(probe))
+        self._num_outputs = self._task.num_outputs if self._sequence else int(out.reshape(rows, -1).shape[1])
         m = self._matrix_size(n)
         self._k_eff = min(self.k, m)
-        selected = select_parameters(self.measured_model(pl_module), None)
+        selected = select_parameters(self._model(pl_module), None)
         seen: List[str] = []
         for name, _ in selected:
             layer = layer_name(name)
@@ -159,7 +173,50 @@ class NTKMonitor(Monitor):
         specs[0].attrs.update({"kind": self.kind, "layers": list(self._layers),
                                "eigvec_rows": "example" if self.kind in ("trace", "pseudo")
                                else "example-major (row n*C + c)"})
+        specs[0].optional = ("kernel",)
+        if self._sequence is not None:
+            specs[0].attrs.update(sequence_task=self._sequence.to_config(), sequence_kernel=self.sequence_kernel)
+            if "probe" in self._pairs:
+                specs[0].attrs.update(self._pairs["probe"].attrs())
         return specs
+
+    # ------------------------------------------------------------------ sequence tasks
+    def _sequence_view(self, probe: ProbeSet) -> Task:
+        """Per-token outputs: choose the pairs (positions) or check the probe for pooling;
+        the task the kernel's targets then follow."""
+        task = self._sequence
+        assert task is not None
+        if self.sequence_kernel == "pooled":
+            for which in (probe, self.heldout_set):
+                if which is not None and task.ignore_index is not None and bool(
+                        (which.y[:, task.shift:] == task.ignore_index).any()):
+                    raise TaskError(f"{type(self).__name__}: sequence_kernel='pooled' averages the logits over every "
+                                    f"position, and probe {which.name!r} has targets equal to ignore_index "
+                                    f"({task.ignore_index}: padding); pass sequence_kernel='positions'")
+            return Task("regression", task.num_outputs)
+        per = positions_per_sequence(len(probe), self.token_positions)
+        self._pairs = {"probe": TokenPairs.choose(probe, task, per)}
+        if self.heldout_set is not None:
+            self._pairs["heldout"] = TokenPairs.choose(self.heldout_set, task, per)
+        return Task("multiclass", task.num_outputs)
+
+    def _view(self, probe: ProbeSet, role: str = "probe") -> ProbeSet:
+        """The examples the kernel is over: the probe itself, its (sequence, position) pairs,
+        or its sequences with pooled targets (the tokens' frequencies)."""
+        task = self._sequence
+        if task is None:
+            return probe
+        if self.sequence_kernel == "pooled":
+            _, y = aligned_tokens(probe.y.unsqueeze(-1), probe.y, task)
+            frequencies = torch.nn.functional.one_hot(y.long(), task.num_outputs).double().mean(dim=1)
+            return ProbeSet(probe.name, probe.x, frequencies, probe.index, probe.source, probe.meta)
+        return token_probe(probe, self._pairs[role])
+
+    def _model(self, pl_module: nn.Module) -> nn.Module:
+        model = self.measured_model(pl_module)
+        if self._sequence is None:
+            return model
+        return PooledTokens(model, self._sequence.shift) if self.sequence_kernel == "pooled" else TokenOutputs(model)
 
     # ------------------------------------------------------------------ measurement
     def _kernel(self, model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = None,
@@ -184,7 +241,7 @@ class NTKMonitor(Monitor):
 
     def measure(self, trainer: Any, pl_module: nn.Module, probe: Optional[ProbeSet]) -> Tuple[Dict[str, Any], Dict[str, float]]:
         assert probe is not None
-        model = self.measured_model(pl_module)
+        model, probe = self._model(pl_module), self._view(probe)
         if self.per_layer:
             parts = self._kernel(model, probe.x, per_layer=True)
             kernel_t = sum(parts.values())
@@ -196,7 +253,7 @@ class NTKMonitor(Monitor):
         if not np.all(np.isfinite(kernel)):
             return self._nonfinite_row(kernel), {"finite": 0.0}
         with torch.no_grad():
-            outputs = chunked_forward(self.measured_model(pl_module), probe.x, self.batch_size)
+            outputs = chunked_forward(model, probe.x, self.batch_size)
             outputs = outputs.reshape(len(probe), -1).double().cpu().numpy()
         targets = _targets(probe.y, self._task, self._num_outputs)
 
@@ -231,7 +288,7 @@ class NTKMonitor(Monitor):
         if layer_trace is not None:
             row["layer_trace"] = layer_trace
         if self.heldout_set is not None:
-            held = self.heldout_set.to(probe.x.device)
+            held = self._view(self.heldout_set, "heldout").to(probe.x.device)
             cross = self._kernel(model, held.x, probe.x).detach().double().cpu().numpy()
             row["krr_accuracy"], row["krr_mse"] = _krr_scores(kernel, targets, cross, held.y, self._task,
                                                               self._num_outputs, self.krr_eps)
@@ -310,3 +367,15 @@ def _energy(eigvecs: np.ndarray, phi: np.ndarray) -> np.ndarray:
     if not np.any(phi):
         return np.full(eigvecs.shape[1], np.nan)
     return spectral.eigen_energy(eigvecs, phi)
+
+
+class PooledTokens(nn.Module):
+    """Per-token logits averaged over the positions that predict a target: (B, V)."""
+
+    def __init__(self, model: nn.Module, shift: int):
+        super().__init__()
+        self.model, self.shift = model, shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        return (out[:, :-self.shift] if self.shift else out).mean(dim=1)

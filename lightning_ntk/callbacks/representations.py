@@ -24,7 +24,7 @@ from ..representations import extract_features, few_shot_accuracy, linear_probe_
 from ..schedule import LogSpacedSteps, Schedule
 from ..store import Field
 from ._base import TableSpec
-from .codes import HeldoutLike, HeldoutProbeMonitor, class_labels, limited_threads, require_sklearn
+from .codes import HeldoutLike, HeldoutProbeMonitor, limited_threads, require_sklearn
 
 _CLASSIFIERS = {"centroid_euclidean": "euclidean", "centroid_cosine": "cosine", "logistic": "logistic"}
 
@@ -112,20 +112,21 @@ class RepresentationMonitor(HeldoutProbeMonitor):
     def default_schedule(self) -> Schedule:
         return LogSpacedSteps(per_decade=4)
 
-    def _features(self, pl_module: nn.Module, probe: ProbeSet) -> np.ndarray:
+    def _features(self, pl_module: nn.Module, probe: ProbeSet, role: str = "probe") -> np.ndarray:
         return extract_features(pl_module, probe.x, self.layer, batch_size=self.batch_size,
-                                forward_fn=self.forward_fn)
+                                forward_fn=self.forward_fn, positions=self.positions(role))
 
     def _few_shot_probe(self, probe: ProbeSet) -> ProbeSet:
         return self.heldout_set if self.heldout_set is not None else probe
 
     def _check_probes(self, probe: ProbeSet) -> None:
         owner = type(self).__name__
-        labels = class_labels(probe, owner, "few-shot episodes and the linear probe")
+        labels = self.labels("probe", "few-shot episodes and the linear probe")
         if self.heldout_set is not None:
-            class_labels(self.heldout_set, owner, "few-shot episodes and the linear probe")
+            self.labels("heldout", "few-shot episodes and the linear probe")
         target = self._few_shot_probe(probe)
-        _, counts = np.unique(class_labels(target, owner, "few-shot episodes"), return_counts=True)
+        role = "heldout" if self.heldout_set is not None else "probe"
+        _, counts = np.unique(self.labels(role, "few-shot episodes"), return_counts=True)
         for n_way, k_shot in self.few_shot:
             eligible = int(np.sum(counts >= k_shot + self.n_query))
             if eligible < n_way:
@@ -140,6 +141,7 @@ class RepresentationMonitor(HeldoutProbeMonitor):
 
     def fields(self, probe: Optional[ProbeSet], pl_module: nn.Module) -> List[Field]:
         assert probe is not None
+        self._token_view(pl_module, probe)
         self._check_probes(probe)
         fields = [Field("n_features", (), "int64")]
         for n_way, k_shot in self.few_shot:
@@ -164,16 +166,15 @@ class RepresentationMonitor(HeldoutProbeMonitor):
     def measure(self, trainer: Any, pl_module: nn.Module,
                 probe: Optional[ProbeSet]) -> Tuple[Dict[str, Any], Dict[str, float]]:
         assert probe is not None
-        owner = type(self).__name__
         heldout = self._heldout.on(pl_module)
         train_features = self._features(pl_module, probe)
-        y_train = class_labels(probe, owner, "the probes")
-        heldout_features = self._features(pl_module, heldout) if heldout is not None else None
+        y_train = self.labels("probe", "the probes")
+        heldout_features = self._features(pl_module, heldout, "heldout") if heldout is not None else None
         row: Dict[str, Any] = {"n_features": train_features.shape[1]}
         scalars: Dict[str, float] = {}
         with limited_threads(self.classifier_threads):
             if heldout is not None:
-                shot_features, shot_labels = heldout_features, class_labels(heldout, owner, "the probes")
+                shot_features, shot_labels = heldout_features, self.labels("heldout", "the probes")
             else:
                 shot_features, shot_labels = train_features, y_train
             for n_way, k_shot in self.few_shot:
@@ -187,7 +188,7 @@ class RepresentationMonitor(HeldoutProbeMonitor):
             if self.linear_probe:
                 if heldout is not None:
                     accuracy = linear_probe_accuracy(train_features, y_train, heldout_features,
-                                                     class_labels(heldout, owner, "the probes"))
+                                                     self.labels("heldout", "the probes"))
                 else:
                     fit, evaluate = self._fixed_split(y_train)
                     accuracy = linear_probe_accuracy(train_features[fit], y_train[fit], train_features[evaluate],

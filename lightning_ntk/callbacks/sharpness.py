@@ -18,7 +18,6 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import curvature
 from .._losses import LossFn
@@ -136,8 +135,8 @@ class SharpnessMonitor(Monitor):
     def measure(self, trainer: Any, pl_module: nn.Module, probe: Optional[ProbeSet]) -> Tuple[Dict[str, Any], Dict[str, float]]:
         assert probe is not None
         # training_step's self.log calls are silenced (no value reaches the user's metrics);
-        # attention runs its math kernel: the fused CPU/CUDA kernels have no double backward.
-        with silenced_logging(pl_module), sdpa_kernel(SDPBackend.MATH):
+        # attention runs its math kernel (measurement_mode): the fused kernels have no double backward.
+        with silenced_logging(pl_module):
             if self._dist.active:
                 # Under DDP each rank takes a share of the set; losses, gradients and HVPs are
                 # summed across ranks (curvature.data_parallel), so every rank gets the same answer.
@@ -149,7 +148,8 @@ class SharpnessMonitor(Monitor):
         model = self.measured_model(pl_module)
         rows = self._dist.shard(n)
         ends = [min(i + self.batch_size, rows.stop) for i in range(rows.start, rows.stop, self.batch_size)]
-        batches = [(probe.x[i:j], probe.y[i:j]) for i, j in zip(range(rows.start, rows.stop, self.batch_size), ends)]
+        spans = [slice(i, j) for i, j in zip(range(rows.start, rows.stop, self.batch_size), ends)]
+        batches = [(probe.x[span], probe.y[span]) for span in spans]
         optimizer = trainer.optimizers[0] if getattr(trainer, "optimizers", None) else None
         eos = curvature.edge_of_stability_threshold(optimizer) if optimizer is not None else \
             curvature.EdgeOfStability(None, "no optimizer")
@@ -160,7 +160,7 @@ class SharpnessMonitor(Monitor):
         loss_fn = self.loss_fn
         if loss_fn is None:  # the module's own training loss, batch by batch
             model, loss_fn = TrainingStepLoss(pl_module, type(self).__name__), step_loss_of
-            batches = [((x, y), y) for x, y in batches]
+            batches = [((probe.user_batch(span),), probe.y[span]) for span in spans]
         loss_set = curvature.LossSet(model, loss_fn, batches, dtype=self.dtype)
         result = curvature.hessian_eigs(loss_set, self._k_eff, tol=self.tol, max_hvp=self.max_hvp,
                                         return_eigenvectors=True, init=self._eigenvectors, warn=False)
