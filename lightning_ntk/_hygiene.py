@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import threading
 from typing import Iterator, List, Optional
 
 import numpy as np
@@ -57,22 +58,41 @@ def eager(module: nn.Module) -> Iterator[nn.Module]:
             setattr(parent, name, compiled)
 
 
+_PLAIN_ATTENTION = {"lock": threading.Lock(), "depth": 0, "saved": None}
+
+
 @contextlib.contextmanager
 def plain_attention() -> Iterator[None]:
     """Attention computed from its parts, the user's settings restored afterwards: the math
     SDPA kernel (the fused CPU/CUDA kernels have no double backward, which Hessian-vector
     products need, nor vmap rules, which Jacobians use) and no ``nn.TransformerEncoderLayer``
     / ``nn.MultiheadAttention`` inference fast path (it skips the submodules' hooks, which
-    activation codes and features read)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
+    activation codes and features read). The settings are process-wide: measurements in
+    several threads share one switch (the first in sets it, the last out restores it)."""
+    state = _PLAIN_ATTENTION
+    with state["lock"]:
+        if state["depth"] == 0:
+            state["saved"] = (torch.backends.mha.get_fastpath_enabled(), torch.backends.cuda.flash_sdp_enabled(),
+                              torch.backends.cuda.mem_efficient_sdp_enabled(), torch.backends.cuda.math_sdp_enabled(),
+                              torch.backends.cuda.cudnn_sdp_enabled())
+            torch.backends.mha.set_fastpath_enabled(False)
+            torch.backends.cuda.enable_flash_sdp(False)
+            torch.backends.cuda.enable_mem_efficient_sdp(False)
+            torch.backends.cuda.enable_cudnn_sdp(False)
+            torch.backends.cuda.enable_math_sdp(True)
+        state["depth"] += 1
     try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
+        yield
     finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
+        with state["lock"]:
+            state["depth"] -= 1
+            if state["depth"] == 0:
+                fastpath, flash, efficient, math, cudnn = state["saved"]
+                torch.backends.mha.set_fastpath_enabled(fastpath)
+                torch.backends.cuda.enable_flash_sdp(flash)
+                torch.backends.cuda.enable_mem_efficient_sdp(efficient)
+                torch.backends.cuda.enable_math_sdp(math)
+                torch.backends.cuda.enable_cudnn_sdp(cudnn)
 
 
 @contextlib.contextmanager

@@ -169,7 +169,8 @@ def kept_tokens(targets: torch.Tensor, task: Task) -> torch.Tensor:
         (y.shape[0],), y.shape[1], device=y.device)
 
 
-def token_positions(targets: torch.Tensor, task: Task, per_sequence: int) -> np.ndarray:
+def token_positions(targets: torch.Tensor, task: Task, per_sequence: int,
+                    keys: Optional[np.ndarray] = None) -> np.ndarray:
     """A deterministic subset of at most ``per_sequence`` positions per sequence whose target
     (after the shift) is not ``ignore_index``: (N, P) positions into :func:`aligned_tokens`'s
     time axis, -1 where a sequence has fewer. Spread evenly over each sequence's valid
@@ -187,7 +188,7 @@ def token_positions(targets: torch.Tensor, task: Task, per_sequence: int) -> np.
         if where.size == 0:
             continue
         p = min(per_sequence, where.size)
-        offset = (i * 0.6180339887498949) % 1.0
+        offset = ((i if keys is None else int(keys[i])) * 0.6180339887498949) % 1.0
         picks = np.floor((np.arange(p) + offset) * where.size / p).astype(np.int64)
         out[i, :p] = where[np.minimum(picks, where.size - 1)]
     return out

@@ -22,12 +22,12 @@ PROBE_DEFINITION = ("NOT Toneva et al.'s definition: correctness from an eval-mo
 
 
 def forgetting_task(logits: torch.Tensor, targets: torch.Tensor, task: Optional[str], tolerance: Optional[float],
-                    owner: str) -> Task:
+                    owner: str, inputs: Any = None) -> Task:
     """The task of a batch, if forgetting is defined for it: multi-class and binary
-    classification (Toneva et al.), regression with a ``tolerance``; anything else refused
-    with what was found and the argument that fixes it."""
-    found = detect_task(logits, targets, task, owner=owner)
-    if found.kind in ("multiclass", "binary"):
+    classification (Toneva et al.), per token for sequences, regression with a ``tolerance``;
+    anything else refused with what was found and the argument that fixes it."""
+    found = detect_task(logits, targets, task, owner=owner, inputs=inputs)
+    if found.kind in ("multiclass", "binary", "sequence"):
         return found
     if found.kind == "regression":
         if tolerance is None:
@@ -37,8 +37,6 @@ def forgetting_task(logits: torch.Tensor, targets: torch.Tensor, task: Optional[
         return found
     reason = {"multilabel": "multi-label outputs (one logit per label): forgetting is defined for single-label "
                             "classification; pass task='multiclass' if the targets are class indices",
-              "sequence": "per-token outputs (B, T, V): per-token forgetting is not supported yet; record a "
-                          "per-sequence prediction with forward_fn=/outputs_key=",
               "none": "no targets in the batch; pass batch_format= returning (x, y)"}[found.kind]
     raise TaskError(f"{owner}: {reason}")
 
@@ -66,7 +64,7 @@ def task_from_sample(loader: Any, pl_module: Any, batch_format: Any, outputs_key
         return None
     if logits is None or not isinstance(y, torch.Tensor):
         return None
-    return forgetting_task(logits, y, task, tolerance, owner)
+    return forgetting_task(logits, y, task, tolerance, owner, inputs=x)
 
 
 def examples_to_track(loaders: Any, num_examples: Optional[int], index_key: Any, owner: str) -> int:

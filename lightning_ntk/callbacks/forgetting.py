@@ -32,7 +32,7 @@ from torch import nn
 from .. import _args
 from ..forgetting import ForgettingTracker
 from ..probe import BatchFormat, ProbeSet, batch_to_xy
-from ..task import TASKS, Task
+from ..task import TASKS, Task, aligned_tokens, token_positions, token_targets, tokens_at
 from ._capture import LogitsCapture
 from ._declared import TableSpec
 from ._forgetting_tables import (
@@ -94,8 +94,14 @@ class ForgettingMonitor(StreamingMonitor):
         write_interval: see :class:`~._streaming.StreamingMonitor` (default 5 s).
         task: what the outputs and targets are (:mod:`lightning_ntk.task`); default:
             detected from the first example and checked at the first batch. Forgetting is
-            recorded for multi-class and binary classification, and for regression with
-            ``tolerance``; other tasks are refused with the reason.
+            recorded for multi-class and binary classification, per token for sequences
+            (see ``token_positions``), and for regression with ``tolerance``; other tasks
+            are refused with the reason.
+        token_positions: sequence tasks: positions tracked per sequence (a deterministic
+            subset of those with a target, the same at every presentation,
+            :func:`lightning_ntk.task.token_positions` keyed by the dataset index); each
+            (sequence, slot) is one tracked example, ``index = dataset index *
+            token_positions + slot``, its correctness the argmax of the token's logits.
         tolerance: regression only: an example is correct when every output is within
             ``tolerance`` of its target (loss = mean squared error, margin = tolerance -
             largest error, p_true = NaN).
@@ -109,7 +115,7 @@ class ForgettingMonitor(StreamingMonitor):
     def __init__(self, path: str, *, mode: str = "train", index_key: Union[None, str, int] = None,
                  outputs_key: str = "logits", batch_format: BatchFormat = None, num_examples: Optional[int] = None,
                  flush_every: Optional[int] = None, write_interval: float = 5.0, task: Optional[str] = None,
-                 tolerance: Optional[float] = None, **kwargs: Any):
+                 tolerance: Optional[float] = None, token_positions: int = 8, **kwargs: Any):
         owner = type(self).__name__
         _args.one_of(mode, "mode", ("train",), owner, hint="for an eval-mode pass on a probe (not Toneva et al.'s "
                      "definition) use ProbeForgettingMonitor")
@@ -127,6 +133,7 @@ class ForgettingMonitor(StreamingMonitor):
         self.num_examples = _args.positive_int(num_examples, "num_examples", owner, optional=True)
         self.task = None if task is None else _args.one_of(task, "task", TASKS, owner)
         self.tolerance = _args.positive(tolerance, "tolerance", owner, optional=True)
+        self.token_positions = _args.positive_int(token_positions, "token_positions", owner)
         self._task: Optional[Task] = None  # decided at train start from one example, checked at the first batch
         self._task_checked = False
         self._examples = TrackedExamples()
@@ -160,6 +167,10 @@ class ForgettingMonitor(StreamingMonitor):
             return []
         kind = self._task.kind if self._task is not None else (self.task or "")  # "": told at the first batch
         task = {"task": kind, "tolerance": self.tolerance or float("nan")}
+        if kind == "sequence":
+            task.update(token_positions=self.token_positions, shift=self._task.shift,
+                        index="dataset index * token_positions + slot (slot: the k-th tracked position of the "
+                              "sequence, lightning_ntk.task.token_positions keyed by the dataset index)")
         return events_and_examples(self.group, self.tracker.index, dict(task, mode="train", definition=TRAIN_DEFINITION))
 
     def extra_state(self) -> Dict[str, Any]:
@@ -211,10 +222,11 @@ class ForgettingMonitor(StreamingMonitor):
         loaders = getattr(trainer, "train_dataloader", None)
         several = isinstance(loaders, (Mapping, list, tuple))
         n = examples_to_track(loaders, self.num_examples, self.index_key, type(self).__name__)
-        self._examples.ensure(np.arange(n, dtype=np.int64), type(self).__name__)
         self._task_checked = False
         self._task = None if several else task_from_sample(loaders, pl_module, self.batch_format, self.outputs_key,
                                                            self.task, self.tolerance, type(self).__name__)
+        per_example = self.token_positions if self._task is not None and self._task.kind == "sequence" else 1
+        self._examples.ensure(np.arange(n * per_example, dtype=np.int64), type(self).__name__)
         if self._indices is not None and not several:
             self._follow_loader(trainer)
 
@@ -270,8 +282,14 @@ class ForgettingMonitor(StreamingMonitor):
                 f"{type(self).__name__} found no logits for this training batch: {self._capture.describe_missing()}. "
                 + _HOW_TO_FIX_LOGITS.format(key=self.outputs_key))
         if not self._task_checked:  # the first batch: the task it shows (and the sample's, if any)
-            self._task = forgetting_task(logits, targets, self.task or (self._task and self._task.kind),
-                                         self.tolerance, type(self).__name__)
+            sampled = self._task
+            x, _ = batch_to_xy(batch, self.batch_format)
+            self._task = forgetting_task(logits, targets, self.task or (sampled and sampled.kind),
+                                         self.tolerance, type(self).__name__, inputs=x)
+            if self._task.kind == "sequence" and (sampled is None or sampled.kind != "sequence"):
+                raise ForgettingCaptureError(f"{type(self).__name__}: per-token outputs appeared at the first batch, "
+                                             "but the task could not be read from the training set before training "
+                                             "(it sizes the tracked tokens); pass task='causal_lm' or task='sequence'")
             self._task_checked = True
         index, where = self._sources.indices(batch, outputs, popped)
         if len(index) != rows or int(logits.shape[0]) != rows:
@@ -280,10 +298,22 @@ class ForgettingMonitor(StreamingMonitor):
                 f"{len(index)} dataset indices {where}. A sampler that does not yield one index per example, a "
                 "collate_fn that changes the batch size, or a module output that is not per-example logits breaks "
                 "the pairing. " + HOW_TO_FIX_INDEX)
-        labels = self._labels.snapshot if where == SAMPLER else None
+        labels = self._labels.snapshot if where == SAMPLER and self._task.kind != "sequence" else None
+        if self._task.kind == "sequence":  # each tracked (sequence, slot) is one example
+            logits, targets, index = self._tokens(logits, targets, index)
+            rows = int(targets.shape[0])
         self._pending.append(Presentation(index, self._batch_step, int(trainer.current_epoch), logits,
                                           targets.reshape(rows, -1) if self._task.kind == "regression"
                                           else targets.reshape(-1), labels))
+
+    def _tokens(self, logits: torch.Tensor, targets: torch.Tensor, index: np.ndarray):
+        """A sequence batch as its tracked tokens: (logits (M, V), targets (M,), keys (M,))."""
+        keys = as_index_array(index, "the dataset indices of the batch")
+        positions = token_positions(targets, self._task, self.token_positions, keys=keys)
+        rows, slots = np.nonzero(positions >= 0)
+        aligned, _ = aligned_tokens(logits, targets, self._task)
+        return (tokens_at(aligned, positions), torch.as_tensor(token_targets(targets, self._task, positions)),
+                keys[rows] * self.token_positions + slots)
 
     def default_flush_every(self, batch: Any) -> int:
         """256 batches, fewer when that many batches of logits would exceed 16 MiB."""
