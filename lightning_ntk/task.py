@@ -57,6 +57,11 @@ class Task:
     def to_config(self) -> Dict[str, Any]:
         return asdict(self)
 
+    @property
+    def name(self) -> str:
+        """The ``task=`` that gives this task back (``"causal_lm"`` for a shifted sequence task)."""
+        return "causal_lm" if self.kind == "sequence" and self.shift else self.kind
+
 
 def _is_integer(t: torch.Tensor) -> bool:
     return not t.is_floating_point() and not t.is_complex()

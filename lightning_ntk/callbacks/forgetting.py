@@ -284,7 +284,7 @@ class ForgettingMonitor(StreamingMonitor):
         if not self._task_checked:  # the first batch: the task it shows (and the sample's, if any)
             sampled = self._task
             x, _ = batch_to_xy(batch, self.batch_format)
-            self._task = forgetting_task(logits, targets, self.task or (sampled and sampled.kind),
+            self._task = forgetting_task(logits, targets, self.task or (sampled and sampled.name),
                                          self.tolerance, type(self).__name__, inputs=x)
             if self._task.kind == "sequence" and (sampled is None or sampled.kind != "sequence"):
                 raise ForgettingCaptureError(f"{type(self).__name__}: per-token outputs appeared at the first batch, "
