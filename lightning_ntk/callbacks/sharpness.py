@@ -41,8 +41,9 @@ class SharpnessMonitor(Monitor):
         density: also record the SLQ spectral density (``density_steps`` Lanczos nodes).
         preconditioned: for Adam/AdamW also record the top eigenvalue of P^-1/2 H P^-1/2.
         loss_fn: ``loss_fn(outputs, targets)``, per-example losses or their mean. Default:
-            the loss the module trains, its own ``training_step((x, y), 0)`` on each batch
-            of the set (logging silenced; automatic optimisation only): λ₁ is then the
+            the loss the module trains, its own ``training_step(batch, 0)`` on each batch
+            of the set, in the layout of the user's batches (logging silenced; automatic
+            optimisation only): λ₁ is then the
             Hessian of exactly what is optimised (``F.mse_loss``, label smoothing, auxiliary
             terms), as Cohen et al. compare it with 2/η. Pass Cohen et al.'s squared loss
             ``lightning_ntk.squared_loss`` (½‖f − y‖²) or a cross-entropy to measure another.
