@@ -194,3 +194,36 @@ def test_targets_follow_the_task(L, run_path, task):
         accuracy = view["krr_accuracy"][-1]
         assert (0 <= accuracy <= 1) if task == "binary" else np.isnan(accuracy)
         assert np.isfinite(view["krr_mse"][-1])
+
+
+def _many_outputs_net(outputs: int):
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, outputs))
+
+
+@pytest.mark.parametrize("outputs,kind", [(3, "trace"), (100, "sketch")])
+def test_auto_kind_sketches_large_output_spaces(L, run_path, outputs, kind):
+    """kind='auto': the exact trace for a few outputs; for many (> 2 x projections) the sketch,
+    an unbiased estimate whose stored standard error covers its error against the exact
+    float64 trace kernel, and whose layers sum to it."""
+    monitor = NTKMonitor(run_path, probe=Probe(size=16), schedule=[0], on_error="raise", projections=32)
+    x, y = blob_data().tensors
+    torch.manual_seed(0)
+    module = make_module(L, _many_outputs_net(outputs), lr=0.0)
+    trainer(L, [monitor], max_epochs=1).fit(module, loader(blob_data()))
+    with open_run(run_path) as run:
+        view = run["ntk"]
+        assert view.attrs["kind"] == kind
+        probe_x = torch.as_tensor(run.probe("train_16")["x"])
+        exact = empirical_ntk_reference(module.eval(), probe_x, kind="trace").numpy()
+        kernel = view["kernel"][-1].astype(np.float64)
+        np.testing.assert_allclose(view["layer_trace"][-1].sum(), np.trace(kernel), rtol=1e-4)
+        if kind == "trace":
+            np.testing.assert_allclose(kernel, exact, rtol=1e-4, atol=1e-5 * np.abs(exact).max())
+            assert "kernel_stderr" not in view.fields
+            return
+        stderr = view["kernel_stderr"][-1].astype(np.float64)
+        assert view.attrs["projections"] == 32
+        covered = np.abs(kernel - exact) <= 3 * stderr + 1e-6 * np.abs(exact).max()
+        assert covered.mean() >= 0.9
+        relative = np.linalg.norm(kernel - exact) / np.linalg.norm(exact)
+        assert 0 < relative < 3 * view["relative_stderr"][-1]

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .. import _args, spectral
-from ..ntk import KINDS, METHODS, empirical_ntk
+from ..ntk import KINDS, METHODS, empirical_ntk, sketched_ntk
 from ..ntk._model import layer_name, select_parameters
 from ..probe import Probe, ProbeSet
 from ..store import Field
@@ -35,6 +35,10 @@ from ._tokens import TokenOutputs, TokenPairs, positions_per_sequence, token_pro
 
 #: The kernel is stored by default for these kinds up to this many probe examples.
 _STORE_KERNEL_MAX_N = 1024
+#: The key of the sketch's standard error beside the kernel (or its layers) of a block.
+_STDERR = "\0stderr"
+#: Kinds whose kernel is (N, N): one row per example.
+_SQUARE_KINDS = ("trace", "pseudo", "sketch")
 #: Effective rank from the full spectrum up to this matrix size, else from the top-k.
 _FULL_SPECTRUM_MAX_M = 2048
 #: Energies logged as scalars (the file holds the whole curve over k = 1..K).
@@ -45,8 +49,17 @@ class NTKMonitor(Monitor):
     """Empirical NTK snapshots on a probe set (group ``/ntk``).
 
     Args:
-        kind: ``"trace"`` (default; (N, N), mean over logits), ``"pseudo"``, ``"diagonal"``
-            or ``"full"`` (N, N, C, C).
+        kind: ``"auto"`` (default): ``"trace"``, or ``"sketch"`` when the outputs are more
+            than twice ``projections`` (a vocabulary, 1,000 classes: the exact trace costs C
+            backward passes per example, the sketch ``projections``); ``"trace"`` ((N, N),
+            mean over logits); ``"sketch"`` (its unbiased estimate from random output
+            projections, :func:`lightning_ntk.sketched_ntk`, with the per-entry standard
+            error stored as ``kernel_stderr`` and ``relative_stderr``); ``"pseudo"``,
+            ``"diagonal"`` or ``"full"`` (N, N, C, C). The kind used is the table's
+            ``kind`` attribute.
+        projections, seed: the sketch's number of sign vectors and their seed; the same
+            projections at every snapshot, so distances between snapshots compare kernels
+            sketched alike.
         k: number of top eigenpairs kept (float64), default 20.
         store_kernel: keep the kernel of each snapshot in the file. Default: on for
             trace/pseudo up to N = 1024, off otherwise.
@@ -73,7 +86,8 @@ class NTKMonitor(Monitor):
     quantity = "ntk"
     state = {"_kernel_init": "array", "_kernel_prev": "array", "_epoch_prev": "value", "_eigvecs_prev": "array"}
 
-    def __init__(self, path: str, *, kind: str = "trace", k: int = 20, store_kernel: Optional[bool] = None,
+    def __init__(self, path: str, *, kind: str = "auto", k: int = 20, store_kernel: Optional[bool] = None,
+                 projections: int = 32, seed: int = 0,
                  task: Optional[str] = None, sequence_kernel: str = "positions",
                  token_positions: Optional[int] = None,
                  per_layer: bool = True, heldout: Union[Probe, ProbeSet, Tuple[torch.Tensor, torch.Tensor], None] = None,
@@ -81,7 +95,10 @@ class NTKMonitor(Monitor):
                  max_memory: Union[None, int, str] = None, **kwargs: Any):
         super().__init__(path, **kwargs)
         owner = type(self).__name__
-        self.kind = _args.one_of(kind, "kind", sorted(KINDS), owner)
+        self.kind = _args.one_of(kind, "kind", ("auto", "sketch", *sorted(KINDS)), owner)
+        self.projections = _args.integer(projections, "projections", owner, minimum=2)
+        self.seed = _args.integer(seed, "seed", owner, minimum=0)
+        self._kind = "trace"  # the kind used: kind, or auto's choice (fields)
         self.method = _args.one_of(method, "method", sorted(METHODS), owner)
         self.k = _args.positive_int(k, "k", owner, hint="the number of eigenpairs kept")
         self.krr_eps = _args.number(krr_eps, "krr_eps", owner, minimum=0)
@@ -108,11 +125,11 @@ class NTKMonitor(Monitor):
 
     # ------------------------------------------------------------------ config and schema
     def config_extra(self) -> Dict[str, Any]:
-        return dict(super().config_extra(), store_kernel=self._store_kernel,
+        return dict(super().config_extra(), store_kernel=self._store_kernel, kind_used=self._kind,
                     note="kernel computed in eval mode: BatchNorm uses running statistics, dropout is off")
 
     def _matrix_size(self, n: int) -> int:
-        return n if self.kind in ("trace", "pseudo") else n * self._num_outputs
+        return n if self._kind in _SQUARE_KINDS else n * self._num_outputs
 
     def fields(self, probe: Optional[ProbeSet], pl_module: nn.Module) -> List[Field]:
         assert probe is not None
@@ -127,6 +144,8 @@ class NTKMonitor(Monitor):
             self._task = self._sequence_view(probe)
         n = len(self._view(probe))
         self._num_outputs = self._task.num_outputs if self._sequence else int(out.reshape(rows, -1).shape[1])
+        self._kind = self.kind if self.kind != "auto" else (
+            "sketch" if self._num_outputs > 2 * self.projections else "trace")
         m = self._matrix_size(n)
         self._k_eff = min(self.k, m)
         selected = select_parameters(self._model(pl_module), None)
@@ -137,7 +156,7 @@ class NTKMonitor(Monitor):
                 seen.append(layer)
         self._layers = seen
         if self.store_kernel is None:
-            self._store_kernel = self.kind in ("trace", "pseudo") and n <= _STORE_KERNEL_MAX_N
+            self._store_kernel = self._kind in _SQUARE_KINDS and n <= _STORE_KERNEL_MAX_N
         else:
             self._store_kernel = bool(self.store_kernel)
         k = self._k_eff
@@ -157,9 +176,14 @@ class NTKMonitor(Monitor):
             fields += [Field("krr_accuracy"), Field("krr_mse")]
         if self._store_kernel:
             shape = {"trace": (n, n), "pseudo": (n, n), "diagonal": (n, n, self._num_outputs),
-                     "full": (n, n, self._num_outputs, self._num_outputs)}[self.kind]
+                     "full": (n, n, self._num_outputs, self._num_outputs), "sketch": (n, n)}[self._kind]
             dims = ("probe_i", "probe_j", "output_c", "output_d")[: len(shape)]
             fields.append(Field("kernel", shape, "float32", dims=dims))
+            if self._kind == "sketch":
+                fields.append(Field("kernel_stderr", shape, "float32", dims=dims,
+                                    attrs={"description": "per-entry standard error of the sketched kernel"}))
+        if self._kind == "sketch":
+            fields.append(Field("relative_stderr", attrs={"description": "||kernel_stderr||_F / ||kernel||_F"}))
         return fields
 
     def coords(self, probe: Optional[ProbeSet]) -> Dict[str, Any]:
@@ -170,10 +194,12 @@ class NTKMonitor(Monitor):
 
     def table_specs(self, probe, pl_module):
         specs = super().table_specs(probe, pl_module)
-        specs[0].attrs.update({"kind": self.kind, "layers": list(self._layers),
-                               "eigvec_rows": "example" if self.kind in ("trace", "pseudo")
+        specs[0].attrs.update({"kind": self._kind, "layers": list(self._layers),
+                               "eigvec_rows": "example" if self._kind in _SQUARE_KINDS
                                else "example-major (row n*C + c)"})
-        specs[0].optional = ("kernel",)
+        specs[0].optional = ("kernel", "kernel_stderr")
+        if self._kind == "sketch":
+            specs[0].attrs.update(projections=self.projections, sketch_seed=self.seed)
         if self._sequence is not None:
             specs[0].attrs.update(sequence_task=self._sequence.to_config(), sequence_kernel=self.sequence_kernel)
             if "probe" in self._pairs:
@@ -224,30 +250,39 @@ class NTKMonitor(Monitor):
         """Θ(x1, x2). Under DDP the rows of x1 are split across ranks, each rank computes
         its block of rows against all of x2, and the blocks are gathered on every rank."""
         if not self._dist.active:
-            return empirical_ntk(model, x1, x2, kind=self.kind, method=self.method, per_layer=per_layer,
-                                 dtype=self.dtype, max_memory=self.max_memory)
+            return self._block(model, x1, x2, per_layer)
         rows = self._dist.shard(x1.shape[0])
         x2_all = x1 if x2 is None else x2
         local = None
         if rows.stop > rows.start:
-            local = empirical_ntk(model, x1[rows], x2_all, kind=self.kind, method=self.method, per_layer=per_layer,
-                                  dtype=self.dtype, max_memory=self.max_memory)
-            local = {k: v.cpu() for k, v in local.items()} if per_layer else local.cpu()
+            local = self._block(model, x1[rows], x2_all, per_layer)
+            local = {k: v.cpu() for k, v in local.items()} if isinstance(local, dict) else local.cpu()
         blocks = [b for b in self._dist.gather_object(local) if b is not None]
         device = x1.device
-        if per_layer:
+        if isinstance(blocks[0], dict):
             return {name: torch.cat([b[name] for b in blocks]).to(device) for name in blocks[0]}
         return torch.cat(blocks).to(device)
+
+    def _block(self, model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor], per_layer: bool):
+        """One block of the kernel (the sketch's standard error on the side, as the kernel's
+        ``"stderr"`` entry of a per-layer dict)."""
+        if self._kind != "sketch":
+            return empirical_ntk(model, x1, x2, kind=self._kind, method=self.method, per_layer=per_layer,
+                                 dtype=self.dtype, max_memory=self.max_memory)
+        sketch = sketched_ntk(model, x1, x2, projections=self.projections, seed=self.seed, method=self.method,
+                              dtype=self.dtype, max_memory=self.max_memory, per_layer=per_layer)
+        return {**(sketch.layers if per_layer else {"kernel": sketch.kernel}), _STDERR: sketch.stderr}
 
     def measure(self, trainer: Any, pl_module: nn.Module, probe: Optional[ProbeSet]) -> Tuple[Dict[str, Any], Dict[str, float]]:
         assert probe is not None
         model, probe = self._model(pl_module), self._view(probe)
+        result = self._kernel(model, probe.x, per_layer=self.per_layer)
+        stderr = result.pop(_STDERR) if isinstance(result, dict) and _STDERR in result else None
         if self.per_layer:
-            parts = self._kernel(model, probe.x, per_layer=True)
-            kernel_t = sum(parts.values())
-            layer_trace = np.array([_trace(parts[name]) if name in parts else 0.0 for name in self._layers])
+            kernel_t = sum(result.values())
+            layer_trace = np.array([_trace(result[name]) if name in result else 0.0 for name in self._layers])
         else:
-            kernel_t = self._kernel(model, probe.x)
+            kernel_t = result["kernel"] if isinstance(result, dict) else result
             layer_trace = None
         kernel = kernel_t.detach().double().cpu().numpy()
         if not np.all(np.isfinite(kernel)):
@@ -274,7 +309,7 @@ class NTKMonitor(Monitor):
             velocity = dist_prev / dt if dt > 0 else float("nan")
         else:
             dist_prev = velocity = float("nan")
-        vec_targets, vec_outputs = _energy_vectors(self.kind, targets, outputs)
+        vec_targets, vec_outputs = _energy_vectors(self._kind, targets, outputs)
         row: Dict[str, Any] = {
             "finite": True, "eigvals": eig.eigvals, "eigvecs": eigvecs.astype(np.float32),
             "trace": spectral.kernel_trace(kernel), "frobenius": spectral.kernel_frobenius_norm(kernel),
@@ -289,9 +324,16 @@ class NTKMonitor(Monitor):
             row["layer_trace"] = layer_trace
         if self.heldout_set is not None:
             held = self._view(self.heldout_set, "heldout").to(probe.x.device)
-            cross = self._kernel(model, held.x, probe.x).detach().double().cpu().numpy()
+            cross = self._kernel(model, held.x, probe.x)
+            cross = (cross["kernel"] if isinstance(cross, dict) else cross).detach().double().cpu().numpy()
             row["krr_accuracy"], row["krr_mse"] = _krr_scores(kernel, targets, cross, held.y, self._task,
                                                               self._num_outputs, self.krr_eps)
+        if stderr is not None:
+            stderr_np = stderr.detach().double().cpu().numpy()
+            norm = float(np.linalg.norm(kernel))
+            row["relative_stderr"] = float(np.linalg.norm(stderr_np) / norm) if norm > 0 else float("nan")
+            if self._store_kernel:
+                row["kernel_stderr"] = stderr_np.astype(np.float32)
         if self._store_kernel:
             row["kernel"] = kernel.astype(np.float32)
         self._kernel_prev = kernel.astype(np.float32)
@@ -308,6 +350,8 @@ class NTKMonitor(Monitor):
                 scalars[f"output_energy_top{k}"] = float(row["output_energy"][k - 1])
         if "krr_accuracy" in row:
             scalars["krr_accuracy"] = float(row["krr_accuracy"])
+        if "relative_stderr" in row:
+            scalars["relative_stderr"] = float(row["relative_stderr"])
         return row, scalars
 
     def _nonfinite_row(self, kernel: np.ndarray) -> Dict[str, Any]:
@@ -358,7 +402,7 @@ def _targets(y: torch.Tensor, task: Task, num_outputs: int) -> np.ndarray:
 
 def _energy_vectors(kind: str, targets: np.ndarray, outputs: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Targets and outputs as the vectors the eigenvectors live with: (N, C) columns, or vec for NC rows."""
-    if kind in ("trace", "pseudo"):
+    if kind in _SQUARE_KINDS:
         return targets, outputs
     return targets.reshape(-1), outputs.reshape(-1)
 

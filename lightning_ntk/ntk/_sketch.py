@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Iterator, Optional, Tuple, Union
 
 import torch
@@ -66,6 +66,8 @@ class SketchedNTK:
     projections: int
     seed: int
     num_outputs: int
+    #: ``per_layer=True``: each layer's sketched kernel (same projections; they sum to ``kernel``).
+    layers: Dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def relative_stderr(self) -> float:
@@ -167,6 +169,7 @@ def sketched_ntk(
     method: str = "auto",
     dtype: Optional[torch.dtype] = None,
     max_memory: Union[None, int, str] = None,
+    per_layer: bool = False,
 ) -> SketchedNTK:
     """Unbiased estimate of the trace eNTK from ``projections`` random output projections.
 
@@ -202,6 +205,8 @@ def sketched_ntk(
             (parameter names as in ``model.named_parameters()``). ``max_memory`` covers the
             (N1, N2, m) per-projection kernels the engine returns, its working memory, and
             the two (N1, N2) results.
+        per_layer: also return each layer's sketched kernel (``layers``, keyed as
+            :func:`~lightning_ntk.ntk.empirical_ntk`'s ``per_layer``), from the same pass.
 
     Returns:
         :class:`SketchedNTK` (``kernel``, ``stderr``, ``projections``, ``seed``,
@@ -240,7 +245,7 @@ def sketched_ntk(
         with _as_sketch(), _mute_dropout_warning():
             per_projection = empirical_ntk(
                 wrapped, x1, x2, kind="diagonal", params=[p for _, p in selected], method=method,
-                dtype=dtype, max_memory=max(engine_bytes, 1),
+                dtype=dtype, max_memory=max(engine_bytes, 1), per_layer=per_layer,
             )
     except NTKMemoryError:
         need = n1 * n2 * m * itemsize + results
@@ -251,7 +256,11 @@ def sketched_ntk(
             "is proportional to 1/sqrt(m)), a smaller probe (fewer examples), or raise max_memory (bytes or a string such "
             "as '8GB')."
         ) from None
-    assert isinstance(per_projection, Tensor)  # per_layer=False
+    layers: Dict[str, Tensor] = {}
+    if isinstance(per_projection, dict):  # per_layer: the wrapper's "model." prefix off each name
+        layers = {name[len("model."):] if name.startswith("model.") else name: k.mean(dim=-1).div_(C)
+                  for name, k in per_projection.items()}
+        per_projection = sum(per_projection.values())
     kernel, stderr = _mean_and_stderr(per_projection, m)
     kernel.div_(C)
     stderr.div_(C)
@@ -259,7 +268,7 @@ def sketched_ntk(
         # the engine's (N, N, m) output is exactly symmetric; copy the upper triangle so the
         # reductions over m cannot break that (they may split differently per entry on many threads)
         kernel, stderr = _symmetrize(kernel), _symmetrize(stderr)
-    return SketchedNTK(kernel=kernel, stderr=stderr, projections=m, seed=seed, num_outputs=C)
+    return SketchedNTK(kernel=kernel, stderr=stderr, projections=m, seed=seed, num_outputs=C, layers=layers)
 
 
 def _mean_and_stderr(per_projection: Tensor, m: int) -> Tuple[Tensor, Tensor]:
