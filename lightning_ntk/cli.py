@@ -1,6 +1,7 @@
 """``lightning-ntk``: the command line.
 
-    lightning-ntk demo [--out runs/demo.h5] [--epochs N]   train the digits demo
+    lightning-ntk demo [--out runs/demo.h5] [--epochs N]   train the digits demo (a small CNN)
+    lightning-ntk demo --model lm [--out runs/demo_lm.h5]  train a character-level transformer LM
     lightning-ntk info RUN.h5                               what a run file holds
     lightning-ntk check RUN.h5                              verify a run file (exit 1 on errors)
     lightning-ntk report RUN.h5 [RUN2.h5 ...] [-o DIR]      HTML report with every figure the files feed
@@ -16,11 +17,17 @@ from typing import List, Optional
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DEMO_EPOCHS, run_demo
+    if args.model == "lm":
+        from . import demo_lm
 
-    report = None if args.no_report else (args.report or os.path.join(os.path.dirname(args.out) or ".",
-                                                                       "demo_report"))
-    run_demo(args.out, epochs=DEMO_EPOCHS if args.epochs is None else args.epochs, seed=args.seed, quiet=args.quiet, report=report)
+        run, epochs, out, report_name = demo_lm.run_lm_demo, demo_lm.LM_DEMO_EPOCHS, "runs/demo_lm.h5", "demo_lm_report"
+    else:
+        from . import demo
+
+        run, epochs, out, report_name = demo.run_demo, demo.DEMO_EPOCHS, "runs/demo.h5", "demo_report"
+    out = args.out or out
+    report = None if args.no_report else (args.report or os.path.join(os.path.dirname(out) or ".", report_name))
+    run(out, epochs=epochs if args.epochs is None else args.epochs, seed=args.seed, quiet=args.quiet, report=report)
     return 0
 
 
@@ -97,12 +104,19 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightning-ntk", description="Training-dynamics run files: demo and tools.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train a small CNN on scikit-learn digits with every monitor")
-    demo.add_argument("--out", default="runs/demo.h5", help="run file to write (replaced if present)")
-    demo.add_argument("--epochs", type=int, default=None, help="epochs (default: lightning_ntk.demo.DEMO_EPOCHS)")
+    demo = sub.add_parser("demo", help="train a demo model with every monitor: a small CNN on scikit-learn digits, "
+                                       "or (--model lm) a character-level transformer on Python's own documentation")
+    demo.add_argument("--model", choices=["digits", "lm"], default="digits",
+                      help="digits: small CNN on scikit-learn digits (default); lm: causal transformer language model "
+                           "on the text of pydoc_data.topics")
+    demo.add_argument("--out", default=None,
+                      help="run file to write, replaced if present (default: runs/demo.h5, runs/demo_lm.h5 for lm)")
+    demo.add_argument("--epochs", type=int, default=None,
+                      help="epochs (default: lightning_ntk.demo.DEMO_EPOCHS, lightning_ntk.demo_lm.LM_DEMO_EPOCHS for lm)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    demo.add_argument("--report", default=None, help="directory of the HTML report (default: <out dir>/demo_report)")
+    demo.add_argument("--report", default=None, help="directory of the HTML report (default: <out dir>/demo_report, "
+                                                           "<out dir>/demo_lm_report for lm)")
     demo.add_argument("--no-report", action="store_true", help="skip the HTML report")
     demo.set_defaults(func=_cmd_demo)
     info = sub.add_parser("info", help="print what a run file holds")

@@ -231,9 +231,13 @@ LM_DEMO_BATCH_SIZE = 32
 
 def lm_monitors(path: str, overwrite: bool = True) -> List[Any]:
     """Every monitor the package has, sharing ``path``, with the demo's schedules and modest
-    probe sizes; otherwise their defaults (no ``task=``, ``batch_format=`` or loss given).
+    probe and kernel sizes; otherwise their defaults (no ``task=``, ``batch_format=``,
+    ``forward_fn=`` or loss given: the monitors read the dict batches and the per-token
+    outputs themselves).
 
-    ``budget=False`` as in the digits demo: every scheduled snapshot is taken.
+    ``budget=False`` as in the digits demo: every scheduled snapshot is taken. The eNTK is
+    the costly one on a language model (per-token outputs): it runs on 16 sequences and 16
+    held-out ones, 2 positions each, at log-spaced steps (0, 1, 10, 100 and the end).
     """
     from . import callbacks
     from .probe import Probe
@@ -242,9 +246,9 @@ def lm_monitors(path: str, overwrite: bool = True) -> List[Any]:
     common = dict(path=path, overwrite=overwrite, budget=False)
     return [
         callbacks.ProbeMetricsMonitor(schedule=EveryNEpochs(1), probe=Probe(size=128), **common),
-        callbacks.NTKMonitor(schedule=LogSpacedSteps(per_decade=3), probe=Probe(size=64),
-                             heldout=Probe(size=64, source="val"), **common),
-        callbacks.SharpnessMonitor(schedule=EveryNEpochs(5), sharpness_set=64, **common),
+        callbacks.NTKMonitor(schedule=LogSpacedSteps(per_decade=1), probe=Probe(size=16), token_positions=2,
+                             heldout=Probe(size=16, source="val"), **common),
+        callbacks.SharpnessMonitor(schedule=EveryNEpochs(5), sharpness_set=32, **common),
         callbacks.ForgettingMonitor(**common),
         callbacks.ActivationCodeMonitor(schedule=EveryNEpochs(5), probe=Probe(size=128), **common),
         callbacks.RepresentationMonitor(schedule=EveryNEpochs(5), probe=Probe(size=128), **common),
@@ -253,16 +257,23 @@ def lm_monitors(path: str, overwrite: bool = True) -> List[Any]:
 
 def run_lm_demo(path: str = "runs/demo_lm.h5", epochs: int = LM_DEMO_EPOCHS, seed: int = 0,
                 batch_size: int = LM_DEMO_BATCH_SIZE, report: Optional[str] = None, quiet: bool = False,
-                monitors: bool = True, n_train: int = LM_DEMO_N_TRAIN, n_val: int = LM_DEMO_N_VAL,
+                monitors: Union[bool, Sequence[str]] = True, n_train: int = LM_DEMO_N_TRAIN, n_val: int = LM_DEMO_N_VAL,
                 seq_len: int = LM_DEMO_SEQ_LEN) -> Dict[str, Any]:
     """Train the LM demo and write ``path`` (and an HTML report into the directory ``report``,
     if given); returns a summary dict (also printed).
 
-    ``monitors=False`` trains without any monitor (for timing the monitors' share): no run
-    file is written and ``report`` must be None.
+    ``monitors``: True for every monitor of :func:`lm_monitors`, a sequence of their groups
+    (``"ntk"``, ``"sharpness"``, ...) for some of them, False for none (to time the
+    monitors' share: no run file is written and ``report`` must be None).
     """
     if report and not monitors:
         raise ValueError("run_lm_demo: a report needs the run file, which monitors=False does not write")
+    if not isinstance(monitors, bool):
+        groups = [m.group for m in lm_monitors(path)]
+        unknown = [g for g in monitors if g not in groups]
+        if isinstance(monitors, str) or unknown:
+            raise ValueError(f"run_lm_demo: monitors must be a bool or a sequence of groups from {groups}; "
+                             f"got {monitors!r}")
     L = default_namespace()
     torch.manual_seed(seed)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
@@ -272,7 +283,7 @@ def run_lm_demo(path: str = "runs/demo_lm.h5", epochs: int = LM_DEMO_EPOCHS, see
     callbacks: List[Any] = []
     if monitors:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        callbacks = lm_monitors(path)
+        callbacks = [m for m in lm_monitors(path) if monitors is True or m.group in monitors]
     trainer = L.Trainer(max_epochs=epochs, callbacks=callbacks, logger=False, enable_checkpointing=False,
                         enable_progress_bar=not quiet, enable_model_summary=False, accelerator="cpu",
                         devices=1, deterministic=True)
