@@ -256,7 +256,9 @@ def activation_codes(model: nn.Module, x: torch.Tensor, modules: Any = None, *,
                           "(e.g. F.relu inside forward) and are not in the codes; pass "
                           "capture='functional' to record them", RuntimeWarning, stacklevel=2)
         if not calls:
-            raise ValueError("no ReLU-family activation ran during the forward pass")
+            raise ValueError("no ReLU-family activation ran during the forward pass: activation codes are "
+                             "defined for ReLU networks; to code another activation by the sign of its input, "
+                             "pass module_types= (e.g. (nn.Tanh,)) or modules=[...] naming its modules")
         b = xb.shape[0]
         flat = []
         seg: List[Tuple[str, int]] = []

@@ -332,7 +332,7 @@ class Probe:
         if dataset is None:
             raise TypeError(
                 f"the {self.source} dataloader ({type(loader).__name__}) has no .dataset to draw a probe from; "
-                "pass probe=ProbeSet.from_tensors(x, y)"
+                "pass the examples as tensors: ProbeSet.from_tensors(x, y)"
             )
         size = self.size
         if self.first and size is not None and hasattr(dataset, "__len__"):
@@ -372,5 +372,5 @@ def _trainer_dataloader(trainer: Any, source: str) -> Any:
                 break
     if loader is None:
         raise ValueError("Probe(source='val') needs a validation dataloader, and this run has none; use "
-                         "source='train' or pass probe=ProbeSet.from_tensors(x, y)")
+                         "source='train', or pass the examples as tensors: ProbeSet.from_tensors(x, y)")
     return loader

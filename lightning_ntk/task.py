@@ -100,7 +100,8 @@ def detect_task(outputs: torch.Tensor, targets: Optional[torch.Tensor], task: Op
     found = _describe(outputs, targets)
     if targets is None or task == "none":
         if task not in (None, "none"):
-            raise TaskError(f"{prefix}task={task!r} needs targets, and the batch has none")
+            raise TaskError(f"{prefix}task={task!r} needs targets, and the batch has none; pass a batch_format= "
+                            "returning (x, y), or task=None")
         return Task("none", int(outputs[0].numel()) if outputs.ndim else 1)
     b = outputs.shape[0] if outputs.ndim else 0
     if outputs.ndim == 0 or targets.ndim == 0 or targets.shape[0] != b:
@@ -111,7 +112,8 @@ def detect_task(outputs: torch.Tensor, targets: Optional[torch.Tensor], task: Op
         if _is_integer(y) and y.shape == outputs.shape[:2] and task in (None, "sequence", "causal_lm"):
             shift = int(task == "causal_lm" or (task is None and labels_are_inputs(inputs, y)))
             if shift and y.shape[1] < 2:
-                raise TaskError(f"{prefix}{found}: a causal language model needs sequences of at least 2 tokens")
+                raise TaskError(f"{prefix}{found}: a causal language model needs sequences of at least 2 tokens; "
+                                "pass task='sequence' if the targets are aligned with the outputs")
             return Task("sequence", int(outputs.shape[2]), IGNORE_INDEX, shift)
         raise TaskError(f"{prefix}{found}: per-token outputs (B, T, V) need integer targets (B, T)"
                         + ("" if task in (None, "sequence", "causal_lm") else f"; task={task!r} does not fit them"))
@@ -130,7 +132,8 @@ def detect_task(outputs: torch.Tensor, targets: Optional[torch.Tensor], task: Op
         if width >= 2 and y.ndim == 1 and task in (None, "multiclass"):
             if y.numel() and (int(y.min()) < 0 or int(y.max()) >= width):
                 raise TaskError(f"{prefix}{found}: class labels must lie in [0, {width - 1}], got values in "
-                                f"[{int(y.min())}, {int(y.max())}]")
+                                f"[{int(y.min())}, {int(y.max())}]; pass a batch_format= (for a probe: "
+                                "Probe(batch_format=...)) returning labels in that range")
             return Task("multiclass", width)
         if width >= 2 and y.shape == outputs.shape and _binary_values(y) and task in (None, "multilabel"):
             return Task("multilabel", width)
@@ -138,7 +141,9 @@ def detect_task(outputs: torch.Tensor, targets: Optional[torch.Tensor], task: Op
             return Task("regression", width)
         raise TaskError(f"{prefix}{found}: no task fits" + (f" task={task!r}" if task else "") + ": multiclass "
                         "needs (B, C) logits and (B,) labels, binary one logit and labels in {0, 1}, multilabel "
-                        "(B, C) logits and (B, C) labels in {0, 1}")
+                        "(B, C) logits and (B, C) labels in {0, 1}; "
+                        + ("pass the task= that fits, or task=None to detect it" if task else
+                           "pass task='regression' if the targets are values to predict"))
     # real-valued targets
     if task == "multiclass" and width >= 2 and y.ndim == 1 and bool((y == torch.round(y)).all()):
         return Task("multiclass", width)
@@ -155,7 +160,8 @@ def detect_task(outputs: torch.Tensor, targets: Optional[torch.Tensor], task: Op
         return Task("regression", width)
     if task in ("binary", "multilabel") and binary_like and (width == 1) == (task == "binary"):
         return Task(task, width)
-    raise TaskError(f"{prefix}{found}: task={task!r} does not fit these outputs and targets")
+    raise TaskError(f"{prefix}{found}: task={task!r} does not fit these outputs and targets; pass the task= "
+                    "that does, or task=None to detect it")
 
 
 # ------------------------------------------------------------------------- sequence tasks

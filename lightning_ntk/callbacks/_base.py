@@ -129,6 +129,8 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
     needs_probe: ClassVar[bool] = True
     default_probe_size: ClassVar[Optional[int]] = 256
     dispatched_by_session: ClassVar[bool] = True  # the session's batch-end dispatch runs its schedule
+    #: The arguments that make a row of its table smaller (named when a row exceeds max_row_mb).
+    smaller_rows: ClassVar[str] = "a smaller probe= (or k=)"
     #: Attributes rebuilt for each fit (:meth:`_reset_runtime`), never pickled (``log``: Lightning's).
     runtime: ClassVar[Tuple[str, ...]] = ("_session", "_store", "_tables", "_specs", "_governor", "log", "log_dict")
 
@@ -276,7 +278,7 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
             draw_probes(self._probes, trainer, type(self).__name__, self._loaded_state)
             with measurement_mode(pl_module, grad=False):
                 self._specs = [] if self.disabled else self.table_specs(self.probe_set, pl_module)
-            self._dropped = cap_rows(self._specs, self.max_row_mb, type(self).__name__)
+            self._dropped = cap_rows(self._specs, self.max_row_mb, type(self).__name__, self.smaller_rows)
             for group, names in self._dropped.items():
                 _log.info("%s: %s left out of /%s (a row would take more than max_row_mb=%g MB); pass a larger "
                           "max_row_mb= to keep them", type(self).__name__, ", ".join(names), group, self.max_row_mb)
@@ -289,7 +291,9 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
             self._store = session.acquire_store(self, resume=resuming)
             self._store.set_config(self.state_key, self.config())
             self._store.set_model_summary(model_summary(pl_module))
-            self._tables = session.declare(self._store, self._specs, self._probes, self._rows if resuming else None)
+            # A refused monitor writes no probe (two of its probes may even share a name).
+            self._tables = session.declare(self._store, self._specs, [] if self.disabled else self._probes,
+                                           self._rows if resuming else None)
         # The first snapshot waits for the first batch: every monitor's train-start checks
         # (refusals) come before any monitor's snapshot work.
         self._initial_due = self._last_step is None and self.schedule.due_at_step(trainer.global_step)

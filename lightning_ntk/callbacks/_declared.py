@@ -49,11 +49,13 @@ def field_bytes(spec: Field) -> int:
     return n * np.dtype(spec.dtype).itemsize
 
 
-def cap_rows(specs: List[TableSpec], max_row_mb: Optional[float], owner: str) -> Dict[str, List[str]]:
+def cap_rows(specs: List[TableSpec], max_row_mb: Optional[float], owner: str,
+             smaller: str = "a smaller probe= (or k=)") -> Dict[str, List[str]]:
     """Keep each table's row under ``max_row_mb`` MB: its optional fields (logits, stored
     kernels) are left out, largest first, until it fits; the cap and what was left out go
     into the table's attributes (``max_row_mb``, ``dropped_fields``). A row whose required
-    fields alone exceed the cap is refused, naming them and the arguments that fix it.
+    fields alone exceed the cap is refused, naming them and the arguments that fix it
+    (``smaller``: the owner's arguments that make a row smaller, "" if none).
     Returns ``{group: dropped field names}``."""
     dropped: Dict[str, List[str]] = {}
     if max_row_mb is None:
@@ -68,10 +70,12 @@ def cap_rows(specs: List[TableSpec], max_row_mb: Optional[float], owner: str) ->
             gone.append(f.name)
             total -= field_bytes(f)
         if total > cap:
-            largest = sorted(spec.fields, key=field_bytes, reverse=True)[:3]
-            raise ValueError(f"{owner}: one row of /{spec.group} takes {total / 2 ** 20:.1f} MB, over max_row_mb="
-                             f"{max_row_mb:g} (largest: " + ", ".join(f"{f.name} {f.shape}" for f in largest)
-                             + "); pass a smaller probe= (or k=) or a larger max_row_mb=")
+            largest = sorted((f for f in spec.fields if f.name not in gone), key=field_bytes, reverse=True)[:3]
+            mb = total / 2 ** 20
+            size = f"{mb:.1f}" if mb >= 0.1 else f"{mb:.2g}"
+            raise ValueError(f"{owner}: one row of /{spec.group} takes {size} MB, over max_row_mb={max_row_mb:g} "
+                             "(largest: " + ", ".join(f"{f.name} {f.shape}" for f in largest)
+                             + f"); pass {smaller + ' or ' if smaller else ''}a larger max_row_mb=")
         spec.fields = [f for f in spec.fields if f.name not in gone]
         spec.attrs.update(max_row_mb=float(max_row_mb), dropped_fields=list(gone))
         if gone:
@@ -294,6 +298,7 @@ class ProbeSlot:
     def __init__(self, role: str, setting: Union[str, Probe, ProbeSet, None], auto_size: int = 512,
                  clamp: bool = False) -> None:
         self.role = role
+        self.argument = role  # the monitor's argument that gives this set (named when drawing it fails)
         self.setting = setting
         self.auto_size = auto_size
         self.clamp = clamp  # a default Probe (not the user's): at most the whole dataset
@@ -312,7 +317,10 @@ class ProbeSlot:
             if n is not None and n < setting.size:  # the default size fits the user's data, not the demo's
                 setting = Probe(size=n, source=setting.source, seed=setting.seed, stratified=setting.stratified,
                                 batch_format=setting.batch_format, store_inputs=setting.store_inputs, first=setting.first)
-        drawn = setting.draw(trainer) if isinstance(setting, Probe) else setting
+        try:
+            drawn = setting.draw(trainer) if isinstance(setting, Probe) else setting
+        except (TypeError, ValueError) as exc:  # what could not be drawn, and from which argument
+            raise type(exc)(f"{owner}: {self.argument}={setting!r}: {exc}") from exc
         self.drawn, self._on_device = drawn, None
         index = None if drawn is None else drawn.index.tolist()
         if self.loaded_index is not None and index != self.loaded_index:

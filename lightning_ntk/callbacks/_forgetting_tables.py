@@ -17,6 +17,8 @@ from ._indices import HOW_TO_FIX_INDEX, ForgettingCaptureError
 
 TRAIN_DEFINITION = ("Toneva et al. 2019: correctness of each example at each presentation, from the training "
                     "forward pass of its batch (train mode), before the optimiser step")
+#: Why forgetting refuses a batch without targets, and the fix.
+NO_TARGETS = "no targets in the batch; pass batch_format= returning (x, y)"
 PROBE_DEFINITION = ("NOT Toneva et al.'s definition: correctness from an eval-mode pass over a fixed probe on a "
                     "schedule; each snapshot counts as one presentation and one cartography epoch")
 
@@ -37,7 +39,7 @@ def forgetting_task(logits: torch.Tensor, targets: torch.Tensor, task: Optional[
         return found
     reason = {"multilabel": "multi-label outputs (one logit per label): forgetting is defined for single-label "
                             "classification; pass task='multiclass' if the targets are class indices",
-              "none": "no targets in the batch; pass batch_format= returning (x, y)"}[found.kind]
+              "none": NO_TARGETS}[found.kind]
     raise TaskError(f"{owner}: {reason}")
 
 

@@ -46,6 +46,7 @@ class StreamingMonitor(Monitor):
 
     needs_probe = False
     dispatched_by_session = False
+    smaller_rows = ""  # a row is a few numbers
     config_exclude: ClassVar[Tuple[str, ...]] = ("schedule", "probe", "forward_fn", "batch_size", "budget")
     runtime = ("_deferred", "_charged_governor")
     #: The clock of ``write_interval`` (a fake one in tests).

@@ -136,6 +136,7 @@ class HeldoutProbeMonitor(Monitor):
 
     default_probe_size = DEFAULT_PROBE_SIZE
     runtime = ("_split", "_sequence", "_pairs")
+    smaller_rows = "a smaller probe= (or heldout=)"
 
     def __init__(self, path: str, *, heldout: HeldoutLike = "auto", seed: int = 0, token_positions: Optional[int] = None,
                  classifier_threads: Optional[int] = 1, **kwargs: Any):
@@ -282,6 +283,7 @@ class ActivationCodeMonitor(HeldoutProbeMonitor):
     """
 
     quantity = "codes"
+    smaller_rows = "a smaller probe= (or heldout=), store_codes=False"
     per_fit = ("_previous", "measures", "capture")  # the previous codes (code_change); defaults settled per fit
 
     def __init__(self, path: str, *, heldout: HeldoutLike = "auto", modules: Any = None, capture: str = "modules",
@@ -351,7 +353,7 @@ class ActivationCodeMonitor(HeldoutProbeMonitor):
         if "knn" in self.measures and n_fit < self.k:
             raise ValueError(f"{owner}: k-NN with k={self.k} needs at least {self.k} codes to fit on; the "
                              f"{'training probe' if self.heldout_set is not None else 'fit half of the training probe'}"
-                             f" has {n_fit}. Use a larger probe or a smaller k")
+                             f" has {n_fit}. Pass a larger probe= or a smaller k=")
         if "kmeans" in self.measures and np.unique(labels).shape[0] > len(labels):
             raise ValueError(f"{owner}: k-means needs at least as many codes as labels")
 

@@ -32,10 +32,11 @@ from torch import nn
 from .. import _args
 from ..forgetting import ForgettingTracker
 from ..probe import BatchFormat, ProbeSet, batch_to_xy
-from ..task import TASKS, Task, aligned_tokens, token_positions, token_targets, tokens_at
+from ..task import TASKS, Task, TaskError, aligned_tokens, token_positions, token_targets, tokens_at
 from ._capture import LogitsCapture
 from ._declared import TableSpec
 from ._forgetting_tables import (
+    NO_TARGETS,
     TRAIN_DEFINITION,
     ForgettingCaptureError,
     TrackedExamples,
@@ -272,6 +273,8 @@ class ForgettingMonitor(StreamingMonitor):
     def record_batch(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         popped = self._indices.pop() if self._indices is not None else None  # every batch: keeps the queue in step
         _, targets = batch_to_xy(batch, self.batch_format)
+        if targets is None:
+            raise TaskError(f"{type(self).__name__}: {NO_TARGETS}")
         targets = targets if isinstance(targets, torch.Tensor) else torch.as_tensor(targets)
         rows = int(targets.shape[0]) if targets.ndim else 1
         logits = outputs.get(self.outputs_key) if isinstance(outputs, Mapping) else None

@@ -40,6 +40,7 @@ class ProbeMetricsMonitor(Monitor):
     """
 
     quantity = "probe_metrics"
+    smaller_rows = "a smaller probe="
 
     def __init__(self, path: str, *, loss_fn: Optional[LossFn] = None, store_logits: bool = True,
                  task: Optional[str] = None, **kwargs: Any):
@@ -107,7 +108,8 @@ class ProbeMetricsMonitor(Monitor):
                 weight = torch.ones_like(example_loss)
             if example_loss.ndim != 1 or example_loss.shape[0] != x.shape[0]:
                 raise ValueError(
-                    f"loss_fn must return per-example losses of shape ({x.shape[0]},), got {tuple(example_loss.shape)}"
+                    f"{type(self).__name__}: loss_fn must return per-example losses of shape ({x.shape[0]},), got "
+                    f"{tuple(example_loss.shape)}; pass a loss_fn= that keeps one loss per example (reduction='none')"
                 )
             if params:
                 chunk_grads = torch.autograd.grad((example_loss * weight).sum() / total, params, allow_unused=True)

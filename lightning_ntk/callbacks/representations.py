@@ -133,11 +133,12 @@ class RepresentationMonitor(HeldoutProbeMonitor):
                 raise ValueError(
                     f"{owner}: the {n_way}-way {k_shot}-shot setting with n_query={self.n_query} needs {n_way} classes "
                     f"with at least {k_shot + self.n_query} examples each in probe {target.name!r}; it has {eligible} "
-                    f"(class sizes {sorted(counts.tolist(), reverse=True)}). Use a larger probe, or lower n_way, "
-                    "k_shot or n_query"
+                    f"(class sizes {sorted(counts.tolist(), reverse=True)}). Pass a larger {role}=, or a few_shot= with "
+                    "fewer ways (n_way) or shots (k_shot), or a smaller n_query="
                 )
         if self.linear_probe and self.heldout_set is None and len(np.unique(labels)) < 2:
-            raise ValueError(f"{owner}: the linear probe needs at least two classes in probe {probe.name!r}")
+            raise ValueError(f"{owner}: the linear probe needs at least two classes in probe {probe.name!r}, which "
+                             "has one; pass a probe= holding two or more, or linear_probe=False")
 
     def fields(self, probe: Optional[ProbeSet], pl_module: nn.Module) -> List[Field]:
         assert probe is not None

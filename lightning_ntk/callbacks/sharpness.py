@@ -52,6 +52,7 @@ class SharpnessMonitor(Monitor):
     """
 
     quantity = "sharpness"
+    smaller_rows = "a smaller k= (or density_steps=)"
     state = {"_eigenvectors": "value"}
     default_probe_size = 1024
 
@@ -70,6 +71,7 @@ class SharpnessMonitor(Monitor):
         else:
             probe = sharpness_set
         super().__init__(path, probe=probe, **kwargs)
+        self._probe.argument = "sharpness_set"
         for name, value, low in (("k", k, 1), ("trace_queries", trace_queries, 3), ("density_steps", density_steps, 2)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"SharpnessMonitor: {name} must be an integer >= {low}, got {value!r}")
