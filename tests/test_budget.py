@@ -121,7 +121,6 @@ def test_monitor_keeps_to_its_budget_with_a_fake_clock(L, run_path):
     import numpy as np
 
     from lightning_ntk.callbacks import ProbeMetricsMonitor
-    from lightning_ntk.probe import Probe
     from lightning_ntk.store import open_run
 
     from .models import blob_data, loader, make_module, tiny_net, trainer
@@ -138,7 +137,8 @@ def test_monitor_keeps_to_its_budget_with_a_fake_clock(L, run_path):
         def on_train_batch_end(self, *args):
             clock.now += 1.0
 
-    monitor = Slow(run_path, schedule=1, probe=Probe(size=12), budget=governor, on_error="raise")
+    x, y = blob_data(n=12, seed=1).tensors  # given tensors: not sized to the budget (no timing at train start)
+    monitor = Slow(run_path, schedule=1, probe=(x, y), budget=governor, on_error="raise")
     t = trainer(L, [Tick(), monitor], max_epochs=5)  # Tick first: the step's time is counted before the check
     t.fit(make_module(L, tiny_net()), loader(blob_data(n=48)))
     steps_total = t.global_step
@@ -190,3 +190,54 @@ def test_forgetting_charges_its_per_batch_time(L, run_path):
     governor = monitor._charged_governor
     assert governor is not None and governor.budget == 0.05
     assert governor.spent > 0 and governor.skipped() == 0  # charged, nothing to skip
+
+
+def test_default_sizes_follow_the_predicted_budget_and_user_sizes_are_kept(L, run_path):
+    """Sizing with a fake clock: each training step takes 1 s (the module's training_step
+    advances the clock, when timed at train start and when trained), a snapshot 0.01 s per
+    probe example. 30 steps at budget 10 %: the forced snapshots of the two monitors may take
+    0.5 × 0.1 × 30 s = 1.5 s, 0.75 s each, i.e. 0.375 s per snapshot: the default probe (48
+    examples, 0.48 s) is halved to the floor 32 (0.32 s); the user's Probe(size=48) is kept,
+    with a warning giving its predicted cost."""
+    from lightning_ntk.callbacks import ProbeMetricsMonitor
+    from lightning_ntk.probe import Probe
+    from lightning_ntk.store import open_run
+
+    from .models import blob_data, loader, make_module, tiny_net, trainer
+
+    clock = FakeClock()
+    governor = Governor(0.1, clock=clock)
+
+    class Costly(ProbeMetricsMonitor):
+        def measure(self, trainer, pl_module, probe):
+            clock.now += 0.01 * len(probe)
+            return super().measure(trainer, pl_module, probe)
+
+    module = make_module(L, tiny_net())
+    step = type(module).training_step
+
+    def timed_step(self, batch, batch_idx):
+        clock.now += 1.0
+        return step(self, batch, batch_idx)
+
+    type(module).training_step = timed_step
+    sized = Costly(run_path, schedule=5, budget=governor, on_error="raise", name="sized")
+    given = Costly(run_path, schedule=5, probe=Probe(size=48), budget=governor, on_error="raise", name="given")
+    t = trainer(L, [sized, given], max_epochs=10)
+    with pytest.warns(RuntimeWarning, match=r"Costly: the size you gave \(48 examples\) is predicted to take 0\.5 s "
+                                            r"per snapshot; .*pass a larger budget="):
+        t.fit(module, loader(blob_data(n=48)))
+    assert t.global_step == 30
+    assert len(sized.probe_set) == 32 and len(given.probe_set) == 48
+    with open_run(run_path) as run:
+        stored = {c["group"]: c.get("sizing") for c in run.config.values()}  # the choice is in the file
+        steps = run["probe_metrics_sized"]["step"]
+        assert steps[0] == 0 and steps[-1] == 30  # first and last never skipped
+        assert run.probe("train_32")["index"].shape == (32,)
+    record = stored["probe_metrics_sized"]
+    assert record["size"] == 32 and record["default"] == 48 and record["fits"]
+    assert record["predicted_seconds"] == pytest.approx(0.32)
+    assert record["allowance_seconds"] == pytest.approx(0.75)
+    assert record["training"]["steps"] == 30 and record["training"]["step_seconds"] == pytest.approx(1.0)
+    assert stored["probe_metrics_given"]["user_size"] and not stored["probe_metrics_given"]["fits"]
+    assert stored["probe_metrics_given"]["size"] == 48

@@ -30,8 +30,9 @@ from torch import nn
 from .. import _args
 from .._hygiene import measurement_mode
 from ..budget import BudgetLike, Governor, as_governor
-from ..probe import ProbeSet
+from ..probe import Probe, ProbeSet
 from ..schedule import LogSpacedSteps, Schedule, ScheduleLike, as_schedule
+from ..sizing import CostModel
 from ..store import Field, RunStore, Table, wall_time
 from ..store._writer import FixedTable
 from ..task import predictions_in
@@ -48,6 +49,7 @@ from ._declared import (
 )
 from ._lightning import CALLBACK_BASES, strategy_refusal
 from ._session import FitSession
+from ._sizing import resized, size_to_budget
 
 _log = logging.getLogger("lightning_ntk")
 ForwardFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -129,6 +131,9 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
     needs_probe: ClassVar[bool] = True
     default_probe_size: ClassVar[Optional[int]] = 256
     dispatched_by_session: ClassVar[bool] = True  # the session's batch-end dispatch runs its schedule
+    #: Sizing to the budget (:mod:`._sizing`): the smallest size a default may shrink to, and its name.
+    size_floor: ClassVar[int] = 32
+    size_name: ClassVar[str] = "probe size"
     #: The arguments that make a row of its table smaller (named when a row exceeds max_row_mb).
     smaller_rows: ClassVar[str] = "a smaller probe= (or k=)"
     #: Attributes rebuilt for each fit (:meth:`_reset_runtime`), never pickled (``log``: Lightning's).
@@ -151,6 +156,7 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
         self.max_row_mb = _args.positive(max_row_mb, "max_row_mb", owner, optional=True)
         self._dropped: Dict[str, List[str]] = {}  # fields left out of each table by the row cap
         self._wrap_outputs = False  # the model returns more than a tensor (HF outputs): read its logits
+        self.sizing: Dict[str, Any] = {}  # what sizing to the budget decided this fit (config "sizing")
         with _args.named(owner):  # the functional core's checks, with the monitor named
             as_governor(budget)
             self.schedule: Schedule = as_schedule(schedule, self.default_schedule())
@@ -255,6 +261,31 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
         self._wrap_outputs = self.forward_fn is None and not isinstance(pl_module(x), torch.Tensor)
         return self.measured_model(pl_module)(x)
 
+    # ---------------------------------------------------------------- sizing to the budget
+    def sizable_probe(self) -> bool:
+        """Whether the probe is drawn from the data (a :class:`Probe`), so it can be sized."""
+        return isinstance(self._probe.setting, Probe)
+
+    def default_size(self) -> bool:
+        """Whether the user left the size to the monitor (no ``probe=``)."""
+        return self._probe.clamp
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The clock snapshots are timed with: the governor's (tests inject a fake one)."""
+        return self._governor.clock if self._governor is not None else time.perf_counter
+
+    def cost_model(self, trainer: Any, pl_module: nn.Module, probe: ProbeSet) -> Optional[CostModel]:
+        """Predicted seconds of a snapshot by probe size, timed on this model (None: not sized)."""
+        return None
+
+    def resize_probes(self, trainer: Any, pl_module: nn.Module, size: int) -> None:
+        """Draw the probe again at ``size`` examples and work the tables out again."""
+        self._probe.setting = resized(self._probe.setting, size)
+        draw_probes([self._probe], trainer, type(self).__name__, None)
+        with measurement_mode(pl_module, grad=False):
+            self._specs = self.table_specs(self.probe_set, pl_module)
+
     # ---------------------------------------------------------------- Lightning hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if str(stage) not in ("fit", "TrainerFn.FITTING"):
@@ -278,6 +309,8 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
             draw_probes(self._probes, trainer, type(self).__name__, self._loaded_state)
             with measurement_mode(pl_module, grad=False):
                 self._specs = [] if self.disabled else self.table_specs(self.probe_set, pl_module)
+            if not self.disabled:
+                size_to_budget(self, trainer, pl_module)
             self._dropped = cap_rows(self._specs, self.max_row_mb, type(self).__name__, self.smaller_rows)
             for group, names in self._dropped.items():
                 _log.info("%s: %s left out of /%s (a row would take more than max_row_mb=%g MB); pass a larger "
@@ -392,7 +425,9 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
         if self.disabled or not self._session.allowed(self, step, epoch, forced or self._last_step is None):
             return
         self.snapshot_step, self.snapshot_epoch = step, float(epoch)  # visible to measure()
-        clock = self._governor.clock if self._governor is not None else time.perf_counter
+        clock = self.clock
+        predicted = self._predicted_seconds()
+        self._session.announce(self, step, predicted)
         started = clock()
         error: Optional[BaseException] = None
         try:
@@ -414,9 +449,15 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
         self.timings["snapshot_s"] += seconds
         if self._governor is not None:
             self._governor.record(self.group, seconds)
-        self._session.report(self, step, seconds)
+        self._session.report(self, step, seconds, predicted)
         if self.log_scalars and scalars:
             self._log(trainer, scalars, step)
+
+    def _predicted_seconds(self) -> Optional[float]:
+        """A snapshot's predicted seconds: the mean of this fit's so far, else the cost model's."""
+        if self._governor is not None and self._governor.expected_cost(self.group) > 0:
+            return self._governor.expected_cost(self.group)
+        return self.sizing.get("predicted_seconds")
 
     def _log(self, trainer: Any, scalars: Mapping[str, float], step: int) -> None:
         self._session.log(self, trainer, scalars, step)

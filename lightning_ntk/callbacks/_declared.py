@@ -223,6 +223,8 @@ class Declared:
 
             out["budget"] = default_budget()
         out.update(self.config_extra())
+        if getattr(self, "sizing", None):
+            out["sizing"] = self.sizing
         return out
 
     def extra_state(self) -> Dict[str, Any]:

@@ -30,6 +30,7 @@ import torch
 
 from ..budget import SKIP_BUDGET, Governor, as_governor
 from ..probe import ProbeSet
+from ..sizing import TrainingLength
 from ..store import RunStore, Table
 from ._declared import ProbeSlot, TableSpec
 from ._distributed import Collectives
@@ -81,6 +82,7 @@ class FitSession:
         self._shared_governor: Optional[Governor] = None
         self._leader: Optional["Monitor"] = None
         self._next_due = 0
+        self._length: Optional[TrainingLength] = None  # predicted at the first sized monitor's train start
         self.closed = False
 
     # ---------------------------------------------------------------- membership
@@ -110,6 +112,19 @@ class FitSession:
         snapshotting = [m for m in self.monitors if m.dispatched_by_session]
         self._leader = snapshotting[0] if snapshotting else None
         self._next_due = 0
+
+    # ---------------------------------------------------------------- sizing
+    def training_length(self, trainer: Any, pl_module: Any, sample: ProbeSet, clock: Any) -> TrainingLength:
+        """The training's predicted length (once per fit; see :mod:`._sizing`)."""
+        if self._length is None:
+            from ._sizing import training_length
+
+            self._length = training_length(trainer, pl_module, sample, clock)
+        return self._length
+
+    def snapshot_monitors(self) -> int:
+        """How many members take snapshots (they share the budget of the forced ones)."""
+        return max(1, sum(1 for m in self.monitors if m.dispatched_by_session and not m.disabled))
 
     # ---------------------------------------------------------------- run files
     def acquire_store(self, monitor: "Monitor", *, resume: bool) -> RunStore:
@@ -240,9 +255,18 @@ class FitSession:
             for key, value in metrics.items():
                 callback_metrics[key] = torch.tensor(value)
 
-    def report(self, monitor: "Monitor", step: int, seconds: float) -> None:
-        if seconds >= PROGRESS_SECONDS:
-            log.info("%s (%s): snapshot at step %d took %.1f s", type(monitor).__name__, monitor.group, step, seconds)
+    def announce(self, monitor: "Monitor", step: int, predicted: Optional[float]) -> None:
+        """Before a snapshot predicted to take long: one line, so a fit never looks hung."""
+        if predicted is not None and predicted >= PROGRESS_SECONDS:
+            log.info("%s (%s): snapshot at step %d on %s examples, predicted %.1f s", type(monitor).__name__,
+                     monitor.group, step, len(monitor.probe_set) if monitor.probe_set is not None else "no",
+                     predicted)
+
+    def report(self, monitor: "Monitor", step: int, seconds: float, predicted: Optional[float] = None) -> None:
+        if seconds >= PROGRESS_SECONDS or (predicted is not None and predicted >= PROGRESS_SECONDS):
+            guess = "" if predicted is None else f" (predicted {predicted:.1f} s)"
+            log.info("%s (%s): snapshot at step %d took %.1f s%s", type(monitor).__name__, monitor.group, step,
+                     seconds, guess)
         else:
             log.debug("%s snapshot at step %d took %.3fs", monitor.group, step, seconds)
 

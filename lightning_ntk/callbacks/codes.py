@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .. import _args
-from .._hygiene import module_device
+from .._hygiene import measurement_mode, module_device
 from ..codes import (
     RELU_MODULE_TYPES,
     ActivationCodes,
@@ -36,10 +36,12 @@ from ..codes import (
 )
 from ..probe import Probe, ProbeSet, _trainer_dataloader, stratified_indices
 from ..schedule import LogSpacedSteps, Schedule
+from ..sizing import CostModel
 from ..store import Field
 from ..task import Task, TaskError, detect_task
 from ._base import Monitor, TableSpec
-from ._declared import HeldoutLike, ProbeSlot, as_heldout, map_style_length
+from ._declared import HeldoutLike, ProbeSlot, as_heldout, draw_probes, map_style_length
+from ._sizing import linear_cost
 from ._tokens import TokenPairs, positions_per_sequence
 
 _log = logging.getLogger("lightning_ntk")
@@ -203,6 +205,31 @@ class HeldoutProbeMonitor(Monitor):
         self._split = None
         super().on_train_start(trainer, pl_module)
 
+    # ------------------------------------------------------------------ sizing
+    size_floor = 128
+
+    def default_size(self) -> bool:
+        return self._default_probe
+
+    def resize_probes(self, trainer: Any, pl_module: nn.Module, size: int) -> None:
+        """Both probes at ``size`` (the held-out one when it is the automatic one)."""
+        if self._heldout is not None and self._heldout.setting == "auto":
+            self._heldout.auto_size = size
+        self._probe.setting = Probe(size=size, source="train")
+        self._split = None
+        draw_probes(self._probes, trainer, type(self).__name__, None)
+        with measurement_mode(pl_module, grad=False):
+            self._specs = self.table_specs(self.probe_set, pl_module)
+
+    def _forward_cost(self, pl_module: nn.Module, probe: ProbeSet, forward: Any) -> Optional[CostModel]:
+        """The forward passes with capture, timed on 16 and 32 examples, for both probes (the
+        classifiers' time, small next to them on large models, is not predicted)."""
+        cost = linear_cost(forward, self._probe.on(pl_module), small=16, clock=self.clock)
+        if cost is not None and self.heldout_set is not None:
+            scale = 1 + len(self.heldout_set) / len(probe)
+            cost = CostModel(cost.fixed * scale, cost.per_example * scale, 0.0)
+        return cost
+
     def _fixed_split(self, labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         if self._split is None:
             self._split = fixed_split(labels, self.seed)
@@ -325,6 +352,9 @@ class ActivationCodeMonitor(HeldoutProbeMonitor):
     @property
     def _classifies(self) -> bool:
         return any(m in self.measures for m in ("knn", "logistic", "kmeans"))
+
+    def cost_model(self, trainer: Any, pl_module: nn.Module, probe: ProbeSet) -> Optional[CostModel]:
+        return self._forward_cost(pl_module, probe, lambda sub: self._codes(pl_module, sub.x))
 
     def _codes(self, pl_module: nn.Module, x: torch.Tensor, role: str = "probe") -> ActivationCodes:
         positions = self.positions(role)

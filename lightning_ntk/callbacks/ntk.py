@@ -27,10 +27,12 @@ from .. import _args, spectral
 from ..ntk import KINDS, METHODS, empirical_ntk, sketched_ntk
 from ..ntk._model import layer_name, select_parameters
 from ..probe import Probe, ProbeSet
+from ..sizing import CostModel
 from ..store import Field
 from ..task import TASKS, Task, TaskError, aligned_tokens, detect_task
 from ._base import Monitor, chunked_forward
 from ._declared import ProbeSlot, as_heldout
+from ._sizing import linear_cost
 from ._tokens import TokenOutputs, TokenPairs, positions_per_sequence, token_probe
 
 #: The kernel is stored by default for these kinds up to this many probe examples.
@@ -205,6 +207,21 @@ class NTKMonitor(Monitor):
             if "probe" in self._pairs:
                 specs[0].attrs.update(self._pairs["probe"].attrs())
         return specs
+
+    # ------------------------------------------------------------------ sizing
+    def cost_model(self, trainer: Any, pl_module: nn.Module, probe: ProbeSet) -> Optional[CostModel]:
+        """Kernel seconds timed on 8 and 16 probe examples: per example (Jacobians) and per
+        pair (the Gram matrix); a held-out probe of H examples adds H rows to both (its cross
+        kernel is not symmetric: twice the pairs). Sequences are not sized (their pairs are)."""
+        if self._sequence is not None:
+            return None
+        model, on_device = self._model(pl_module), self._probe.on(pl_module)
+        cost = linear_cost(lambda sub: self._kernel(model, sub.x), on_device, small=8, pairs=True,
+                           clock=self.clock)
+        if cost is not None and self.heldout_set is not None:
+            h, n = len(self.heldout_set), len(probe)
+            cost = CostModel(cost.fixed, cost.per_example * (1 + h / n), cost.per_pair * (1 + 2 * h / n))
+        return cost
 
     # ------------------------------------------------------------------ sequence tasks
     def _sequence_view(self, probe: ProbeSet) -> Task:

@@ -10,9 +10,11 @@ from .. import _args
 from .._hygiene import module_device
 from .._losses import TASK_LOSSES, LossFn, task_accuracy, token_losses
 from ..probe import ProbeSet
+from ..sizing import CostModel
 from ..store import Field
 from ..task import TASKS, Task, TaskError, detect_task, kept_tokens
 from ._base import Monitor
+from ._sizing import linear_cost
 
 
 class ProbeMetricsMonitor(Monitor):
@@ -82,6 +84,11 @@ class ProbeMetricsMonitor(Monitor):
         specs[0].optional = ("logits",)
         specs[0].attrs["task"] = self._task.to_config()
         return specs
+
+    def cost_model(self, trainer: Any, pl_module: nn.Module, probe: ProbeSet) -> Optional[CostModel]:
+        """A snapshot (stateless) timed on 16 and 32 probe examples: linear in the probe size."""
+        return linear_cost(lambda sub: self.measure(trainer, pl_module, sub), self._probe.on(pl_module), small=16,
+                           clock=self.clock)
 
     def coords(self, probe: Optional[ProbeSet]) -> Dict[str, Any]:
         coords = super().coords(probe)

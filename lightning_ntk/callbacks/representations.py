@@ -22,6 +22,7 @@ from .. import _args
 from ..probe import ProbeSet
 from ..representations import extract_features, few_shot_accuracy, linear_probe_accuracy
 from ..schedule import LogSpacedSteps, Schedule
+from ..sizing import CostModel
 from ..store import Field
 from ._base import TableSpec
 from .codes import HeldoutLike, HeldoutProbeMonitor, limited_threads, require_sklearn
@@ -111,6 +112,9 @@ class RepresentationMonitor(HeldoutProbeMonitor):
 
     def default_schedule(self) -> Schedule:
         return LogSpacedSteps(per_decade=4)
+
+    def cost_model(self, trainer: Any, pl_module: nn.Module, probe: ProbeSet) -> Optional[CostModel]:
+        return self._forward_cost(pl_module, probe, lambda sub: self._features(pl_module, sub))
 
     def _features(self, pl_module: nn.Module, probe: ProbeSet, role: str = "probe") -> np.ndarray:
         return extract_features(pl_module, probe.x, self.layer, batch_size=self.batch_size,

@@ -22,18 +22,25 @@ from torch import nn
 from .. import curvature
 from .._losses import LossFn
 from ..probe import Probe, ProbeSet
+from ..sizing import CostModel
 from ..store import Field
 from ._base import Monitor
+from ._sizing import linear_cost
 from ._step_loss import StepLossError, TrainingStepLoss, check_step_loss, silenced_logging, step_loss_of
+
+#: ``sharpness_set="auto"``: the first this many training examples, fewer when the budget needs.
+DEFAULT_SHARPNESS_SET = 1024
 
 
 class SharpnessMonitor(Monitor):
     """Loss-landscape sharpness snapshots (group ``/sharpness``).
 
     Args:
-        sharpness_set: examples the loss is averaged over: an int n (the first n training
-            examples, default 1024; ``None``: the whole training set), a
-            :class:`~lightning_ntk.probe.Probe`, a ProbeSet or a pair ``(x, y)``.
+        sharpness_set: examples the loss is averaged over: ``"auto"`` (default: the first
+            1024 training examples, fewer when the budget needs, see
+            :mod:`lightning_ntk.sizing`), an int n (the first n training examples; ``None``:
+            the whole training set), a :class:`~lightning_ntk.probe.Probe`, a ProbeSet or a
+            pair ``(x, y)``.
         k: top eigenvalues (default 2). tol: Lanczos residual tolerance (relative).
         max_hvp: cap on Hessian-vector products per snapshot (default: Lanczos' own).
         trace: also estimate the Hessian trace (Hutch++ with ``trace_queries`` HVPs).
@@ -56,13 +63,18 @@ class SharpnessMonitor(Monitor):
     state = {"_eigenvectors": "value"}
     default_probe_size = 1024
 
-    def __init__(self, path: str, *, sharpness_set: Union[int, None, Probe, ProbeSet, Tuple[Any, Any]] = 1024,
+    def __init__(self, path: str, *, sharpness_set: Union[str, int, None, Probe, ProbeSet, Tuple[Any, Any]] = "auto",
                  k: int = 2, tol: float = 1e-3, max_hvp: Optional[int] = None, trace: bool = False,
                  trace_queries: int = 60, sam_rho: Optional[float] = None, density: bool = False,
                  density_steps: int = 60, preconditioned: bool = False, loss_fn: Optional[LossFn] = None,
                  dtype: Optional[torch.dtype] = None, **kwargs: Any):
         if "probe" in kwargs:
             raise TypeError("SharpnessMonitor: pass the examples as sharpness_set=, not probe=")
+        self._default_set = isinstance(sharpness_set, str) and sharpness_set == "auto"
+        if isinstance(sharpness_set, str) and not self._default_set:
+            raise ValueError(f"SharpnessMonitor: sharpness_set must be 'auto', a number of examples, None, a Probe, "
+                             f"a ProbeSet or (x, y); got the string {sharpness_set!r}")
+        sharpness_set = DEFAULT_SHARPNESS_SET if self._default_set else sharpness_set
         if sharpness_set is None or (isinstance(sharpness_set, int) and not isinstance(sharpness_set, bool)):
             if sharpness_set is not None and sharpness_set < 1:
                 raise ValueError(f"SharpnessMonitor: sharpness_set must be a positive number of examples, got "
@@ -95,6 +107,24 @@ class SharpnessMonitor(Monitor):
         self._eigenvectors: Optional[torch.Tensor] = None
         self._eos_description = ""
         self._k_eff = k
+
+    # ------------------------------------------------------------------ sizing
+    size_floor = 64
+    size_name = "sharpness set"
+
+    def default_size(self) -> bool:
+        return self._default_set
+
+    def cost_model(self, trainer: Any, pl_module: nn.Module, probe: ProbeSet) -> Optional[CostModel]:
+        """A snapshot timed on the set's first 16 and 32 examples (Lanczos from scratch, as
+        the first snapshot is): linear in the set's size."""
+        saved = self._eigenvectors
+        try:
+            self._eigenvectors = None
+            return linear_cost(lambda sub: self.measure(trainer, pl_module, sub), self._probe.on(pl_module),
+                               small=16, clock=self.clock)
+        finally:
+            self._eigenvectors = saved
 
     def config_extra(self) -> Dict[str, Any]:
         default = "the module's training_step loss"

@@ -1,0 +1,156 @@
+"""Sizing a monitor's default work to the budget at train start (:mod:`lightning_ntk.sizing`).
+
+At train start, after its probe is drawn at the default size and its tables worked out,
+a monitor with a budget governor predicts the cost of one snapshot from timings of its own
+work at two small sizes (:meth:`Monitor.cost_model`), and the session predicts the
+training's length (steps × the time of one training step, measured on a batch of the
+training batch size). When the user left the size to the monitor, the largest of the
+default, half of it, a quarter, ... (not below the monitor's floor) whose first and last
+snapshots fit the monitor's share of the budget is drawn instead; a size the user gave is
+kept, with a warning when its forced snapshots are predicted over the share. The choice is
+recorded in the monitor's ``config`` (``sizing``) and explained in a log line.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
+
+import torch
+
+from .._hygiene import measurement_mode
+from ..probe import Probe, ProbeSet
+from ..sizing import FORCED_SNAPSHOTS, CostModel, TrainingLength, choose_size, forced_allowance, timed
+from ..task import predictions_in
+from ._step_loss import TrainingStepLoss, silenced_logging
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._base import Monitor
+
+_log = logging.getLogger("lightning_ntk")
+
+
+def probe_head(probe: ProbeSet, n: int) -> ProbeSet:
+    """The first ``n`` examples of a probe (for timing)."""
+    rows = slice(0, n)
+    return ProbeSet(probe.name, probe.x[rows], probe.y[rows], probe.index[rows], probe.source, dict(probe.meta),
+                    {k: v[rows] for k, v in probe.extras.items()}, probe.layout)
+
+
+def timing_sizes(n: int, small: int = 8) -> Optional[tuple]:
+    """Two sizes to time at (``small`` and twice it, within ``n``), or None for a tiny probe."""
+    if n < 2:
+        return None
+    n2 = min(2 * small, n)
+    return (max(1, n2 // 2), n2)
+
+
+def step_seconds(trainer: Any, pl_module: Any, sample: ProbeSet,
+                 clock: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds of one training step, predicted from the forward and backward pass of the
+    module's own ``training_step`` (or, when it cannot be re-run, of its outputs' sum) on the
+    sample, scaled to the training batch size (eval mode, RNG and modes restored, ``.grad``
+    untouched; the optimiser's update is not counted)."""
+    loader = getattr(trainer, "train_dataloader", None)
+    batch_size = getattr(loader, "batch_size", None) or len(sample)
+    n = min(len(sample), int(batch_size))
+    part = probe_head(sample, n)
+    params = [p for p in pl_module.parameters() if p.requires_grad]
+
+    def step() -> None:
+        try:
+            loss = TrainingStepLoss(pl_module, "sizing")(part.user_batch(slice(None)))
+        except Exception:  # noqa: BLE001 - manual optimisation or an unusual step: the outputs instead
+            out = predictions_in(pl_module(part.x))
+            loss = out.float().sum() if out is not None else None
+        if loss is not None and params and loss.requires_grad:
+            torch.autograd.grad(loss, params, allow_unused=True)
+
+    with measurement_mode(pl_module), silenced_logging(pl_module):
+        seconds = timed(step, clock)
+    return seconds * int(batch_size) / n
+
+
+def training_length(trainer: Any, pl_module: Any, sample: ProbeSet,
+                    clock: Callable[[], float] = time.perf_counter) -> TrainingLength:
+    """Steps (``trainer.estimated_stepping_batches``, None when unknown) and seconds per step."""
+    try:
+        steps = float(getattr(trainer, "estimated_stepping_batches", math.inf))
+    except Exception:  # noqa: BLE001 - Lightning raises when it cannot tell (iterable data, no max_steps)
+        steps = math.inf
+    return TrainingLength(int(steps) if math.isfinite(steps) else None, step_seconds(trainer, pl_module, sample, clock))
+
+
+def size_to_budget(monitor: "Monitor", trainer: Any, pl_module: Any) -> None:
+    """Decide the monitor's size for this fit (see the module docstring); may redraw its
+    probes at a smaller size and work its tables out again. The time it takes counts
+    against the budget."""
+    governor, probe = monitor._governor, monitor.probe_set
+    if governor is None or probe is None or not monitor.sizable_probe():
+        return
+    started = governor.clock()
+    try:
+        _size(monitor, governor, probe, trainer, pl_module)
+    finally:
+        governor.charge(governor.clock() - started)
+
+
+def _size(monitor: "Monitor", governor: Any, probe: ProbeSet, trainer: Any, pl_module: Any) -> None:
+    owner = type(monitor).__name__
+    length = monitor._session.training_length(trainer, pl_module, probe, governor.clock)
+    if length.seconds is None:
+        monitor.sizing = {"training": length.to_config(), "note": "training length unknown: default size kept"}
+        return
+    allowance = forced_allowance(governor.budget, length.seconds, monitor._session.snapshot_monitors())
+    with measurement_mode(pl_module):
+        cost = monitor.cost_model(trainer, pl_module, probe)
+    if cost is None:
+        return
+    n, user_size = len(probe), not monitor.default_size()
+    loaded = (monitor._loaded_state or {}).get("probe_index")
+    if user_size:
+        choice_size, fits = n, FORCED_SNAPSHOTS * cost.predict(n) <= allowance
+        if not fits:
+            warnings.warn(f"{owner}: the size you gave ({n} examples) is predicted to take {cost.predict(n):.1f} s per "
+                          f"snapshot; its first and last snapshots alone exceed this monitor's share of the budget "
+                          f"({allowance:.1f} s of a {length.seconds:.0f} s training). Leave the size to the monitor or "
+                          "pass a larger budget=", RuntimeWarning, stacklevel=2)
+        record: Dict[str, Any] = {"size": n, "user_size": True, "predicted_seconds": cost.predict(n),
+                                  "allowance_seconds": allowance, "fits": fits}
+    else:
+        choice = choose_size(cost, allowance, default=n, floor=min(n, monitor.size_floor))
+        choice_size = len(loaded) if loaded is not None else choice.size  # a resumed run keeps its probe
+        record = dict(choice.to_config(), user_size=False)
+        _log.info("%s: %s (a %.0f s training, budget %g)", owner, choice.explain(monitor.size_name), length.seconds,
+                  governor.budget)
+        if not choice.fits:
+            _log.warning("%s: at its smallest size (%d) its first and last snapshots are predicted to take %.2f s, "
+                         "over its share of the budget (%.2f s): the training is short for it; pass budget= to "
+                         "allow more", owner, choice.size, FORCED_SNAPSHOTS * choice.predicted_seconds, allowance)
+        choice_size = int(monitor._session.collectives.broadcast_object(choice_size))  # ranks draw alike
+        if choice_size < n:
+            monitor.resize_probes(trainer, pl_module, choice_size)
+    monitor.sizing = dict(record, cost_model=cost.to_config(), training=length.to_config())
+
+
+def resized(setting: Any, size: int) -> Any:
+    """A default :class:`Probe` setting at another size (other settings unchanged)."""
+    if not isinstance(setting, Probe):
+        return setting
+    return Probe(size=size, source=setting.source, seed=setting.seed, stratified=setting.stratified,
+                 name=None if setting.name == Probe(size=setting.size, source=setting.source,
+                                                    first=setting.first).name else setting.name,
+                 batch_format=setting.batch_format, store_inputs=setting.store_inputs, first=setting.first)
+
+
+def linear_cost(measure: Any, probe: ProbeSet, small: int = 8, fixed: float = 0.0, pairs: bool = False,
+                clock: Callable[[], float] = time.perf_counter) -> Optional[CostModel]:
+    """A :class:`CostModel` from timing ``measure(sub_probe)`` on the probe's first examples
+    at two small sizes."""
+    sizes = timing_sizes(len(probe), small)
+    if sizes is None:
+        return None
+    seconds = [timed(lambda n=n: measure(probe_head(probe, n)), clock) for n in sizes]
+    return CostModel.from_timings(sizes, seconds, pairs=pairs, fixed=fixed)
