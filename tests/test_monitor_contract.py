@@ -81,7 +81,7 @@ def _fit(L, callbacks_, *, net_kwargs=None):
     return module, t
 
 
-TIMING = ("wall_time",)  # fields that hold clock readings, not measurements
+TIMING = ("wall_time", "snapshot_seconds")  # fields that hold clock readings, not measurements
 
 
 def datasets(path):

@@ -196,6 +196,7 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
     def table_specs(self, probe: Optional[ProbeSet], pl_module: nn.Module) -> List[TableSpec]:
         """Every table this monitor writes. Default: one snapshot table at :attr:`group`."""
         fields = [Field("step", (), "int64"), Field("epoch", (), "float64"), Field("wall_time", (), "float64"),
+                  Field("snapshot_seconds", attrs={"description": "seconds the measurement took (training thread)"}),
                   *self.fields(probe, pl_module)]
         return [TableSpec(self.group, fields, coords=self.coords(probe),
                           attrs={"probe": probe.name if probe is not None else ""})]
@@ -436,7 +437,7 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
             if self._writer and self.table is not None:
                 measured = clock()
                 row = {k: v for k, v in row.items() if k not in self._dropped.get(self.group, ())}
-                self.table.append(dict(row, step=step, epoch=epoch, wall_time=wall_time()))
+                self.table.append(dict(row, step=step, epoch=epoch, wall_time=wall_time(), snapshot_seconds=measured - started))
                 self._store.flush_async()  # the writer thread writes; an earlier write's error surfaces here
                 self.timings["store_s"] += clock() - measured
         except Exception as exc:  # noqa: BLE001 - the session's error policy decides

@@ -316,6 +316,7 @@ class Run:
         for name in self.probes:
             probe = self[f"probe/{name}"]
             lines.append(f"  probe {name!r}: {len(probe)} examples, fields {probe.fields}")
+        sized = {c.get("group"): c.get("sizing") for c in self.config.values() if isinstance(c, dict)}
         for name in self.tables:
             view = self[name]
             lines.append(f"  /{name}: {len(view)} rows" + (f" (per example, as of step {view.written_step})"
@@ -323,6 +324,13 @@ class Run:
             if len(view) and not view.is_fixed:
                 keys = view[view.key]
                 lines.append(f"      {view.key} {int(keys[0])} .. {int(keys[-1])}")
+                if "snapshot_seconds" in view.fields:
+                    seconds = view["snapshot_seconds"]
+                    lines.append(f"      snapshots took {float(np.mean(seconds)):.2f} s on average, {float(np.sum(seconds)):.1f} s "
+                                 "in all")
+            sizing = sized.get(name)
+            if sizing:
+                lines.append("      sized to the budget: " + _describe_sizing(sizing))
             width = max([len(f) for f in view.fields] + [16])
             for field in view.fields:
                 ds = view.group[field]
@@ -349,3 +357,16 @@ class Run:
 def open_run(path: "os.PathLike[str] | str", live: bool = False) -> Run:
     """Open a run file for reading. ``live=True`` follows a training that is still writing it."""
     return Run(path, live=live)
+
+
+def _describe_sizing(sizing: Dict[str, Any]) -> str:
+    """One line of a monitor's ``sizing`` config (see :mod:`lightning_ntk.sizing`)."""
+    if "size" not in sizing:
+        return str(sizing.get("note", "not sized"))
+    who = "the user's size" if sizing.get("user_size") else f"size {sizing['size']} of default {sizing.get('default')}"
+    training = sizing.get("training") or {}
+    seconds = training.get("seconds")
+    length = f" of a {seconds:.0f} s training" if isinstance(seconds, (int, float)) else ""
+    return (f"{who} {sizing['size'] if sizing.get('user_size') else ''}".rstrip() +
+            f", predicted {sizing['predicted_seconds']:.2f} s per snapshot, {sizing['allowance_seconds']:.2f} s allowed "
+            f"for the first and last{length}" + ("" if sizing.get("fits") else " (over its share)"))
