@@ -86,12 +86,13 @@ def labels_are_inputs(inputs: Any, targets: torch.Tensor, ignore_index: int = IG
 
 
 def detect_task(outputs: torch.Tensor, targets: Optional[torch.Tensor], task: Optional[str] = None, *,
-                owner: str = "", inputs: Any = None) -> Task:
+                owner: str = "", inputs: Any = None, selector: str = "forward_fn=") -> Task:
     """The task of a batch of ``outputs`` and ``targets`` (see the module docstring).
 
     ``task`` (one of :data:`TASKS`) overrides detection; it is checked against the shapes.
     ``inputs`` (the batch's inputs) tells a causal language model, whose targets equal its
     inputs, from a per-token tagger (``task="sequence"`` says the targets are aligned).
+    ``selector``: the caller's argument that selects other outputs (named in refusals).
     Raises :class:`TaskError` naming what was found and the ``task=`` that fixes it.
     """
     prefix = f"{owner}: " if owner else ""
@@ -106,7 +107,7 @@ def detect_task(outputs: torch.Tensor, targets: Optional[torch.Tensor], task: Op
     b = outputs.shape[0] if outputs.ndim else 0
     if outputs.ndim == 0 or targets.ndim == 0 or targets.shape[0] != b:
         raise TaskError(f"{prefix}{found}: not one prediction per example (the first axes differ); pass "
-                        "outputs_key= or forward_fn= to select the per-example predictions")
+                        f"{selector} selecting the per-example predictions")
     y = targets.detach()
     if outputs.ndim == 3:
         if _is_integer(y) and y.shape == outputs.shape[:2] and task in (None, "sequence", "causal_lm"):
@@ -121,8 +122,8 @@ def detect_task(outputs: torch.Tensor, targets: Optional[torch.Tensor], task: Op
         raise TaskError(f"{prefix}{found}: task={task!r} needs per-token outputs (B, T, V) and integer targets (B, T)")
     if outputs.ndim > 3:
         raise TaskError(f"{prefix}{found}: the outputs are not per-example predictions of the targets (a "
-                        "generator's images or a feature map?); pass forward_fn= (or outputs_key=) returning "
-                        "per-example logits or predictions")
+                        f"generator's images or a feature map?); pass {selector} selecting per-example logits or "
+                        "predictions")
     width = 1 if outputs.ndim == 1 else int(outputs.shape[1])
     one_per_example = y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1)
     same_shape = y.reshape(b, -1).shape[1] == width and (y.ndim == outputs.ndim or one_per_example)
@@ -149,8 +150,7 @@ def detect_task(outputs: torch.Tensor, targets: Optional[torch.Tensor], task: Op
         return Task("multiclass", width)
     if not same_shape:
         raise TaskError(f"{prefix}{found}: real targets of another shape than the outputs are not per-example "
-                        "predictions of them; pass task= and forward_fn= (or outputs_key=) returning one "
-                        "prediction per target")
+                        f"predictions of them; pass task= and {selector} selecting one prediction per target")
     binary_like = _binary_values(y)
     if task is None and binary_like:
         which = "binary" if width == 1 else "multilabel"

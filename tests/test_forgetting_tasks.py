@@ -169,7 +169,7 @@ def test_a_generators_images_are_refused_and_no_event_is_recorded(L, run_path):
         fit(L, callbacks.ForgettingMonitor(run_path), module, data)
     assert len(module.seen) == 2 * 3
     [(monitor, message)] = errors(run_path)
-    assert "outputs of shape (1, 1, 8, 8)" in message and "forward_fn=" in message
+    assert "outputs of shape (1, 1, 8, 8)" in message and "outputs_key=" in message  # its own argument (it takes no forward_fn=)
     with open_run(run_path) as run:
         assert "forgetting/events" not in run.tables
 

@@ -28,7 +28,8 @@ def forgetting_task(logits: torch.Tensor, targets: torch.Tensor, task: Optional[
     """The task of a batch, if forgetting is defined for it: multi-class and binary
     classification (Toneva et al.), per token for sequences, regression with a ``tolerance``;
     anything else refused with what was found and the argument that fixes it."""
-    found = detect_task(logits, targets, task, owner=owner, inputs=inputs)
+    found = detect_task(logits, targets, task, owner=owner, inputs=inputs,
+                        selector="outputs_key= (or return {'loss': ..., 'logits': ...} from training_step)")
     if found.kind in ("multiclass", "binary", "sequence"):
         return found
     if found.kind == "regression":
