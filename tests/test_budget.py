@@ -241,3 +241,48 @@ def test_default_sizes_follow_the_predicted_budget_and_user_sizes_are_kept(L, ru
     assert record["training"]["steps"] == 30 and record["training"]["step_seconds"] == pytest.approx(1.0)
     assert stored["probe_metrics_given"]["user_size"] and not stored["probe_metrics_given"]["fits"]
     assert stored["probe_metrics_given"]["size"] == 48
+
+
+def test_a_resumed_fit_keeps_the_sizes_its_checkpoint_recorded(L, tmp_path):
+    """Sized at 32 of 48 examples in the first fit (fake clock, as above); resumed from its
+    checkpoint with a budget so large that sizing would keep 48, the monitor draws the 32
+    examples of the checkpoint and appends to the same probe."""
+    import numpy as np
+
+    from lightning_ntk.callbacks import ProbeMetricsMonitor
+    from lightning_ntk.store import open_run
+
+    from .models import blob_data, loader, make_module, tiny_net, trainer
+
+    clock = FakeClock()
+
+    class Costly(ProbeMetricsMonitor):
+        def measure(self, trainer, pl_module, probe):
+            clock.now += 0.01 * len(probe)
+            return super().measure(trainer, pl_module, probe)
+
+    def module_with_timed_steps():
+        module = make_module(L, tiny_net())
+        step = type(module).training_step
+
+        def timed_step(self, batch, batch_idx):
+            clock.now += 1.0
+            return step(self, batch, batch_idx)
+
+        type(module).training_step = timed_step
+        return module
+
+    path, ckpt = str(tmp_path / "run.h5"), str(tmp_path / "last.ckpt")
+    first = Costly(path, schedule=5, budget=Governor(0.05, clock=clock), on_error="raise")
+    t = trainer(L, [first], max_epochs=10)
+    t.fit(module_with_timed_steps(), loader(blob_data(n=48)))
+    t.save_checkpoint(ckpt)
+    assert len(first.probe_set) == 32
+    resumed = Costly(path, schedule=5, budget=Governor(10.0, clock=clock), on_error="raise")
+    t2 = trainer(L, [resumed], max_epochs=12)
+    t2.fit(module_with_timed_steps(), loader(blob_data(n=48)), ckpt_path=ckpt)
+    assert len(resumed.probe_set) == 32
+    np.testing.assert_array_equal(resumed.probe_set.index, first.probe_set.index)
+    with open_run(path) as run:
+        assert run["probe_metrics"]["step"][-1] == 36
+        assert run["probe_metrics"]["example_loss"].shape[1] == 32

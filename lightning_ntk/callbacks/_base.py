@@ -280,6 +280,12 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
         """Predicted seconds of a snapshot by probe size, timed on this model (None: not sized)."""
         return None
 
+    def _resume_sizes(self) -> None:
+        """A resumed fit draws the sizes its checkpoint recorded (sizing may have shrunk them)."""
+        loaded = (self._loaded_state or {}).get("probe_index")
+        if loaded is not None and self.default_size() and self.sizable_probe():
+            self._probe.setting = resized(self._probe.setting, len(loaded))
+
     def resize_probes(self, trainer: Any, pl_module: nn.Module, size: int) -> None:
         """Draw the probe again at ``size`` examples and work the tables out again."""
         self._probe.setting = resized(self._probe.setting, size)
@@ -307,6 +313,8 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
             self._governor.expect_final(self.group, self.schedule.final)
         error: Optional[BaseException] = None
         try:  # every rank learns its probes and shapes here; a refusal is settled like a failed snapshot
+            if resuming:
+                self._resume_sizes()
             draw_probes(self._probes, trainer, type(self).__name__, self._loaded_state)
             with measurement_mode(pl_module, grad=False):
                 self._specs = [] if self.disabled else self.table_specs(self.probe_set, pl_module)

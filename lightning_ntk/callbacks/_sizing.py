@@ -16,7 +16,7 @@ import logging
 import math
 import time
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
@@ -98,41 +98,49 @@ def size_to_budget(monitor: "Monitor", trainer: Any, pl_module: Any) -> None:
 
 
 def _size(monitor: "Monitor", governor: Any, probe: ProbeSet, trainer: Any, pl_module: Any) -> None:
-    owner = type(monitor).__name__
+    owner, n, user_size = type(monitor).__name__, len(probe), not monitor.default_size()
+    if (monitor._loaded_state or {}).get("probe_index") is not None and not user_size:
+        monitor.sizing = {"size": n, "note": "resumed: the size the checkpoint recorded"}
+        return
     length = monitor._session.training_length(trainer, pl_module, probe, governor.clock)
     if length.seconds is None:
         monitor.sizing = {"training": length.to_config(), "note": "training length unknown: default size kept"}
         return
     allowance = forced_allowance(governor.budget, length.seconds, monitor._session.snapshot_monitors())
-    with measurement_mode(pl_module):
-        cost = monitor.cost_model(trainer, pl_module, probe)
+    try:
+        with measurement_mode(pl_module):
+            cost = monitor.cost_model(trainer, pl_module, probe)
+    except Exception as exc:  # noqa: BLE001 - a size it cannot predict is kept, never a refusal
+        _log.warning("%s: could not predict its snapshot cost (%s: %s); keeping its size %d", owner,
+                     type(exc).__name__, exc, n)
+        cost = None
     if cost is None:
-        return
-    n, user_size = len(probe), not monitor.default_size()
-    loaded = (monitor._loaded_state or {}).get("probe_index")
-    if user_size:
-        choice_size, fits = n, FORCED_SNAPSHOTS * cost.predict(n) <= allowance
+        size = n
+    elif user_size:
+        size, fits = n, FORCED_SNAPSHOTS * cost.predict(n) <= allowance
         if not fits:
             warnings.warn(f"{owner}: the size you gave ({n} examples) is predicted to take {cost.predict(n):.1f} s per "
                           f"snapshot; its first and last snapshots alone exceed this monitor's share of the budget "
                           f"({allowance:.1f} s of a {length.seconds:.0f} s training). Leave the size to the monitor or "
                           "pass a larger budget=", RuntimeWarning, stacklevel=2)
-        record: Dict[str, Any] = {"size": n, "user_size": True, "predicted_seconds": cost.predict(n),
-                                  "allowance_seconds": allowance, "fits": fits}
+        monitor.sizing = {"size": n, "user_size": True, "predicted_seconds": cost.predict(n),
+                          "allowance_seconds": allowance, "fits": fits}
     else:
         choice = choose_size(cost, allowance, default=n, floor=min(n, monitor.size_floor))
-        choice_size = len(loaded) if loaded is not None else choice.size  # a resumed run keeps its probe
-        record = dict(choice.to_config(), user_size=False)
+        size = choice.size
+        monitor.sizing = dict(choice.to_config(), user_size=False)
         _log.info("%s: %s (a %.0f s training, budget %g)", owner, choice.explain(monitor.size_name), length.seconds,
                   governor.budget)
         if not choice.fits:
             _log.warning("%s: at its smallest size (%d) its first and last snapshots are predicted to take %.2f s, "
                          "over its share of the budget (%.2f s): the training is short for it; pass budget= to "
                          "allow more", owner, choice.size, FORCED_SNAPSHOTS * choice.predicted_seconds, allowance)
-        choice_size = int(monitor._session.collectives.broadcast_object(choice_size))  # ranks draw alike
-        if choice_size < n:
-            monitor.resize_probes(trainer, pl_module, choice_size)
-    monitor.sizing = dict(record, cost_model=cost.to_config(), training=length.to_config())
+    if cost is not None:
+        monitor.sizing.update(cost_model=cost.to_config(), training=length.to_config())
+    if not user_size:
+        size = int(monitor._session.collectives.broadcast_object(size))  # every rank draws the same examples
+        if size < n:
+            monitor.resize_probes(trainer, pl_module, size)
 
 
 def resized(setting: Any, size: int) -> Any:

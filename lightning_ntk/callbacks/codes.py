@@ -211,6 +211,12 @@ class HeldoutProbeMonitor(Monitor):
     def default_size(self) -> bool:
         return self._default_probe
 
+    def _resume_sizes(self) -> None:
+        super()._resume_sizes()
+        loaded = (self._loaded_state or {}).get("heldout_index")
+        if loaded is not None and self.default_size() and self._heldout is not None and self._heldout.setting == "auto":
+            self._heldout.auto_size = len(loaded)
+
     def resize_probes(self, trainer: Any, pl_module: nn.Module, size: int) -> None:
         """Both probes at ``size`` (the held-out one when it is the automatic one)."""
         if self._heldout is not None and self._heldout.setting == "auto":
