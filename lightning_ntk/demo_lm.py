@@ -221,7 +221,8 @@ def generate(model: nn.Module, vocab: CharVocab, prompt: str, n: int = 80) -> st
         model.train(was_training)
 
 
-#: Epochs of the LM demo (see README: timings on 2 CPU cores).
+#: Epochs of the LM demo: 960 steps of 32 windows (~35 ms each on 2 CPU cores, ~34 s of
+#: training), to a validation loss of ~1.73 nats per character (uniform: log V = 4.63).
 LM_DEMO_EPOCHS = 15
 LM_DEMO_SEQ_LEN = 64
 LM_DEMO_N_TRAIN = 2048
@@ -236,8 +237,11 @@ def lm_monitors(path: str, overwrite: bool = True) -> List[Any]:
     outputs themselves).
 
     ``budget=False`` as in the digits demo: every scheduled snapshot is taken. The eNTK is
-    the costly one on a language model (per-token outputs): it runs on 16 sequences and 16
-    held-out ones, 2 positions each, at log-spaced steps (0, 1, 10, 100 and the end).
+    the costly one on a language model (per-token outputs): it runs on 2 positions of 16
+    training sequences (32 pairs; 16 held-out pairs from 8 validation sequences for kernel
+    regression) at log-spaced steps (0, 1, 10, 100 and the end). The probe metrics leave out
+    the per-token logits (``store_logits=False``): 128 sequences × 64 positions × V floats per
+    snapshot would be most of the file.
     """
     from . import callbacks
     from .probe import Probe
@@ -245,9 +249,9 @@ def lm_monitors(path: str, overwrite: bool = True) -> List[Any]:
 
     common = dict(path=path, overwrite=overwrite, budget=False)
     return [
-        callbacks.ProbeMetricsMonitor(schedule=EveryNEpochs(1), probe=Probe(size=128), **common),
+        callbacks.ProbeMetricsMonitor(schedule=EveryNEpochs(1), probe=Probe(size=128), store_logits=False, **common),
         callbacks.NTKMonitor(schedule=LogSpacedSteps(per_decade=1), probe=Probe(size=16), token_positions=2,
-                             heldout=Probe(size=16, source="val"), **common),
+                             heldout=Probe(size=8, source="val"), **common),
         callbacks.SharpnessMonitor(schedule=EveryNEpochs(5), sharpness_set=32, **common),
         callbacks.ForgettingMonitor(**common),
         callbacks.ActivationCodeMonitor(schedule=EveryNEpochs(5), probe=Probe(size=128), **common),
