@@ -7,7 +7,8 @@ and device at two small sizes and fits a :class:`CostModel`; the training's leng
 predicted from its number of steps and the measured time of one training step
 (:class:`TrainingLength`); :func:`choose_size` then halves a monitor's default size until
 its forced snapshots fit its share of the budget (:func:`forced_allowance`), down to a floor
-below which the quantity would mean little (the monitor is then refused with the reason).
+below which the quantity would mean little (when even the floor is predicted over the
+share, the floor is used and a warning says the training is short for the monitor).
 Sizes the user gave are never changed. Clocks are injectable for tests.
 """
 from __future__ import annotations

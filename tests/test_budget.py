@@ -192,9 +192,9 @@ def test_forgetting_charges_its_per_batch_time(L, run_path):
     assert governor.spent > 0 and governor.skipped() == 0  # charged, nothing to skip
 
 
-def test_default_sizes_follow_the_predicted_budget_and_user_sizes_are_kept(L, run_path):
+def test_default_sizes_follow_the_predicted_budget_and_user_sizes_are_kept(L, run_path, monkeypatch):
     """Sizing with a fake clock: each training step takes 1 s (the module's training_step
-    advances the clock, when timed at train start and when trained), a snapshot 0.01 s per
+    advances the clock; the step time predicted at train start is 1 s), a snapshot 0.01 s per
     probe example. 30 steps at budget 10 %: the forced snapshots of the two monitors may take
     0.5 × 0.1 × 30 s = 1.5 s, 0.75 s each, i.e. 0.375 s per snapshot: the default probe (48
     examples, 0.48 s) is halved to the floor 32 (0.32 s); the user's Probe(size=48) is kept,
@@ -213,6 +213,8 @@ def test_default_sizes_follow_the_predicted_budget_and_user_sizes_are_kept(L, ru
             clock.now += 0.01 * len(probe)
             return super().measure(trainer, pl_module, probe)
 
+    from lightning_ntk.callbacks import _sizing
+
     module = make_module(L, tiny_net())
     step = type(module).training_step
 
@@ -221,6 +223,7 @@ def test_default_sizes_follow_the_predicted_budget_and_user_sizes_are_kept(L, ru
         return step(self, batch, batch_idx)
 
     type(module).training_step = timed_step
+    monkeypatch.setattr(_sizing, "step_seconds", lambda *args: 1.0)  # (measured: see the test below)
     sized = Costly(run_path, schedule=5, budget=governor, on_error="raise", name="sized")
     given = Costly(run_path, schedule=5, probe=Probe(size=48), budget=governor, on_error="raise", name="given")
     t = trainer(L, [sized, given], max_epochs=10)
@@ -243,7 +246,7 @@ def test_default_sizes_follow_the_predicted_budget_and_user_sizes_are_kept(L, ru
     assert stored["probe_metrics_given"]["size"] == 48
 
 
-def test_a_resumed_fit_keeps_the_sizes_its_checkpoint_recorded(L, tmp_path):
+def test_a_resumed_fit_keeps_the_sizes_its_checkpoint_recorded(L, tmp_path, monkeypatch):
     """Sized at 32 of 48 examples in the first fit (fake clock, as above); resumed from its
     checkpoint with a budget so large that sizing would keep 48, the monitor draws the 32
     examples of the checkpoint and appends to the same probe."""
@@ -260,6 +263,10 @@ def test_a_resumed_fit_keeps_the_sizes_its_checkpoint_recorded(L, tmp_path):
         def measure(self, trainer, pl_module, probe):
             clock.now += 0.01 * len(probe)
             return super().measure(trainer, pl_module, probe)
+
+    from lightning_ntk.callbacks import _sizing
+
+    monkeypatch.setattr(_sizing, "step_seconds", lambda *args: 1.0)
 
     def module_with_timed_steps():
         module = make_module(L, tiny_net())
@@ -286,3 +293,46 @@ def test_a_resumed_fit_keeps_the_sizes_its_checkpoint_recorded(L, tmp_path):
     with open_run(path) as run:
         assert run["probe_metrics"]["step"][-1] == 36
         assert run["probe_metrics"]["example_loss"].shape[1] == 32
+
+
+def test_the_step_time_is_a_forward_and_backward_at_the_training_batch_size(L):
+    """0.25 s per forward pass (fake clock) on batches of 32: one step predicted at 0.25 s
+    (times accumulate_grad_batches), without running training_step (it may step optimisers)
+    and without touching the weights or .grad."""
+    import torch
+
+    from lightning_ntk.callbacks._sizing import training_length
+    from lightning_ntk.probe import ProbeSet
+
+    from .models import blob_data, make_module, tiny_net
+
+    clock = FakeClock()
+    module = make_module(L, tiny_net())
+    calls = []
+    forward = type(module).forward
+
+    def slow_forward(self, x):
+        clock.now += 0.25
+        return forward(self, x)
+
+    def no_step(self, batch, batch_idx):
+        calls.append(batch_idx)
+        raise AssertionError("training_step must not run")
+
+    type(module).forward, type(module).training_step = slow_forward, no_step
+    data = blob_data(n=48)
+    before = [p.detach().clone() for p in module.parameters()]
+    sample = ProbeSet.from_tensors(*data.tensors)
+
+    class Loader:
+        batch_size = 32
+
+    class FakeTrainer:  # what training_length reads of a Trainer
+        train_dataloader = Loader()
+        estimated_stepping_batches = 6
+        accumulate_grad_batches = 2
+
+    length = training_length(FakeTrainer(), module, sample, clock)
+    assert length.steps == 6 and length.step_seconds == pytest.approx(2 * 0.25) and length.seconds == pytest.approx(3.0)
+    assert calls == [] and all(p.grad is None for p in module.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))

@@ -225,3 +225,16 @@ def test_required_fields_over_the_cap_are_refused_with_the_fix(run_path):
         fit([monitor], lr=0.0, val=False)
     with ln.open_run(run_path) as run:
         assert "max_row_mb" in str(run.errors())
+
+
+def test_positions_that_the_input_dtype_cannot_hold_are_refused():
+    """Each pair carries its position in the input's dtype: bfloat16 rounds 257 to 256 and
+    uint8 wraps 257 to 1, which would read the wrong token's logits."""
+    from lightning_ntk.callbacks._tokens import TokenPairs, positioned_inputs
+
+    pairs = TokenPairs(np.array([[257]]), np.array([0]), np.array([0]), np.array([257]), np.array([3]))
+    for x in (torch.zeros(1, 300, dtype=torch.uint8), torch.zeros(1, 300, 4, dtype=torch.bfloat16)):
+        with pytest.raises(ValueError, match="cannot be carried exactly.*sequence_kernel='pooled'"):
+            positioned_inputs(x, pairs)
+    exact = positioned_inputs(torch.zeros(1, 300, dtype=torch.int64), pairs)
+    assert exact.shape == (1, 301) and int(exact[0, -1]) == 257

@@ -161,7 +161,7 @@ def from_checkpoint(value: Any, kind: str) -> Any:
 
 #: The base's per-fit state (besides each monitor's declared ``state``).
 _PER_FIT = ("_rows", "_last_step", "_pending_epoch_end", "_loaded_state", "next_due", "snapshot_step",
-            "snapshot_epoch", "timings")
+            "snapshot_epoch", "timings", "probe", "_probe", "_heldout", "sizing")  # probes: sized per fit
 
 #: Arguments that say where the file goes, not what is measured: not in ``config``.
 _NOT_SETTINGS = ("path", "overwrite")

@@ -20,11 +20,10 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
-from .._hygiene import measurement_mode
+from .._hygiene import measurement_mode, module_device
 from ..probe import Probe, ProbeSet
 from ..sizing import FORCED_SNAPSHOTS, CostModel, TrainingLength, choose_size, forced_allowance, timed
 from ..task import predictions_in
-from ._step_loss import TrainingStepLoss, silenced_logging
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._base import Monitor
@@ -49,38 +48,38 @@ def timing_sizes(n: int, small: int = 8) -> Optional[tuple]:
 
 def step_seconds(trainer: Any, pl_module: Any, sample: ProbeSet,
                  clock: Callable[[], float] = time.perf_counter) -> float:
-    """Seconds of one training step, predicted from the forward and backward pass of the
-    module's own ``training_step`` (or, when it cannot be re-run, of its outputs' sum) on the
-    sample, scaled to the training batch size (eval mode, RNG and modes restored, ``.grad``
-    untouched; the optimiser's update is not counted)."""
+    """Seconds of one training step, predicted from a forward and backward pass of the
+    module's outputs on the sample, scaled to the training batch size. Never the user's
+    ``training_step`` (it may step optimisers or update queues); eval mode, RNG and modes
+    restored, gradients by ``torch.autograd.grad`` (``.grad`` untouched); the loss and the
+    optimiser's update are not counted."""
     loader = getattr(trainer, "train_dataloader", None)
     batch_size = getattr(loader, "batch_size", None) or len(sample)
     n = min(len(sample), int(batch_size))
-    part = probe_head(sample, n)
+    x = sample.x[:n].to(module_device(pl_module))
     params = [p for p in pl_module.parameters() if p.requires_grad]
 
     def step() -> None:
-        try:
-            loss = TrainingStepLoss(pl_module, "sizing")(part.user_batch(slice(None)))
-        except Exception:  # noqa: BLE001 - manual optimisation or an unusual step: the outputs instead
-            out = predictions_in(pl_module(part.x))
-            loss = out.float().sum() if out is not None else None
-        if loss is not None and params and loss.requires_grad:
-            torch.autograd.grad(loss, params, allow_unused=True)
+        out = predictions_in(pl_module(x))
+        if out is not None and params and out.requires_grad:
+            torch.autograd.grad(out.float().sum(), params, allow_unused=True)
 
-    with measurement_mode(pl_module), silenced_logging(pl_module):
+    with measurement_mode(pl_module):
         seconds = timed(step, clock)
     return seconds * int(batch_size) / n
 
 
 def training_length(trainer: Any, pl_module: Any, sample: ProbeSet,
                     clock: Callable[[], float] = time.perf_counter) -> TrainingLength:
-    """Steps (``trainer.estimated_stepping_batches``, None when unknown) and seconds per step."""
+    """Optimiser steps (``trainer.estimated_stepping_batches``, None when unknown) and the
+    seconds of each: one batch's forward and backward times ``accumulate_grad_batches``."""
     try:
         steps = float(getattr(trainer, "estimated_stepping_batches", math.inf))
     except Exception:  # noqa: BLE001 - Lightning raises when it cannot tell (iterable data, no max_steps)
         steps = math.inf
-    return TrainingLength(int(steps) if math.isfinite(steps) else None, step_seconds(trainer, pl_module, sample, clock))
+    batches = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+    return TrainingLength(int(steps) if math.isfinite(steps) else None,
+                          batches * step_seconds(trainer, pl_module, sample, clock))
 
 
 def size_to_budget(monitor: "Monitor", trainer: Any, pl_module: Any) -> None:
@@ -102,18 +101,20 @@ def _size(monitor: "Monitor", governor: Any, probe: ProbeSet, trainer: Any, pl_m
     if (monitor._loaded_state or {}).get("probe_index") is not None and not user_size:
         monitor.sizing = {"size": n, "note": "resumed: the size the checkpoint recorded"}
         return
-    length = monitor._session.training_length(trainer, pl_module, probe, governor.clock)
-    if length.seconds is None:
-        monitor.sizing = {"training": length.to_config(), "note": "training length unknown: default size kept"}
-        return
-    allowance = forced_allowance(governor.budget, length.seconds, monitor._session.snapshot_monitors())
     try:
         with measurement_mode(pl_module):
             cost = monitor.cost_model(trainer, pl_module, probe)
+        length = TrainingLength(None, math.nan) if cost is None else \
+            monitor._session.training_length(trainer, pl_module, probe, governor.clock)
     except Exception as exc:  # noqa: BLE001 - a size it cannot predict is kept, never a refusal
         _log.warning("%s: could not predict its snapshot cost (%s: %s); keeping its size %d", owner,
                      type(exc).__name__, exc, n)
+        cost, length = None, TrainingLength(None, math.nan)
+    if length.seconds is None:
         cost = None
+        monitor.sizing = {"size": n, "note": "training length or cost unknown: the size is kept"}
+    allowance = 0.0 if cost is None else forced_allowance(governor.budget, float(length.seconds),
+                                                          monitor._session.snapshot_monitors())
     if cost is None:
         size = n
     elif user_size:
@@ -140,7 +141,12 @@ def _size(monitor: "Monitor", governor: Any, probe: ProbeSet, trainer: Any, pl_m
     if not user_size:
         size = int(monitor._session.collectives.broadcast_object(size))  # every rank draws the same examples
         if size < n:
-            monitor.resize_probes(trainer, pl_module, size)
+            try:
+                monitor.resize_probes(trainer, pl_module, size)
+            except Exception as exc:  # noqa: BLE001 - e.g. too few examples per class for its probes
+                _log.warning("%s: the probes at %d examples do not serve it (%s); keeping %d", owner, size, exc, n)
+                monitor.resize_probes(trainer, pl_module, n)
+                monitor.sizing.update(size=n, note=f"sized {size} refused by the monitor: {exc}")
 
 
 def resized(setting: Any, size: int) -> Any:

@@ -42,7 +42,7 @@ class TokenPairs:
 
     @classmethod
     def choose(cls, probe: ProbeSet, task: Task, per_sequence: int) -> "TokenPairs":
-        positions = token_positions(probe.y, task, per_sequence)
+        positions = token_positions(probe.y, task, per_sequence, keys=probe.index)
         rows, cols = np.nonzero(positions >= 0)
         if rows.size == 0:
             raise ValueError(f"probe {probe.name!r} has no token whose target is not ignore_index={task.ignore_index}")
@@ -61,7 +61,11 @@ def positioned_inputs(x: torch.Tensor, pairs: TokenPairs) -> torch.Tensor:
         raise ValueError(f"sequence inputs need a time axis (N, T, ...), got shape {tuple(x.shape)}")
     rows = torch.as_tensor(pairs.row, device=x.device)
     xs = x[rows]
-    extra = torch.as_tensor(pairs.position, device=x.device).to(x.dtype)
+    position = torch.as_tensor(pairs.position, device=x.device)
+    extra = position.to(x.dtype)
+    if not torch.equal(extra.to(position.dtype), position):  # bfloat16 inputs, uint8 byte ids, ...
+        raise ValueError(f"positions up to {int(position.max())} cannot be carried exactly in inputs of dtype "
+                         f"{x.dtype}; pass sequence_kernel='pooled', or inputs of a wider dtype")
     extra = extra.reshape(-1, *([1] * (x.ndim - 1))).expand(xs.shape[0], 1, *xs.shape[2:])
     return torch.cat([xs, extra], dim=1)
 
@@ -89,11 +93,3 @@ def token_probe(probe: ProbeSet, pairs: TokenPairs) -> ProbeSet:
     """The pairs as a probe for the eNTK: positioned inputs, target tokens, sequence indices."""
     return ProbeSet(probe.name, positioned_inputs(probe.x, pairs), torch.as_tensor(pairs.target), pairs.index,
                     probe.source, dict(probe.meta, token_positions=pairs.position))
-
-
-def gather_tokens(features: torch.Tensor, pairs: TokenPairs, rows: slice) -> torch.Tensor:
-    """The (pair, ...) rows of per-token activations (B, T, ...) of the probe's sequences ``rows``."""
-    chosen = (pairs.row >= rows.start) & (pairs.row < rows.stop)
-    r = torch.as_tensor(pairs.row[chosen] - rows.start, device=features.device)
-    t = torch.as_tensor(pairs.position[chosen], device=features.device)
-    return features[r, t]

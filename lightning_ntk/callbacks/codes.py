@@ -228,12 +228,16 @@ class HeldoutProbeMonitor(Monitor):
             self._specs = self.table_specs(self.probe_set, pl_module)
 
     def _forward_cost(self, pl_module: nn.Module, probe: ProbeSet, forward: Any) -> Optional[CostModel]:
-        """The forward passes with capture, timed on 16 and 32 examples, for both probes (the
-        classifiers' time, small next to them on large models, is not predicted)."""
+        """The forward passes with capture, timed on 16 and 32 examples, for both probes: the
+        automatic held-out probe is sized with the training probe (twice the cost per
+        example), a given one adds its fixed cost. The classifiers' time (small next to the
+        forward passes on large models) is not predicted."""
         cost = linear_cost(forward, self._probe.on(pl_module), small=16, clock=self.clock)
         if cost is not None and self.heldout_set is not None:
-            scale = 1 + len(self.heldout_set) / len(probe)
-            cost = CostModel(cost.fixed * scale, cost.per_example * scale, 0.0)
+            if self._heldout is not None and self._heldout.setting == "auto":
+                cost = CostModel(2 * cost.fixed, 2 * cost.per_example, 0.0)
+            else:
+                cost = CostModel(cost.fixed + cost.per_example * len(self.heldout_set), cost.per_example, 0.0)
         return cost
 
     def _fixed_split(self, labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:

@@ -226,7 +226,8 @@ class ForgettingMonitor(StreamingMonitor):
         self._task_checked = False
         self._task = None if several else task_from_sample(loaders, pl_module, self.batch_format, self.outputs_key,
                                                            self.task, self.tolerance, type(self).__name__)
-        per_example = self.token_positions if self._task is not None and self._task.kind == "sequence" else 1
+        sequence = self.task in ("sequence", "causal_lm") or (self._task is not None and self._task.kind == "sequence")
+        per_example = self.token_positions if sequence else 1
         self._examples.ensure(np.arange(n * per_example, dtype=np.int64), type(self).__name__)
         if self._indices is not None and not several:
             self._follow_loader(trainer)
@@ -289,7 +290,8 @@ class ForgettingMonitor(StreamingMonitor):
             x, _ = batch_to_xy(batch, self.batch_format)
             self._task = forgetting_task(logits, targets, self.task or (sampled and sampled.name),
                                          self.tolerance, type(self).__name__, inputs=x)
-            if self._task.kind == "sequence" and (sampled is None or sampled.kind != "sequence"):
+            if self._task.kind == "sequence" and (sampled is None or sampled.kind != "sequence") and \
+                    self.task not in ("sequence", "causal_lm"):
                 raise ForgettingCaptureError(f"{type(self).__name__}: per-token outputs appeared at the first batch, "
                                              "but the task could not be read from the training set before training "
                                              "(it sizes the tracked tokens); pass task='causal_lm' or task='sequence'")

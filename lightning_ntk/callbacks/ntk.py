@@ -210,17 +210,19 @@ class NTKMonitor(Monitor):
 
     # ------------------------------------------------------------------ sizing
     def cost_model(self, trainer: Any, pl_module: nn.Module, probe: ProbeSet) -> Optional[CostModel]:
-        """Kernel seconds timed on 8 and 16 probe examples: per example (Jacobians) and per
-        pair (the Gram matrix); a held-out probe of H examples adds H rows to both (its cross
-        kernel is not symmetric: twice the pairs). Sequences are not sized (their pairs are)."""
+        """Kernel seconds timed on 8 and 16 probe examples (this process's work only): a per
+        n + b n² (Jacobians, Gram matrix); a held-out probe of H examples (not resized) adds
+        a H + 2 b H n (its cross kernel is not symmetric). Sequence probes are not sized: the
+        number of (sequence, position) pairs is set by ``token_positions``."""
         if self._sequence is not None:
             return None
         model, on_device = self._model(pl_module), self._probe.on(pl_module)
-        cost = linear_cost(lambda sub: self._kernel(model, sub.x), on_device, small=8, pairs=True,
+        cost = linear_cost(lambda sub: self._block(model, sub.x, None, False), on_device, small=8, pairs=True,
                            clock=self.clock)
         if cost is not None and self.heldout_set is not None:
-            h, n = len(self.heldout_set), len(probe)
-            cost = CostModel(cost.fixed, cost.per_example * (1 + h / n), cost.per_pair * (1 + 2 * h / n))
+            h = len(self.heldout_set)
+            cost = CostModel(cost.fixed + cost.per_example * h, cost.per_example + 2 * cost.per_pair * h,
+                             cost.per_pair)
         return cost
 
     # ------------------------------------------------------------------ sequence tasks

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .. import curvature
+from .._hygiene import module_device
 from .._losses import LossFn
 from ..probe import Probe, ProbeSet
 from ..sizing import CostModel
@@ -138,6 +139,8 @@ class SharpnessMonitor(Monitor):
                                     "loss_fn= the loss measured is the module's training_step, which calls the model "
                                     "its own way; pass loss_fn=(outputs, targets) -> loss with forward_fn=")
             check_step_loss(pl_module, type(self).__name__)
+        elif probe is not None:  # the user's loss gets the predictions of a dict or .logits output
+            self.sample_outputs(pl_module, probe.x[:1].to(module_device(pl_module)))
         n_params = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
         self._k_eff = min(self.k, n_params)
         k = self._k_eff
