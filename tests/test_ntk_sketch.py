@@ -164,6 +164,43 @@ def test_more_projections_than_outputs_is_still_valid():
     assert close(r.kernel, mean) and close(r.stderr, se)
 
 
+class RootParams(nn.Module):
+    """Parameters registered on the root module: each is its own layer of empirical_ntk."""
+
+    def __init__(self, roots: int):
+        super().__init__()
+        torch.manual_seed(5)
+        self.fc = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 5)
+        self.scale = nn.Parameter(1 + 0.1 * torch.randn(5))
+        if roots > 1:
+            self.shift = nn.Parameter(0.1 * torch.randn(6))
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x) + (self.shift if hasattr(self, "shift") else 0))
+        return self.head(h) * self.scale
+
+
+@pytest.mark.parametrize("name", ["mlp", "one root parameter", "two root parameters"])
+def test_per_layer_keys_and_values_match_empirical_ntk(name):
+    model = {"mlp": mlp, "one root parameter": lambda: RootParams(1),
+             "two root parameters": lambda: RootParams(2)}[name]().eval()
+    d_in = 5 if name == "mlp" else 4
+    x = torch.randn(4, d_in)
+    m, seed = 5, 8
+    r = sketched_ntk(model, x, projections=m, seed=seed, dtype=F64, per_layer=True)
+    exact_layers = empirical_ntk(model, x, kind="trace", per_layer=True)
+    assert list(r.layers) == list(exact_layers)  # same names, same order
+    S = rademacher_projections(m, r.num_outputs, seed, dtype=F64)
+    for layer, k in r.layers.items():
+        owned = [n for n, _ in model.named_parameters() if n == layer or n.startswith(layer + ".")]
+        assert close(k, brute_force(empirical_ntk_reference(model, x, params=owned), S)[0]), layer
+        assert torch.equal(k, k.T)
+    assert close(sum(r.layers.values()), r.kernel, 1e-12)
+    plain = sketched_ntk(model, x, projections=m, seed=seed, dtype=F64)
+    assert close(r.kernel, plain.kernel, 1e-12) and close(r.stderr, plain.stderr, 1e-12)
+
+
 # ----------------------------------------------------------------------------------------
 # statistics over seeds
 # ----------------------------------------------------------------------------------------

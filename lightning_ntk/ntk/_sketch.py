@@ -22,7 +22,7 @@ import contextlib
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +31,15 @@ from .._args import integer, one_of, positive_int
 from .._hygiene import _cuda_devices
 from ._empirical import METHODS, empirical_ntk
 from ._memory import NTKMemoryError, format_bytes, resolve_max_memory
-from ._model import ParamsArg, check_autograd, check_modes, prepare_input, resolve_dtype, select_parameters
+from ._model import (
+    ParamsArg,
+    check_autograd,
+    check_modes,
+    layer_name,
+    prepare_input,
+    resolve_dtype,
+    select_parameters,
+)
 
 OWNER = "sketched_ntk"
 _MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes any 64-bit value
@@ -241,26 +249,37 @@ def sketched_ntk(
     engine_bytes = budget - results
     signs = rademacher_projections(m, C, seed, dtype=dtype)
     wrapped = _Projected(model, signs)
-    try:
-        with _as_sketch(), _mute_dropout_warning():
-            per_projection = empirical_ntk(
-                wrapped, x1, x2, kind="diagonal", params=[p for _, p in selected], method=method,
-                dtype=dtype, max_memory=max(engine_bytes, 1), per_layer=per_layer,
-            )
-    except NTKMemoryError:
-        need = n1 * n2 * m * itemsize + results
-        raise NTKMemoryError(
-            f"{OWNER}: {m} projections of the ({n1}, {n2}) kernel in {dtype} need more than "
-            f"max_memory={format_bytes(budget)} (at least {format_bytes(need)}: the (N1, N2, m) per-projection "
-            "kernels and the two (N1, N2) results, plus working memory). Use fewer projections (the standard error "
-            "is proportional to 1/sqrt(m)), a smaller probe (fewer examples), or raise max_memory (bytes or a string such "
-            "as '8GB')."
-        ) from None
+    per_projection: Optional[Tensor] = None
     layers: Dict[str, Tensor] = {}
-    if isinstance(per_projection, dict):  # per_layer: the wrapper's "model." prefix off each name
-        layers = {name[len("model."):] if name.startswith("model.") else name: k.mean(dim=-1).div_(C)
-                  for name, k in per_projection.items()}
-        per_projection = sum(per_projection.values())
+    for names, as_layers in _engine_calls(selected, per_layer):
+        # what earlier calls left in memory counts against the budget of the next
+        held = 0 if per_projection is None else (per_projection.numel() + len(layers) * n1 * n2) * itemsize
+        try:
+            with _as_sketch(), _mute_dropout_warning():
+                out = empirical_ntk(
+                    wrapped, x1, x2, kind="diagonal", params=[p for n, p in selected if n in names], method=method,
+                    dtype=dtype, max_memory=max(engine_bytes - held, 1), per_layer=as_layers,
+                )
+        except NTKMemoryError:
+            need = n1 * n2 * m * itemsize * (len(_layer_names(selected)) if per_layer else 1) + results
+            raise NTKMemoryError(
+                f"{OWNER}: {m} projections of the ({n1}, {n2}) kernel in {dtype} need more than "
+                f"max_memory={format_bytes(budget)} (at least {format_bytes(need)}: the (N1, N2, m) per-projection "
+                f"kernels{' of each layer (per_layer=True)' if per_layer else ''} and the two (N1, N2) results, plus "
+                "working memory). Use fewer projections (the standard error is proportional to 1/sqrt(m)), a smaller "
+                "probe (fewer examples), or raise max_memory (bytes or a string such as '8GB')."
+            ) from None
+        if isinstance(out, dict):
+            parts = {_user_layer(key, names): k for key, k in out.items()}
+        else:
+            parts = {layer_name(names[0]): out} if per_layer else {"": out}
+        for key, k in parts.items():
+            if per_layer:
+                layers[key] = k.mean(dim=-1).div_(C)
+            per_projection = k if per_projection is None else per_projection.add_(k)
+    assert per_projection is not None
+    if per_layer:  # in the order of empirical_ntk(per_layer=True): the model's parameter order
+        layers = {key: layers[key] for key in _layer_names(selected)}
     kernel, stderr = _mean_and_stderr(per_projection, m)
     kernel.div_(C)
     stderr.div_(C)
@@ -268,7 +287,39 @@ def sketched_ntk(
         # the engine's (N, N, m) output is exactly symmetric; copy the upper triangle so the
         # reductions over m cannot break that (they may split differently per entry on many threads)
         kernel, stderr = _symmetrize(kernel), _symmetrize(stderr)
+        layers = {key: _symmetrize(k) for key, k in layers.items()}
     return SketchedNTK(kernel=kernel, stderr=stderr, projections=m, seed=seed, num_outputs=C, layers=layers)
+
+
+def _layer_names(selected: Sequence[Tuple[str, nn.Parameter]]) -> List[str]:
+    """The layers of empirical_ntk(model, per_layer=True): owning modules in parameter order."""
+    return list(dict.fromkeys(layer_name(n) for n, _ in selected))
+
+
+def _engine_calls(selected: Sequence[Tuple[str, nn.Parameter]], per_layer: bool) -> List[Tuple[List[str], bool]]:
+    """(parameter names, per_layer) of each engine call on the wrapper.
+
+    One call, except for ``per_layer`` with several parameters registered on the model's root
+    (e.g. ``pos`` and ``cls_token``): each is its own layer of the model, but in the wrapper they
+    all belong to one module (``model``) and the engine would merge them. Those get one call
+    each (m more backward passes per such parameter), the others one call together.
+    """
+    names = [n for n, _ in selected]
+    root = [n for n in names if "." not in n]
+    if not per_layer or len(root) <= 1:
+        return [(names, per_layer)]
+    rest = [n for n in names if "." in n]
+    return ([(rest, True)] if rest else []) + [([n], False) for n in root]
+
+
+def _user_layer(wrapped_layer: str, names: Sequence[str]) -> str:
+    """A layer of the wrapper (``model.encoder.fc``, or ``model`` for parameters registered on the
+    model's root) as empirical_ntk names it on the model (``encoder.fc``, or the parameter's name)."""
+    if wrapped_layer.startswith("model."):
+        return wrapped_layer[len("model."):]
+    root = [n for n in names if "." not in n]
+    assert wrapped_layer == "model" and len(root) == 1, (wrapped_layer, root)  # see _engine_calls
+    return root[0]
 
 
 def _mean_and_stderr(per_projection: Tensor, m: int) -> Tuple[Tensor, Tensor]:
