@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 from lightning_ntk import callbacks  # noqa: E402
 from lightning_ntk.callbacks import set_default_budget  # noqa: E402
 from lightning_ntk.callbacks._lightning import default_namespace  # noqa: E402
-from lightning_ntk.demo import DEMO_EPOCHS, DigitsCNN, demo_monitors, digits_split, make_lightning_module  # noqa: E402
+from lightning_ntk.demo import DEMO_BUDGET, DEMO_EPOCHS, DigitsCNN, demo_monitors, digits_split, make_lightning_module  # noqa: E402
 
 
 class BasicBlock(nn.Module):
@@ -168,7 +168,7 @@ def main() -> None:
     plans: Dict[str, Callable[[], None]] = {
         "cnn": lambda: run_case("cnn", args.pairs, 80, None),
         "resnet": lambda: run_case("resnet", args.pairs, 10, None),
-        "demo": lambda: run_case("demo", args.pairs, DEMO_EPOCHS, None),
+        "demo": lambda: run_case("demo", args.pairs, DEMO_EPOCHS, DEMO_BUDGET),
         "long": lambda: run_case("long", max(1, args.pairs // 3), args.long_epochs, 0.02),
     }
     for case in args.cases:

@@ -94,23 +94,22 @@ def make_lightning_module(model: nn.Module, lr: float = 0.05, momentum: float = 
 DEMO_EPOCHS = 100
 
 
-#: The demo's budget, shared by its monitors: snapshot time at most 10% of training time
-#: (the library's default is 5%); the first and last snapshot of each monitor are sized to
-#: fit half of it (:mod:`lightning_ntk.sizing`).
+#: The demo's budget (``set_default_budget`` during its fit), shared by its monitors:
+#: instrumentation at most 10% of training time (the library's default is 5%), the first and
+#: last snapshot of each monitor sized to fit half of it (:mod:`lightning_ntk.sizing`).
 DEMO_BUDGET = 0.10
 
 
 def demo_monitors(path: str, overwrite: bool = True) -> List[Any]:
-    """Every monitor the package has, configured for the demo, sharing ``path`` and one
-    :data:`DEMO_BUDGET` governor: sizes (probes, sharpness set) are chosen at train start so
-    that the monitors' snapshots stay within it, and the governor thins the snapshots in
-    between (skipped ones are in ``/skipped``)."""
+    """Every monitor the package has, configured for the demo, sharing ``path`` and the
+    default budget (:data:`DEMO_BUDGET` in :func:`run_demo`): sizes (probes, sharpness set)
+    are chosen at train start so that the monitors' snapshots stay within it, and the
+    governor thins the snapshots in between (skipped ones are in ``/skipped``)."""
     from . import callbacks
-    from .budget import Governor
     from .probe import Probe
     from .schedule import EveryNEpochs, LogSpacedSteps
 
-    common = dict(path=path, overwrite=overwrite, budget=Governor(DEMO_BUDGET))
+    common = dict(path=path, overwrite=overwrite)
     monitors: List[Any] = [
         callbacks.ProbeMetricsMonitor(schedule=EveryNEpochs(1), **common),
         callbacks.NTKMonitor(schedule=LogSpacedSteps(per_decade=4), heldout=Probe(size=100, source="val"), **common),
@@ -137,9 +136,15 @@ def run_demo(path: str = "runs/demo.h5", epochs: int = DEMO_EPOCHS, seed: int = 
     trainer = L.Trainer(max_epochs=epochs, callbacks=monitors, logger=False, enable_checkpointing=False,
                         enable_progress_bar=not quiet, enable_model_summary=False, accelerator="cpu",
                         devices=1, deterministic=True)
+    from .callbacks import set_default_budget
+
+    previous = set_default_budget(DEMO_BUDGET)
     started = time.perf_counter()
-    trainer.fit(module, DataLoader(train, batch_size=batch_size, shuffle=True),
-                DataLoader(val, batch_size=256))
+    try:
+        trainer.fit(module, DataLoader(train, batch_size=batch_size, shuffle=True),
+                    DataLoader(val, batch_size=256))
+    finally:
+        set_default_budget(previous)
     elapsed = time.perf_counter() - started
     from .store import open_run
 

@@ -7,8 +7,9 @@ and device at two small sizes and fits a :class:`CostModel`; the training's leng
 predicted from its number of steps and the measured time of one training step
 (:class:`TrainingLength`); :func:`choose_size` then halves a monitor's default size until
 its forced snapshots fit its share of the budget (:func:`forced_allowance`), down to a floor
-below which the quantity would mean little (when even the floor is predicted over the
-share, the floor is used and a warning says the training is short for the monitor).
+below which the quantity would mean little: when even the floor is predicted over the
+share, the monitor is refused with the budget that would fit it (a row of ``/errors``, a
+warning; training and the other monitors go on).
 Sizes the user gave are never changed. Clocks are injectable for tests.
 """
 from __future__ import annotations

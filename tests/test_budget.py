@@ -336,3 +336,32 @@ def test_the_step_time_is_a_forward_and_backward_at_the_training_batch_size(L):
     assert length.steps == 6 and length.step_seconds == pytest.approx(2 * 0.25) and length.seconds == pytest.approx(3.0)
     assert calls == [] and all(p.grad is None for p in module.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
+
+
+def test_a_monitor_whose_smallest_size_breaks_the_budget_is_refused_with_the_budget_that_fits(L, run_path,
+                                                                                                 monkeypatch):
+    """0.05 s per probe example: even the floor (32 examples, 1.6 s per snapshot) is over the
+    0.75 s share of a 30 s training at budget 5%: refused, with the budget that would fit it
+    (2 x 1.6 / (0.5 x 30) = 0.21); training goes on."""
+    from lightning_ntk.callbacks import ProbeMetricsMonitor, _sizing
+    from lightning_ntk.store import open_run
+
+    from .models import blob_data, loader, make_module, tiny_net, trainer
+
+    clock = FakeClock()
+
+    class Costly(ProbeMetricsMonitor):
+        def measure(self, trainer, pl_module, probe):
+            clock.now += 0.05 * len(probe)
+            return super().measure(trainer, pl_module, probe)
+
+    monkeypatch.setattr(_sizing, "step_seconds", lambda *args: 1.0)
+    monitor = Costly(run_path, schedule=5, budget=Governor(0.05, clock=clock))
+    t = trainer(L, [monitor], max_epochs=10)
+    with pytest.warns(RuntimeWarning, match=r"Costly: this training is too short for it within the budget: at its "
+                                            r"smallest probe size \(32\) .* 3\.20 s.*Pass budget=0\.21"):
+        t.fit(make_module(L, tiny_net()), loader(blob_data(n=48)))
+    assert t.global_step == 30 and monitor.disabled
+    with open_run(run_path) as run:
+        [error] = run.errors()
+        assert "too short for it within the budget" in error["message"]

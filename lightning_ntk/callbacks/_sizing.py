@@ -22,7 +22,7 @@ import torch
 
 from .._hygiene import measurement_mode, module_device
 from ..probe import Probe, ProbeSet
-from ..sizing import FORCED_SNAPSHOTS, CostModel, TrainingLength, choose_size, forced_allowance, timed
+from ..sizing import FORCED_SHARE, FORCED_SNAPSHOTS, CostModel, TrainingLength, choose_size, forced_allowance, timed
 from ..task import predictions_in
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -132,14 +132,21 @@ def _size(monitor: "Monitor", governor: Any, probe: ProbeSet, trainer: Any, pl_m
         monitor.sizing = dict(choice.to_config(), user_size=False)
         _log.info("%s: %s (a %.0f s training, budget %g)", owner, choice.explain(monitor.size_name), length.seconds,
                   governor.budget)
-        if not choice.fits:
-            _log.warning("%s: at its smallest size (%d) its first and last snapshots are predicted to take %.2f s, "
-                         "over its share of the budget (%.2f s): the training is short for it; pass budget= to "
-                         "allow more", owner, choice.size, FORCED_SNAPSHOTS * choice.predicted_seconds, allowance)
     if cost is not None:
         monitor.sizing.update(cost_model=cost.to_config(), training=length.to_config())
     if not user_size:
-        size = int(monitor._session.collectives.broadcast_object(size))  # every rank draws the same examples
+        # every rank draws the same examples, and refuses together: rank 0's decision
+        size, fits = monitor._session.collectives.broadcast_object((size, monitor.sizing.get("fits", True)))
+        size = int(size)
+        if not fits:
+            predicted = FORCED_SNAPSHOTS * cost.predict(size) if cost is not None else math.nan
+            needed = predicted / (FORCED_SHARE * float(length.seconds) / monitor._session.snapshot_monitors())
+            raise SizingRefusal(
+                f"{owner}: this training is too short for it within the budget: at its smallest {monitor.size_name} "
+                f"({size}) its first and last snapshots are predicted to take {predicted:.2f} s, over its share "
+                f"({allowance:.2f} s of budget {governor.budget:g} x a {length.seconds:.0f} s training). Pass "
+                f"budget={min(needed, 1.0):.2g} (or more) to measure it, or give its size (probe=, sharpness_set=) "
+                "to measure at that size whatever it costs")
         if size < n:
             try:
                 monitor.resize_probes(trainer, pl_module, size)
@@ -147,6 +154,10 @@ def _size(monitor: "Monitor", governor: Any, probe: ProbeSet, trainer: Any, pl_m
                 _log.warning("%s: the probes at %d examples do not serve it (%s); keeping %d", owner, size, exc, n)
                 monitor.resize_probes(trainer, pl_module, n)
                 monitor.sizing.update(size=n, note=f"sized {size} refused by the monitor: {exc}")
+
+
+class SizingRefusal(ValueError):
+    """Even the smallest meaningful size does not fit the budget: the monitor is refused."""
 
 
 def resized(setting: Any, size: int) -> Any:
@@ -166,5 +177,7 @@ def linear_cost(measure: Any, probe: ProbeSet, small: int = 8, fixed: float = 0.
     sizes = timing_sizes(len(probe), small)
     if sizes is None:
         return None
-    seconds = [timed(lambda n=n: measure(probe_head(probe, n)), clock) for n in sizes]
+    # one call per size: a second would double what sizing costs (the first call's one-off
+    # costs, if any, make the prediction larger, never smaller)
+    seconds = [timed(lambda n=n: measure(probe_head(probe, n)), clock, repeats=1) for n in sizes]
     return CostModel.from_timings(sizes, seconds, pairs=pairs, fixed=fixed)

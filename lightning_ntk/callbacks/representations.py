@@ -113,6 +113,8 @@ class RepresentationMonitor(HeldoutProbeMonitor):
     def default_schedule(self) -> Schedule:
         return LogSpacedSteps(per_decade=4)
 
+    size_floor = 256  # few-shot episodes need k_shot + n_query examples of n_way classes
+
     def cost_model(self, trainer: Any, pl_module: nn.Module, probe: ProbeSet) -> Optional[CostModel]:
         return self._forward_cost(pl_module, probe, lambda sub: self._features(pl_module, sub))
 
