@@ -8,8 +8,8 @@ predicted from its number of steps and the measured time of one training step
 (:class:`TrainingLength`); :func:`choose_size` then halves a monitor's default size until
 its forced snapshots fit its share of the budget (:func:`forced_allowance`), down to a floor
 below which the quantity would mean little: when even the floor is predicted over the
-share, the monitor is refused with the budget that would fit it (a row of ``/errors``, a
-warning; training and the other monitors go on).
+share, the floor is used and a warning gives the budget that would fit it (the first and
+last snapshots anchor every curve: the training pays for them however short it is).
 Sizes the user gave are never changed. Clocks are injectable for tests.
 """
 from __future__ import annotations

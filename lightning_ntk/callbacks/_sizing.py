@@ -135,18 +135,18 @@ def _size(monitor: "Monitor", governor: Any, probe: ProbeSet, trainer: Any, pl_m
     if cost is not None:
         monitor.sizing.update(cost_model=cost.to_config(), training=length.to_config())
     if not user_size:
-        # every rank draws the same examples, and refuses together: rank 0's decision
+        # every rank draws the same examples: rank 0's decision
         size, fits = monitor._session.collectives.broadcast_object((size, monitor.sizing.get("fits", True)))
         size = int(size)
-        if not fits:
-            predicted = FORCED_SNAPSHOTS * cost.predict(size) if cost is not None else math.nan
+        if not fits and cost is not None:
+            predicted = FORCED_SNAPSHOTS * cost.predict(size)
             needed = predicted / (FORCED_SHARE * float(length.seconds) / monitor._session.snapshot_monitors())
-            raise SizingRefusal(
-                f"{owner}: this training is too short for it within the budget: at its smallest {monitor.size_name} "
-                f"({size}) its first and last snapshots are predicted to take {predicted:.2f} s, over its share "
-                f"({allowance:.2f} s of budget {governor.budget:g} x a {length.seconds:.0f} s training). Pass "
-                f"budget={min(needed, 1.0):.2g} (or more) to measure it, or give its size (probe=, sharpness_set=) "
-                "to measure at that size whatever it costs")
+            warnings.warn(
+                f"{owner}: this training is short for it: at its smallest {monitor.size_name} ({size}) its first and "
+                f"last snapshots are predicted to take {predicted:.2f} s, over its share of the budget ({allowance:.2f} "
+                f"s of budget {governor.budget:g} x a {length.seconds:.0f} s training); they are taken all the same "
+                f"(they anchor its curves). Pass budget={min(needed, 1.0):.2g} to make room for them, or leave the "
+                "monitor out of short trainings", RuntimeWarning, stacklevel=2)
         if size < n:
             try:
                 monitor.resize_probes(trainer, pl_module, size)
@@ -154,10 +154,6 @@ def _size(monitor: "Monitor", governor: Any, probe: ProbeSet, trainer: Any, pl_m
                 _log.warning("%s: the probes at %d examples do not serve it (%s); keeping %d", owner, size, exc, n)
                 monitor.resize_probes(trainer, pl_module, n)
                 monitor.sizing.update(size=n, note=f"sized {size} refused by the monitor: {exc}")
-
-
-class SizingRefusal(ValueError):
-    """Even the smallest meaningful size does not fit the budget: the monitor is refused."""
 
 
 def resized(setting: Any, size: int) -> Any:
