@@ -238,3 +238,57 @@ def test_positions_that_the_input_dtype_cannot_hold_are_refused():
             positioned_inputs(x, pairs)
     exact = positioned_inputs(torch.zeros(1, 300, dtype=torch.int64), pairs)
     assert exact.shape == (1, 301) and int(exact[0, -1]) == 257
+
+
+class TinyEncoderClassifier(nn.Module):
+    """A bidirectional transformer encoder, mean-pooled, classifying token sequences."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(LM_VOCAB, 8)
+        self.block = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.0)
+        self.head = nn.Linear(8, classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(self.emb(ids)).mean(dim=1))
+
+
+class ClassifiedTokens(torch.utils.data.Dataset):
+    """TokenData's sequences labelled by their first token mod 3, as dict items."""
+
+    def __init__(self, n: int = 48, seed: int = 0) -> None:
+        self.ids = TokenData(n, seed=seed).ids
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "labels": self.ids[i, 0] % 3}
+
+
+def test_every_monitor_records_a_transformer_encoder_classifier_with_only_path(run_path):
+    class Classifier(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = TinyEncoderClassifier()
+
+        def forward(self, ids):
+            return self.net(ids)
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self(batch["input_ids"]), batch["labels"])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    monitors = every_monitor(run_path)
+    trainer(L, monitors, max_epochs=1).fit(Classifier(), DataLoader(ClassifiedTokens(), batch_size=8, shuffle=True),
+                                           DataLoader(ClassifiedTokens(24, seed=1), batch_size=8))
+    with ln.open_run(run_path) as run:
+        assert run.errors() == []
+        for group in ("ntk", "probe_metrics", "sharpness", "codes", "representations", "forgetting/events"):
+            assert len(run[group]) >= 1, group
+        assert run["ntk"].attrs["kind"] == "trace" and "sequence_task" not in run["ntk"].attrs  # per sequence
+        assert np.all(np.isfinite(run["sharpness"]["eigvals"][:]))
+        assert np.all(np.isfinite(run["codes"]["knn_accuracy"][:]))
