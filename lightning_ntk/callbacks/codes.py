@@ -364,7 +364,43 @@ class ActivationCodeMonitor(HeldoutProbeMonitor):
         return any(m in self.measures for m in ("knn", "logistic", "kmeans"))
 
     def cost_model(self, trainer: Any, pl_module: nn.Module, probe: ProbeSet) -> Optional[CostModel]:
-        return self._forward_cost(pl_module, probe, lambda sub: self._codes(pl_module, sub.x))
+        """The capture forward passes (both probes) and, for class labels, the classifiers:
+        timed on the probe's first 32 and 64 examples (fit on one half, scored on the other)."""
+        if not self._classifies or self._sequence is not None:
+            return self._forward_cost(pl_module, probe, lambda sub: self._codes(pl_module, sub.x))
+        labels = self.labels("probe", "the classifiers")
+
+        def snapshot(sub: ProbeSet) -> None:
+            codes, y = self._codes(pl_module, sub.x), labels[:len(sub)]
+            half = len(sub) // 2
+            self._classify(codes[:half], y[:half], codes[half:], y[half:], codes, y, timing=True)
+
+        forward = self._forward_cost(pl_module, probe, lambda sub: self._codes(pl_module, sub.x))
+        total = linear_cost(snapshot, self._probe.on(pl_module), small=32, clock=self.clock)
+        if forward is None or total is None:
+            return total
+        # the held-out probe's forward passes on top of the timed snapshot (classifiers included)
+        extra = CostModel(forward.fixed / 2, forward.per_example / 2, 0.0) if self.heldout_set is not None else None
+        return total if extra is None else CostModel(total.fixed + extra.fixed, total.per_example + extra.per_example)
+
+    def _classify(self, fit: Any, y_fit: np.ndarray, evaluate: Any, y_eval: np.ndarray, train: Any,
+                  y_train: np.ndarray, timing: bool = False) -> Dict[str, float]:
+        """The classifiers' scores: k-NN and logistic regression fitted on ``fit``, scored on
+        ``evaluate``; k-means on the training codes. ``timing``: on a few examples for the
+        cost model (k clipped to them; no logistic fit on a single class)."""
+        row: Dict[str, float] = {}
+        with limited_threads(self.classifier_threads):
+            if "knn" in self.measures:
+                k = min(self.k, len(y_fit)) if timing else self.k
+                row["knn_accuracy"] = knn_accuracy(fit, y_fit, evaluate, y_eval, k=k)
+            if "logistic" in self.measures and not (timing and len(np.unique(y_fit)) < 2):
+                row["logistic_accuracy"] = logistic_accuracy(fit, y_fit, evaluate, y_eval, seed=self.seed)
+            if "kmeans" in self.measures:
+                ids = kmeans_clusters(train, int(np.unique(y_train).shape[0]), seed=self.seed,
+                                      n_init=self.kmeans_n_init)
+                row["kmeans_accuracy_hungarian"] = cluster_accuracy(ids, y_train, mapping="hungarian")
+                row["kmeans_accuracy_greedy"] = cluster_accuracy(ids, y_train, mapping="greedy")
+        return row
 
     def _codes(self, pl_module: nn.Module, x: torch.Tensor, role: str = "probe") -> ActivationCodes:
         positions = self.positions(role)
@@ -466,16 +502,7 @@ class ActivationCodeMonitor(HeldoutProbeMonitor):
                 fit_pos, eval_pos = self._fixed_split(y_train)
                 fit, y_fit = codes["train"][fit_pos], y_train[fit_pos]
                 evaluate, y_eval = codes["train"][eval_pos], y_train[eval_pos]
-            with limited_threads(self.classifier_threads):
-                if "knn" in self.measures:
-                    row["knn_accuracy"] = knn_accuracy(fit, y_fit, evaluate, y_eval, k=self.k)
-                if "logistic" in self.measures:
-                    row["logistic_accuracy"] = logistic_accuracy(fit, y_fit, evaluate, y_eval, seed=self.seed)
-                if "kmeans" in self.measures:
-                    ids = kmeans_clusters(codes["train"], int(np.unique(y_train).shape[0]), seed=self.seed,
-                                          n_init=self.kmeans_n_init)
-                    row["kmeans_accuracy_hungarian"] = cluster_accuracy(ids, y_train, mapping="hungarian")
-                    row["kmeans_accuracy_greedy"] = cluster_accuracy(ids, y_train, mapping="greedy")
+            row.update(self._classify(fit, y_fit, evaluate, y_eval, codes["train"], y_train))
         if "code_change" in self.measures:
             for which, c in codes.items():
                 previous = self._previous.get(which)
