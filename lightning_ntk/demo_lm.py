@@ -222,7 +222,8 @@ def generate(model: nn.Module, vocab: CharVocab, prompt: str, n: int = 80) -> st
 
 
 #: Epochs of the LM demo: 960 steps of 32 windows (~35 ms each on 2 CPU cores, ~37 s of
-#: training with validation), to a validation loss of ~1.73 nats per character (uniform: log V = 4.63).
+#: training with validation), to a validation loss of ~1.73 nats per character (uniform:
+#: log V = 4.63).
 LM_DEMO_EPOCHS = 15
 LM_DEMO_SEQ_LEN = 64
 LM_DEMO_N_TRAIN = 2048
@@ -241,9 +242,8 @@ def lm_monitors(path: str, overwrite: bool = True) -> List[Any]:
     training sequences (32 pairs, ~1 s a snapshot on 2 CPU cores) at log-spaced steps (0, 1,
     10, 100 and the end), without a held-out probe: kernel regression of 103-way next
     characters from 32 pairs says little, and 16 held-out pairs doubled the snapshot's cost.
-    The probe metrics leave out
-    the per-token logits (``store_logits=False``): 128 sequences × 64 positions × V floats per
-    snapshot would be most of the file.
+    The probe metrics leave out the per-token logits (``store_logits=False``): 128 sequences ×
+    64 positions × V floats per snapshot would be most of the file (51 MB instead of 6 MB).
     """
     from . import callbacks
     from .probe import Probe
