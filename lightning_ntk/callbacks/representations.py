@@ -13,6 +13,7 @@ penultimate layer (the input of the last ``nn.Linear`` that runs) or at ``layer=
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -22,9 +23,10 @@ from .. import _args
 from ..probe import ProbeSet
 from ..representations import extract_features, few_shot_accuracy, linear_probe_accuracy
 from ..schedule import LogSpacedSteps, Schedule
-from ..sizing import CostModel
+from ..sizing import CostModel, timed
 from ..store import Field
 from ._base import TableSpec
+from ._sizing import probe_head
 from .codes import HeldoutLike, HeldoutProbeMonitor, limited_threads, require_sklearn
 
 _CLASSIFIERS = {"centroid_euclidean": "euclidean", "centroid_cosine": "cosine", "logistic": "logistic"}
@@ -116,7 +118,38 @@ class RepresentationMonitor(HeldoutProbeMonitor):
     size_floor = 256  # few-shot episodes need k_shot + n_query examples of n_way classes
 
     def cost_model(self, trainer: Any, pl_module: nn.Module, probe: ProbeSet) -> Optional[CostModel]:
-        return self._forward_cost(pl_module, probe, lambda sub: self._features(pl_module, sub))
+        """The feature forward passes (both probes), timed on 16 and 32 examples, plus the
+        probes' classifiers timed on synthetic features of the layer's width: the few-shot
+        episodes (a fixed cost: each draws n_way x (k_shot + n_query) examples) and the
+        linear probe's logistic regression on 64 and 128 examples (per example)."""
+        forward = self._forward_cost(pl_module, probe, lambda sub: self._features(pl_module, sub))
+        if forward is None:
+            return None
+        width = self._features(pl_module, probe_head(self._probe.on(pl_module), 1)).shape[1]
+        rng = np.random.default_rng(self.seed)
+
+        def synthetic(n: int, classes: int) -> Tuple[np.ndarray, np.ndarray]:
+            return rng.standard_normal((n, width)).astype(np.float32), np.arange(n) % classes
+
+        episodes = 0.0
+        with limited_threads(self.classifier_threads):
+            for n_way, k_shot in self.few_shot:
+                features, labels = synthetic(n_way * (k_shot + self.n_query), n_way)
+                for classifier in self.classifiers:
+                    episodes += timed(functools.partial(few_shot_accuracy, features, labels, n_way=n_way,
+                                                        k_shot=k_shot, n_query=self.n_query, episodes=self.episodes,
+                                                        classifier=classifier, seed=self.seed),
+                                      self.clock, repeats=1)
+            probe_cost = None
+            if self.linear_probe:
+                def fit(n: int) -> None:
+                    x, y = synthetic(n, 10)
+                    linear_probe_accuracy(x[: n // 2], y[: n // 2], x[n // 2:], y[n // 2:])
+
+                probe_cost = CostModel.from_timings((64, 128), [timed(lambda n=n: fit(n), self.clock, repeats=1)
+                                                                for n in (64, 128)])
+        per_example = forward.per_example + (probe_cost.per_example if probe_cost else 0.0)
+        return CostModel(forward.fixed + episodes + (probe_cost.fixed if probe_cost else 0.0), per_example, 0.0)
 
     def _features(self, pl_module: nn.Module, probe: ProbeSet, role: str = "probe") -> np.ndarray:
         return extract_features(pl_module, probe.x, self.layer, batch_size=self.batch_size,
