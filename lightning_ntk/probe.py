@@ -309,6 +309,7 @@ class Probe:
             raise ValueError(f"batch_format must be None, a pair (x_key, y_key) or a function batch -> (x, y); "
                              f"got {batch_format!r}")
         self.size = size
+        self._named = name is not None  # a name given is kept by resized(); a default one follows the size
         self.source = source
         self.seed = seed
         self.stratified = stratified
@@ -316,6 +317,12 @@ class Probe:
         self.name = name or f"{source}_{'first' if first else ''}{'all' if size is None else size}"
         self.batch_format = batch_format
         self.store_inputs = store_inputs
+
+    def resized(self, size: Optional[int]) -> "Probe":
+        """This probe setting at another size (the other settings, and a given name, kept)."""
+        return Probe(size=size, source=self.source, seed=self.seed, stratified=self.stratified,
+                     name=self.name if self._named else None, batch_format=self.batch_format,
+                     store_inputs=self.store_inputs, first=self.first)
 
     def to_config(self) -> Dict[str, Any]:
         return {"size": self.size, "source": self.source, "seed": self.seed, "stratified": self.stratified,

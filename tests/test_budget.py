@@ -14,6 +14,38 @@ class FakeClock:
         return self.now
 
 
+def costly_monitor(clock, seconds_per_example):
+    """A ProbeMetricsMonitor whose snapshots advance ``clock`` by this much per probe example."""
+    from lightning_ntk.callbacks import ProbeMetricsMonitor
+
+    class Costly(ProbeMetricsMonitor):
+        def measure(self, trainer, pl_module, probe):
+            clock.now += seconds_per_example * len(probe)
+            return super().measure(trainer, pl_module, probe)
+
+    return Costly
+
+
+def with_timed_steps(module, clock):
+    """``module`` whose training steps advance ``clock`` by 1 s each."""
+    step = type(module).training_step
+
+    def timed_step(self, batch, batch_idx):
+        clock.now += 1.0
+        return step(self, batch, batch_idx)
+
+    type(module).training_step = timed_step
+    return module
+
+
+@pytest.fixture
+def one_second_steps(monkeypatch):
+    """Sizing predicts 1 s per training step (what it measures is tested on its own below)."""
+    from lightning_ntk.callbacks import _sizing
+
+    monkeypatch.setattr(_sizing, "step_seconds", lambda *args: 1.0)
+
+
 def simulate(governor, clock, *, steps, step_time, due_every, cost, monitor="m"):
     """Training loop: every step takes `step_time`; a snapshot is due every `due_every` steps."""
     taken = []
@@ -192,14 +224,13 @@ def test_forgetting_charges_its_per_batch_time(L, run_path):
     assert governor.spent > 0 and governor.skipped() == 0  # charged, nothing to skip
 
 
-def test_default_sizes_follow_the_predicted_budget_and_user_sizes_are_kept(L, run_path, monkeypatch):
+def test_default_sizes_follow_the_predicted_budget_and_user_sizes_are_kept(L, run_path, one_second_steps):
     """Sizing with a fake clock: each training step takes 1 s (the module's training_step
     advances the clock; the step time predicted at train start is 1 s), a snapshot 0.01 s per
     probe example. 30 steps at budget 10 %: the forced snapshots of the two monitors may take
     0.5 × 0.1 × 30 s = 1.5 s, 0.75 s each, i.e. 0.375 s per snapshot: the default probe (48
     examples, 0.48 s) is halved to the floor 32 (0.32 s); the user's Probe(size=48) is kept,
     with a warning giving its predicted cost."""
-    from lightning_ntk.callbacks import ProbeMetricsMonitor
     from lightning_ntk.probe import Probe
     from lightning_ntk.store import open_run
 
@@ -207,23 +238,8 @@ def test_default_sizes_follow_the_predicted_budget_and_user_sizes_are_kept(L, ru
 
     clock = FakeClock()
     governor = Governor(0.1, clock=clock)
-
-    class Costly(ProbeMetricsMonitor):
-        def measure(self, trainer, pl_module, probe):
-            clock.now += 0.01 * len(probe)
-            return super().measure(trainer, pl_module, probe)
-
-    from lightning_ntk.callbacks import _sizing
-
-    module = make_module(L, tiny_net())
-    step = type(module).training_step
-
-    def timed_step(self, batch, batch_idx):
-        clock.now += 1.0
-        return step(self, batch, batch_idx)
-
-    type(module).training_step = timed_step
-    monkeypatch.setattr(_sizing, "step_seconds", lambda *args: 1.0)  # (measured: see the test below)
+    Costly = costly_monitor(clock, 0.01)
+    module = with_timed_steps(make_module(L, tiny_net()), clock)
     sized = Costly(run_path, schedule=5, budget=governor, on_error="raise", name="sized")
     given = Costly(run_path, schedule=5, probe=Probe(size=48), budget=governor, on_error="raise", name="given")
     t = trainer(L, [sized, given], max_epochs=10)
@@ -246,38 +262,21 @@ def test_default_sizes_follow_the_predicted_budget_and_user_sizes_are_kept(L, ru
     assert stored["probe_metrics_given"]["size"] == 48
 
 
-def test_a_resumed_fit_keeps_the_sizes_its_checkpoint_recorded(L, tmp_path, monkeypatch):
+def test_a_resumed_fit_keeps_the_sizes_its_checkpoint_recorded(L, tmp_path, one_second_steps):
     """Sized at 32 of 48 examples in the first fit (fake clock, as above); resumed from its
     checkpoint with a budget so large that sizing would keep 48, the monitor draws the 32
     examples of the checkpoint and appends to the same probe."""
     import numpy as np
 
-    from lightning_ntk.callbacks import ProbeMetricsMonitor
     from lightning_ntk.store import open_run
 
     from .models import blob_data, loader, make_module, tiny_net, trainer
 
     clock = FakeClock()
-
-    class Costly(ProbeMetricsMonitor):
-        def measure(self, trainer, pl_module, probe):
-            clock.now += 0.01 * len(probe)
-            return super().measure(trainer, pl_module, probe)
-
-    from lightning_ntk.callbacks import _sizing
-
-    monkeypatch.setattr(_sizing, "step_seconds", lambda *args: 1.0)
+    Costly = costly_monitor(clock, 0.01)
 
     def module_with_timed_steps():
-        module = make_module(L, tiny_net())
-        step = type(module).training_step
-
-        def timed_step(self, batch, batch_idx):
-            clock.now += 1.0
-            return step(self, batch, batch_idx)
-
-        type(module).training_step = timed_step
-        return module
+        return with_timed_steps(make_module(L, tiny_net()), clock)
 
     path, ckpt = str(tmp_path / "run.h5"), str(tmp_path / "last.ckpt")
     first = Costly(path, schedule=5, budget=Governor(0.05, clock=clock), on_error="raise")
@@ -338,24 +337,17 @@ def test_the_step_time_is_a_forward_and_backward_at_the_training_batch_size(L):
     assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
 
 
-def test_a_monitor_whose_smallest_size_breaks_the_budget_warns_with_the_budget_that_fits(L, run_path, monkeypatch):
+def test_a_monitor_whose_smallest_size_breaks_the_budget_warns_with_the_budget_that_fits(L, run_path,
+                                                                                         one_second_steps):
     """0.05 s per probe example: even the floor (32 examples, 1.6 s per snapshot) is over the
     0.75 s share of a 30 s training at budget 5%: measured at the floor all the same (first
     and last), with a warning giving the budget that would fit it (2 x 1.6 / (0.5 x 30) = 0.21)."""
-    from lightning_ntk.callbacks import ProbeMetricsMonitor, _sizing
     from lightning_ntk.store import open_run
 
     from .models import blob_data, loader, make_module, tiny_net, trainer
 
     clock = FakeClock()
-
-    class Costly(ProbeMetricsMonitor):
-        def measure(self, trainer, pl_module, probe):
-            clock.now += 0.05 * len(probe)
-            return super().measure(trainer, pl_module, probe)
-
-    monkeypatch.setattr(_sizing, "step_seconds", lambda *args: 1.0)
-    monitor = Costly(run_path, schedule=5, budget=Governor(0.05, clock=clock), on_error="raise")
+    monitor = costly_monitor(clock, 0.05)(run_path, schedule=5, budget=Governor(0.05, clock=clock), on_error="raise")
     t = trainer(L, [monitor], max_epochs=10)
     with pytest.warns(RuntimeWarning, match=r"Costly: this training is short for it: at its smallest probe size "
                                             r"\(32\) .* 3\.20 s.*Pass budget=0\.21"):

@@ -49,7 +49,7 @@ from ._declared import (
 )
 from ._lightning import CALLBACK_BASES, strategy_refusal
 from ._session import FitSession
-from ._sizing import resized, size_to_budget
+from ._sizing import linear_cost, size_to_budget
 
 _log = logging.getLogger("lightning_ntk")
 ForwardFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -67,7 +67,11 @@ class MeasuredModel(nn.Module):
         self._forward_fn = forward_fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.module(x) if self._forward_fn is None else self._forward_fn(self.module, x)
+        return self.forward_output(self.module(x) if self._forward_fn is None else self._forward_fn(self.module, x))
+
+    @staticmethod
+    def forward_output(out: Any) -> torch.Tensor:
+        """The predictions tensor of a model output, or a clear error."""
         predictions = predictions_in(out)
         if predictions is None:
             raise TypeError(f"the model returned a {type(out).__name__} without a tensor of predictions (a tensor, "
@@ -259,8 +263,11 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
     def sample_outputs(self, pl_module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The measured model's predictions on ``x`` (at train start): notes whether the
         module's raw output needs its logits read out (a dict or a ``ModelOutput``)."""
-        self._wrap_outputs = self.forward_fn is None and not isinstance(pl_module(x), torch.Tensor)
-        return self.measured_model(pl_module)(x)
+        if self.forward_fn is not None:
+            return self.measured_model(pl_module)(x)
+        out = pl_module(x)
+        self._wrap_outputs = not isinstance(out, torch.Tensor)
+        return MeasuredModel.forward_output(out)
 
     # ---------------------------------------------------------------- sizing to the budget
     def sizable_probe(self) -> bool:
@@ -280,15 +287,21 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
         """Predicted seconds of a snapshot by probe size, timed on this model (None: not sized)."""
         return None
 
+    def snapshot_cost(self, trainer: Any, pl_module: nn.Module) -> Optional[CostModel]:
+        """A cost model from :meth:`measure` itself on the probe's first 16 and 32 examples,
+        linear in the probe size (for monitors whose measure keeps no state across calls)."""
+        return linear_cost(lambda sub: self.measure(trainer, pl_module, sub), self._probe.on(pl_module), small=16,
+                           clock=self.clock)
+
     def _resume_sizes(self) -> None:
         """A resumed fit draws the sizes its checkpoint recorded (sizing may have shrunk them)."""
         loaded = (self._loaded_state or {}).get("probe_index")
         if loaded is not None and self.default_size() and self.sizable_probe():
-            self._probe.setting = resized(self._probe.setting, len(loaded))
+            self._probe.setting = self._probe.setting.resized(len(loaded))
 
     def resize_probes(self, trainer: Any, pl_module: nn.Module, size: int) -> None:
         """Draw the probe again at ``size`` examples and work the tables out again."""
-        self._probe.setting = resized(self._probe.setting, size)
+        self._probe.setting = self._probe.setting.resized(size)
         draw_probes([self._probe], trainer, type(self).__name__, None)
         with measurement_mode(pl_module, grad=False):
             self._specs = self.table_specs(self.probe_set, pl_module)

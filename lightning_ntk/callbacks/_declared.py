@@ -317,8 +317,7 @@ class ProbeSlot:
         if self.clamp and isinstance(setting, Probe) and setting.size is not None:
             n = map_style_length(_trainer_dataloader(trainer, setting.source))
             if n is not None and n < setting.size:  # the default size fits the user's data, not the demo's
-                setting = Probe(size=n, source=setting.source, seed=setting.seed, stratified=setting.stratified,
-                                batch_format=setting.batch_format, store_inputs=setting.store_inputs, first=setting.first)
+                setting = setting.resized(n)
         try:
             drawn = setting.draw(trainer) if isinstance(setting, Probe) else setting
         except (TypeError, ValueError) as exc:  # what could not be drawn, and from which argument

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import torch
 
 from .._hygiene import measurement_mode, module_device
-from ..probe import Probe, ProbeSet
+from ..probe import ProbeSet
 from ..sizing import FORCED_SHARE, FORCED_SNAPSHOTS, CostModel, TrainingLength, choose_size, forced_allowance, timed
 from ..task import predictions_in
 
@@ -154,16 +154,6 @@ def _size(monitor: "Monitor", governor: Any, probe: ProbeSet, trainer: Any, pl_m
                 _log.warning("%s: the probes at %d examples do not serve it (%s); keeping %d", owner, size, exc, n)
                 monitor.resize_probes(trainer, pl_module, n)
                 monitor.sizing.update(size=n, note=f"sized {size} refused by the monitor: {exc}")
-
-
-def resized(setting: Any, size: int) -> Any:
-    """A default :class:`Probe` setting at another size (other settings unchanged)."""
-    if not isinstance(setting, Probe):
-        return setting
-    return Probe(size=size, source=setting.source, seed=setting.seed, stratified=setting.stratified,
-                 name=None if setting.name == Probe(size=setting.size, source=setting.source,
-                                                    first=setting.first).name else setting.name,
-                 batch_format=setting.batch_format, store_inputs=setting.store_inputs, first=setting.first)
 
 
 def linear_cost(measure: Any, probe: ProbeSet, small: int = 8, fixed: float = 0.0, pairs: bool = False,

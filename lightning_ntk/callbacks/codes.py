@@ -41,7 +41,7 @@ from ..store import Field
 from ..task import Task, TaskError, detect_task
 from ._base import Monitor, TableSpec
 from ._declared import HeldoutLike, ProbeSlot, as_heldout, draw_probes, map_style_length
-from ._sizing import linear_cost
+from ._sizing import linear_cost, timing_sizes
 from ._tokens import TokenPairs, positions_per_sequence
 
 _log = logging.getLogger("lightning_ntk")
@@ -233,12 +233,16 @@ class HeldoutProbeMonitor(Monitor):
         example), a given one adds its fixed cost. The classifiers' time (small next to the
         forward passes on large models) is not predicted."""
         cost = linear_cost(forward, self._probe.on(pl_module), small=16, clock=self.clock)
-        if cost is not None and self.heldout_set is not None:
-            if self._heldout is not None and self._heldout.setting == "auto":
-                cost = CostModel(2 * cost.fixed, 2 * cost.per_example, 0.0)
-            else:
-                cost = CostModel(cost.fixed + cost.per_example * len(self.heldout_set), cost.per_example, 0.0)
-        return cost
+        return None if cost is None else self._with_heldout(cost, cost)
+
+    def _with_heldout(self, cost: CostModel, forward: CostModel) -> CostModel:
+        """``cost`` plus the held-out probe's forward passes (``forward`` per training-probe
+        size): the automatic one is sized with the training probe, a given one is fixed."""
+        if self.heldout_set is None:
+            return cost
+        if self._heldout is not None and self._heldout.setting == "auto":
+            return CostModel(cost.fixed + forward.fixed, cost.per_example + forward.per_example, cost.per_pair)
+        return CostModel(cost.fixed + forward.per_example * len(self.heldout_set), cost.per_example, cost.per_pair)
 
     def _fixed_split(self, labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         if self._split is None:
@@ -368,20 +372,21 @@ class ActivationCodeMonitor(HeldoutProbeMonitor):
         timed on the probe's first 32 and 64 examples (fit on one half, scored on the other)."""
         if not self._classifies or self._sequence is not None:
             return self._forward_cost(pl_module, probe, lambda sub: self._codes(pl_module, sub.x))
-        labels = self.labels("probe", "the classifiers")
+        labels, forward_seconds = self.labels("probe", "the classifiers"), []
 
         def snapshot(sub: ProbeSet) -> None:
+            started = self.clock()
             codes, y = self._codes(pl_module, sub.x), labels[:len(sub)]
+            forward_seconds.append(self.clock() - started)
             half = len(sub) // 2
             self._classify(codes[:half], y[:half], codes[half:], y[half:], codes, y, timing=True)
 
-        forward = self._forward_cost(pl_module, probe, lambda sub: self._codes(pl_module, sub.x))
         total = linear_cost(snapshot, self._probe.on(pl_module), small=32, clock=self.clock)
-        if forward is None or total is None:
-            return total
+        if total is None:
+            return None
         # the held-out probe's forward passes on top of the timed snapshot (classifiers included)
-        extra = CostModel(forward.fixed / 2, forward.per_example / 2, 0.0) if self.heldout_set is not None else None
-        return total if extra is None else CostModel(total.fixed + extra.fixed, total.per_example + extra.per_example)
+        forward = CostModel.from_timings(timing_sizes(len(probe), 32), forward_seconds)
+        return self._with_heldout(total, forward)
 
     def _classify(self, fit: Any, y_fit: np.ndarray, evaluate: Any, y_eval: np.ndarray, train: Any,
                   y_train: np.ndarray, timing: bool = False) -> Dict[str, float]:

@@ -14,7 +14,6 @@ from ..sizing import CostModel
 from ..store import Field
 from ..task import TASKS, Task, TaskError, detect_task, kept_tokens
 from ._base import Monitor
-from ._sizing import linear_cost
 
 
 class ProbeMetricsMonitor(Monitor):
@@ -87,8 +86,7 @@ class ProbeMetricsMonitor(Monitor):
 
     def cost_model(self, trainer: Any, pl_module: nn.Module, probe: ProbeSet) -> Optional[CostModel]:
         """A snapshot (stateless) timed on 16 and 32 probe examples: linear in the probe size."""
-        return linear_cost(lambda sub: self.measure(trainer, pl_module, sub), self._probe.on(pl_module), small=16,
-                           clock=self.clock)
+        return self.snapshot_cost(trainer, pl_module)
 
     def coords(self, probe: Optional[ProbeSet]) -> Dict[str, Any]:
         coords = super().coords(probe)

@@ -26,7 +26,6 @@ from ..probe import Probe, ProbeSet
 from ..sizing import CostModel
 from ..store import Field
 from ._base import Monitor
-from ._sizing import linear_cost
 from ._step_loss import StepLossError, TrainingStepLoss, check_step_loss, silenced_logging, step_loss_of
 
 #: ``sharpness_set="auto"``: the first this many training examples, fewer when the budget needs.
@@ -122,8 +121,7 @@ class SharpnessMonitor(Monitor):
         saved = self._eigenvectors
         try:
             self._eigenvectors = None
-            return linear_cost(lambda sub: self.measure(trainer, pl_module, sub), self._probe.on(pl_module),
-                               small=16, clock=self.clock)
+            return self.snapshot_cost(trainer, pl_module)
         finally:
             self._eigenvectors = saved
 

@@ -363,10 +363,9 @@ def _describe_sizing(sizing: Dict[str, Any]) -> str:
     """One line of a monitor's ``sizing`` config (see :mod:`lightning_ntk.sizing`)."""
     if "size" not in sizing:
         return str(sizing.get("note", "not sized"))
-    who = "the user's size" if sizing.get("user_size") else f"size {sizing['size']} of default {sizing.get('default')}"
-    training = sizing.get("training") or {}
-    seconds = training.get("seconds")
+    who = f"the user's size {sizing['size']}" if sizing.get("user_size") else \
+        f"size {sizing['size']} of default {sizing.get('default')}"
+    seconds = (sizing.get("training") or {}).get("seconds")
     length = f" of a {seconds:.0f} s training" if isinstance(seconds, (int, float)) else ""
-    return (f"{who} {sizing['size'] if sizing.get('user_size') else ''}".rstrip() +
-            f", predicted {sizing['predicted_seconds']:.2f} s per snapshot, {sizing['allowance_seconds']:.2f} s allowed "
+    return (f"{who}, predicted {sizing['predicted_seconds']:.2f} s per snapshot, {sizing['allowance_seconds']:.2f} s allowed "
             f"for the first and last{length}" + ("" if sizing.get("fits") else " (over its share)"))
