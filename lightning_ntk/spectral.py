@@ -617,7 +617,7 @@ def _prepare_regression(
     K_train: ArrayLike,
     Y_train: ArrayLike,
     K_test_train: ArrayLike,
-    center: bool,
+    target_mean: bool,
     f0_train: Optional[ArrayLike],
     f0_test: Optional[ArrayLike],
     num_classes: Optional[int],
@@ -651,7 +651,7 @@ def _prepare_regression(
             )
         R -= f0a
         offset += f0b
-    if center:
+    if target_mean:
         mu = R.mean(axis=0, keepdims=True)
         R -= mu
         offset += mu
@@ -704,7 +704,7 @@ def kernel_regression(
     Y_train: ArrayLike,
     K_test_train: ArrayLike,
     eps: float = 1e-4,
-    center: bool = False,
+    target_mean: bool = False,
     f0_train: Optional[ArrayLike] = None,
     f0_test: Optional[ArrayLike] = None,
     num_classes: Optional[int] = None,
@@ -718,14 +718,20 @@ def kernel_regression(
     targets when K is positive definite; a failed Cholesky raises and asks for ε > 0.
     Predictions are invariant to K → cK, c > 0, for every ε.
 
-    ``Y_train``: labels (N,) (one-hot) or targets (N, C). ``center``: μ = column mean of
-    Y − f0(X) (a constant prior mean), else μ = 0. ``f0_train``/``f0_test``: optional
-    prior outputs (e.g. the network at the snapshot); with them and ε = 0 the prediction
-    is the t → ∞ MSE gradient-flow solution of the linearised network (Lee et al. 2019), which
-    is still only a proxy for the linearised training of Fort et al. (2020).
+    ``Y_train``: labels (N,) (one-hot) or targets (N, C).
+
+    Centring in Lee et al. (2020)'s sense is the default: without ``f0_train``/``f0_test``
+    the prediction K(X*, X) K_reg⁻¹ Y is that of the *centred* network f − f₀, whose
+    output at the snapshot is 0 (with ε = 0: its linearisation trained by MSE gradient
+    flow to t → ∞, Lee et al. 2019, 2020). Pass ``f0_train``/``f0_test`` (the network's
+    outputs at the snapshot) for the uncentred network, f0(X*) + K* K_reg⁻¹ (Y − f0(X)).
+    Either is still only a proxy for the linearised training of Fort et al. (2020).
+
+    ``target_mean``: μ = column mean of Y − f0(X), subtracted and added back (a constant
+    prior mean; this is *not* Lee et al.'s centring), else μ = 0.
     Returns predictions (N*, C).
     """
-    p = _prepare_regression(K_train, Y_train, K_test_train, center, f0_train, f0_test, num_classes)
+    p = _prepare_regression(K_train, Y_train, K_test_train, target_mean, f0_train, f0_test, num_classes)
     return _solve_regression(p, eps, "kernel_regression")
 
 
@@ -764,14 +770,14 @@ def kernel_regression_scores(
     K_test_train: ArrayLike,
     y_test: ArrayLike,
     eps: float = 1e-4,
-    center: bool = False,
+    target_mean: bool = False,
     f0_train: Optional[ArrayLike] = None,
     f0_test: Optional[ArrayLike] = None,
     num_classes: Optional[int] = None,
 ) -> KernelRegressionScores:
     """Accuracy and MSE of :func:`kernel_regression` on held-out targets ``y_test``
     (labels (N*,) or targets (N*, C); accuracy uses argmax of each row)."""
-    p = _prepare_regression(K_train, Y_train, K_test_train, center, f0_train, f0_test, num_classes)
+    p = _prepare_regression(K_train, Y_train, K_test_train, target_mean, f0_train, f0_test, num_classes)
     Yt = _test_targets(y_test, p.K_test.shape[0], p.residual.shape[1])
     return _scores(_solve_regression(p, eps, "kernel_regression_scores"), Yt)
 
@@ -782,7 +788,7 @@ def kernel_regression_sweep(
     K_test_train: ArrayLike,
     y_test: ArrayLike,
     eps_grid: Sequence[float],
-    center: bool = False,
+    target_mean: bool = False,
     f0_train: Optional[ArrayLike] = None,
     f0_test: Optional[ArrayLike] = None,
     num_classes: Optional[int] = None,
@@ -795,7 +801,7 @@ def kernel_regression_sweep(
         raise ValueError(f"eps_grid must be a non-empty 1-d sequence of eps >= 0; got shape {grid.shape}.")
     if np.any(grid < 0):
         raise ValueError(f"eps_grid must hold eps >= 0; got {grid.tolist()}.")
-    p = _prepare_regression(K_train, Y_train, K_test_train, center, f0_train, f0_test, num_classes)
+    p = _prepare_regression(K_train, Y_train, K_test_train, target_mean, f0_train, f0_test, num_classes)
     Yt = _test_targets(y_test, p.K_test.shape[0], p.residual.shape[1])
     acc = np.full(grid.size, np.nan)
     mse = np.full(grid.size, np.nan)

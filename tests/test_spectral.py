@@ -514,7 +514,7 @@ def test_krr_diagonal_kernel_equals_embedded_full():
         )
 
 
-def test_krr_center_and_prior_outputs():
+def test_krr_target_mean_and_prior_outputs():
     rng = _rng(27)
     phi = rng.standard_normal((7, 10))
     phi_t = rng.standard_normal((3, 10))
@@ -523,8 +523,10 @@ def test_krr_center_and_prior_outputs():
     eps = 0.05
     mu = Y.mean(axis=0)
     np.testing.assert_allclose(
-        sp.kernel_regression(K, Y, Ks, eps=eps, center=True), mu + _brute_krr(K, Y - mu, Ks, eps), rtol=1e-9
+        sp.kernel_regression(K, Y, Ks, eps=eps, target_mean=True), mu + _brute_krr(K, Y - mu, Ks, eps), rtol=1e-9
     )
+    with pytest.raises(TypeError):  # the old name, which meant the target mean, not Lee et al.'s centring
+        sp.kernel_regression(K, Y, Ks, eps=eps, center=True)
     f0, f0t = rng.standard_normal((7, 2)), rng.standard_normal((3, 2))
     np.testing.assert_allclose(
         sp.kernel_regression(K, Y, Ks, eps=eps, f0_train=f0, f0_test=f0t),
@@ -533,6 +535,34 @@ def test_krr_center_and_prior_outputs():
     )
     with pytest.raises(ValueError, match="both"):
         sp.kernel_regression(K, Y, Ks, f0_train=f0)
+
+
+def _trained_linear_model(J, Y, f0, steps=6000):
+    """Gradient descent on 0.5 ||f0 + J dw - Y||^2 from dw = 0 (the linearised network of
+    Lee et al. 2019, f_lin = f0 + J (w - w0)), run to convergence; returns dw."""
+    lr = 1.0 / np.linalg.eigvalsh(J @ J.T).max()
+    dw = np.zeros((J.shape[1], Y.shape[1]))
+    for _ in range(steps):
+        dw -= lr * J.T @ (f0 + J @ dw - Y)
+    return dw
+
+
+def test_krr_default_is_lee_centred_network_and_f0_the_uncentred_one():
+    # Lee et al. (2020) centre the network: f - f0 is trained, which is 0 at the snapshot.
+    # Its linearisation J (w - w0) trained to convergence (eps = 0, N < P) predicts
+    # K(X*, X) K^-1 Y: kernel_regression's default. The uncentred linearised network
+    # f0 + J (w - w0) predicts f0(X*) + K* K^-1 (Y - f0(X)): what f0_train/f0_test give.
+    rng = _rng(28)
+    J, Js = rng.standard_normal((6, 15)), rng.standard_normal((3, 15))  # Jacobians, P = 15 > N = 6
+    Y = rng.standard_normal((6, 2))
+    f0, f0s = rng.standard_normal((6, 2)), rng.standard_normal((3, 2))
+    K, Ks = J @ J.T, Js @ J.T
+    centred = Js @ _trained_linear_model(J, Y, np.zeros_like(Y))
+    np.testing.assert_allclose(sp.kernel_regression(K, Y, Ks, eps=0.0), centred, rtol=1e-6, atol=1e-8)
+    uncentred = f0s + Js @ _trained_linear_model(J, Y, f0)
+    np.testing.assert_allclose(sp.kernel_regression(K, Y, Ks, eps=0.0, f0_train=f0, f0_test=f0s), uncentred,
+                               rtol=1e-6, atol=1e-8)
+    assert np.abs(centred - uncentred).max() > 0.1  # the two conventions differ here
 
 
 def test_krr_errors():
