@@ -81,6 +81,34 @@ def test_kernel_and_spectrum_match_brute_force(L, run_path):
         np.testing.assert_allclose(view["krr_mse"][-1], np.mean((pred - np.eye(3)[y_held.numpy()]) ** 2), rtol=1e-3)
 
 
+def test_kernel_regression_kernel_is_float64_by_default(L, run_path):
+    """Lee et al. (2020) compute kernels for regression in float64: with a held-out probe and
+    dtype=None the kernel (and the stored one) is float64, equal to the float64 brute force
+    to rounding; without kernel regression it stays in the parameters' float32."""
+    x_held, y_held = blob_data(n=12, seed=1).tensors
+    krr = NTKMonitor(run_path, probe=Probe(size=12), schedule=EveryNEpochs(1), k=3, on_error="raise",
+                     per_layer=False, heldout=(x_held, y_held), name="krr")
+    plain = NTKMonitor(run_path, probe=Probe(size=12), schedule=EveryNEpochs(1), k=3, on_error="raise",
+                       per_layer=False, name="plain")
+    torch.manual_seed(0)
+    module = make_module(L, tiny_net())
+    trainer(L, [krr, plain], max_epochs=1).fit(module, loader(blob_data()))
+    module.eval()
+    with open_run(run_path) as run:
+        x = torch.as_tensor(run.probe("train_12")["x"])
+        y = run.probe("train_12")["y"]
+        ref = empirical_ntk_reference(module, x, kind="trace").numpy()
+        kernel = run["ntk_krr"]["kernel"][-1]
+        assert kernel.dtype == np.float64 and run["ntk_plain"]["kernel"][-1].dtype == np.float32
+        np.testing.assert_allclose(kernel, ref, rtol=1e-11, atol=1e-13 * np.abs(ref).max())
+        cross = empirical_ntk_reference(module, x_held, x, kind="trace").numpy()
+        pred = cross @ np.linalg.solve(ref + 1e-4 * np.trace(ref) / len(y) * np.eye(len(y)), np.eye(3)[y])
+        np.testing.assert_allclose(run["ntk_krr"]["krr_mse"][-1], np.mean((pred - np.eye(3)[y_held.numpy()]) ** 2),
+                                   rtol=1e-9)
+        configs = {c["group"]: c for c in run.config.values() if isinstance(c, dict) and "group" in c}
+        assert configs["ntk_krr"]["kernel_dtype"] == "float64"
+
+
 def test_full_kind_eigvecs_are_example_major(L, run_path):
     monitor = NTKMonitor(run_path, probe=Probe(size=9), kind="full", k=4, schedule=EveryNEpochs(1),
                          on_error="raise", per_layer=False)

@@ -70,7 +70,12 @@ class NTKMonitor(Monitor):
         heldout: a held-out probe (a :class:`Probe` with ``source="val"``, a ProbeSet or a
             pair ``(x, y)``) for kernel-regression accuracy; None: no KRR.
         krr_eps: KRR ridge ε in K + ε·tr(K)/n·I (Lee et al. 2020).
-        method, dtype, max_memory: passed to :func:`lightning_ntk.empirical_ntk`.
+        dtype: the kernel's dtype. Default: float64 when a held-out probe is given (kernel
+            regression: Lee et al. 2020 compute kernels for regression in float64, since a
+            float32 kernel's ~1e-7 relative error is amplified by the solve at small ridges;
+            the stored kernel is then float64 too), else the parameters' dtype (float64
+            costs about twice the time on CPUs and far more on most GPUs).
+        method, max_memory: passed to :func:`lightning_ntk.empirical_ntk`.
         task: what the outputs and targets are (:mod:`lightning_ntk.task`; default: detected
             from the probe at train start). The targets of alignment, energies and KRR are
             one-hot labels for multi-class, the labels or values themselves otherwise.
@@ -128,6 +133,7 @@ class NTKMonitor(Monitor):
     # ------------------------------------------------------------------ config and schema
     def config_extra(self) -> Dict[str, Any]:
         return dict(super().config_extra(), store_kernel=self._store_kernel, kind_used=self._kind,
+                    kernel_dtype=str(self._kernel_dtype() or "the parameters' dtype").replace("torch.", ""),
                     note="kernel computed in eval mode: BatchNorm uses running statistics, dropout is off")
 
     def _matrix_size(self, n: int) -> int:
@@ -180,7 +186,8 @@ class NTKMonitor(Monitor):
             shape = {"trace": (n, n), "pseudo": (n, n), "diagonal": (n, n, self._num_outputs),
                      "full": (n, n, self._num_outputs, self._num_outputs), "sketch": (n, n)}[self._kind]
             dims = ("probe_i", "probe_j", "output_c", "output_d")[: len(shape)]
-            fields.append(Field("kernel", shape, "float32", dims=dims))
+            fields.append(Field("kernel", shape, "float64" if self._kernel_dtype() == torch.float64 else "float32",
+                                dims=dims))
             if self._kind == "sketch":
                 fields.append(Field("kernel_stderr", shape, "float32", dims=dims,
                                     attrs={"description": "per-entry standard error of the sketched kernel"}))
@@ -264,6 +271,13 @@ class NTKMonitor(Monitor):
         return PooledTokens(model, self._sequence.shift) if self.sequence_kernel == "pooled" else TokenOutputs(model)
 
     # ------------------------------------------------------------------ measurement
+    def _kernel_dtype(self) -> Optional[torch.dtype]:
+        """``dtype``, or float64 when kernel regression runs (a held-out probe: Lee et al. 2020),
+        else None (the parameters' dtype)."""
+        if self.dtype is not None:
+            return self.dtype
+        return torch.float64 if self.heldout_set is not None else None
+
     def _kernel(self, model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = None,
                 per_layer: bool = False):
         """Θ(x1, x2). Under DDP the rows of x1 are split across ranks, each rank computes
@@ -287,9 +301,9 @@ class NTKMonitor(Monitor):
         ``"stderr"`` entry of a per-layer dict)."""
         if self._kind != "sketch":
             return empirical_ntk(model, x1, x2, kind=self._kind, method=self.method, per_layer=per_layer,
-                                 dtype=self.dtype, max_memory=self.max_memory)
+                                 dtype=self._kernel_dtype(), max_memory=self.max_memory)
         sketch = sketched_ntk(model, x1, x2, projections=self.projections, seed=self.seed, method=self.method,
-                              dtype=self.dtype, max_memory=self.max_memory, per_layer=per_layer)
+                              dtype=self._kernel_dtype(), max_memory=self.max_memory, per_layer=per_layer)
         return {**(sketch.layers if per_layer else {"kernel": sketch.kernel}), _STDERR: sketch.stderr}
 
     def measure(self, trainer: Any, pl_module: nn.Module, probe: Optional[ProbeSet]) -> Tuple[Dict[str, Any], Dict[str, float]]:
@@ -354,7 +368,7 @@ class NTKMonitor(Monitor):
             if self._store_kernel:
                 row["kernel_stderr"] = stderr_np.astype(np.float32)
         if self._store_kernel:
-            row["kernel"] = kernel.astype(np.float32)
+            row["kernel"] = kernel if self._kernel_dtype() == torch.float64 else kernel.astype(np.float32)
         self._kernel_prev = kernel.astype(np.float32)
         self._epoch_prev = epoch
         self._eigvecs_prev = eigvecs
