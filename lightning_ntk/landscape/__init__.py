@@ -1,0 +1,10 @@
+"""Loss-landscape geometry (functional core, no Lightning): the linear path between two
+networks and its error/loss barriers (Frankle et al. 2020; Fort et al. 2020), BatchNorm
+statistics re-estimated per point, loss-surface slices along filter-normalised random
+directions (Li et al. 2018) and Hessian eigenvectors, and the linearised network
+f(θ₀) + J(θ₀)(θ − θ₀) trainable by any optimiser (Lee et al. 2019; Fort et al. 2020).
+"""
+from .batchnorm import batchnorm_layers, reestimate_batchnorm
+from .interpolation import LinearPath, interpolate_state, linear_path
+
+__all__ = ["LinearPath", "batchnorm_layers", "interpolate_state", "linear_path", "reestimate_batchnorm"]
