@@ -651,8 +651,23 @@ def _as_runs(x: Any, name: str) -> List[np.ndarray]:
     return runs
 
 
+def _presentations_runs(presentations: Any, n_runs: int, n: int) -> List[np.ndarray]:
+    """``presentations=`` as one (N,) array per run: an int (every example, every run), one
+    array shared by every run, or one per run."""
+    if isinstance(presentations, (int, np.integer)) and not isinstance(presentations, bool):
+        return [np.full(n, float(presentations))] * n_runs
+    runs = _as_runs(presentations, "presentations")
+    if len(runs) == 1:
+        runs = runs * n_runs
+    if len(runs) != n_runs or any(r.shape[0] != n for r in runs):
+        raise ValueError(f"presentations must be an int, one array of N={n} counts shared by every run, or one "
+                         f"per run ({n_runs}); got {len(runs)} arrays of lengths {[r.shape[0] for r in runs]}")
+    return [r.astype(np.float64) for r in runs]
+
+
 def rank(forgetting_counts: Any, never_learned: Any = None, seed: int = 0, *,
-         index: Any = None, never_learned_value: Optional[float] = None,
+         index: Any = None, presentations: Any = None,
+         never_learned_value: Union[str, float] = "presentations",
          group: str = "forgetting") -> ForgettingRanking:
     """Order examples by forgetting count, ascending, summed over runs (Toneva et al. 2019).
 
@@ -660,44 +675,63 @@ def rank(forgetting_counts: Any, never_learned: Any = None, seed: int = 0, *,
 
         rank("runs/seed0.h5", seed=0)                       # a run file (path or open Run)
         rank(["runs/seed0.h5", "runs/seed1.h5"], seed=0)    # several runs: counts summed
-        rank(counts, never_learned, seed=0)                 # arrays
+        rank(counts, never_learned, seed=0, presentations=20)   # arrays
 
     Args:
         forgetting_counts: a run file written by ``ForgettingMonitor`` (a path or an open
             :class:`~lightning_ntk.store.Run`), or a list of them (one per run/seed); or
             per-example forgetting counts of one run, a list of such arrays (one per
             run/seed), or a 2-D array (runs, examples). From a file, the counts, the
-            never-learned flags and the dataset indices come from :func:`read_examples`
-            (the ``/<group>/examples`` summary, or a replay of ``/<group>/events`` when the
-            summary is missing or older than the event log).
+            never-learned flags, the presentations and the dataset indices come from
+            :func:`read_examples` (the ``/<group>/examples`` summary, or a replay of
+            ``/<group>/events`` when the summary is missing or older than the event log).
         never_learned: per-example booleans with the same structure as the counts (arrays
             only; leave it out for run files).
         seed: seed of the random tie-breaking among equal scores.
         index: dataset index of each entry (default: positions 0..N-1); one array shared
             by all runs, or one per run (runs are then aligned by dataset index and must
             cover the same examples).
-        never_learned_value: ``None`` (default): an example never learned in a run counts
-            as infinitely forgotten in that run, so examples sort first by the number of
-            runs in which they were never learned, then by the summed forgetting count
-            of the other runs. A number (Toneva et al.'s released code uses the number of
-            epochs): that value replaces the count of a never-learned run and the sum is
-            sorted.
+        presentations: arrays only, needed when some example was never learned under the
+            default rule: the number of presentations of each example in each run (an int
+            for all, e.g. the number of epochs, one array shared by every run, or one per
+            run). Run files carry it.
+        never_learned_value: the count given to an example in a run where it was never
+            learned (never correct at any presentation):
+
+            * ``"presentations"`` (default): the number of presentations of that example in
+              that run, then summed over runs with the other runs' counts, as in Toneva et
+              al.'s released code (``sort_examples_by_forgetting`` in
+              github.com/mtoneva/example_forgetting adds ``npresentations``, the number of
+              epochs, for each run in which the example was never learned). A real count of
+              one run is at most presentations / 2, so within one run never-learned
+              examples sort last; summed over runs, an example never learned in one run can
+              sort before one forgotten often in every run.
+            * ``"inf"``: infinitely forgotten (this package's rule before issue 25):
+              examples sort first by the number of runs in which they were never learned,
+              then by the summed count of the other runs; their ``forgetting_count`` is inf.
+            * a number: that value replaces the count of a never-learned run, then summed.
         group: the run-file group of the monitor (``"forgetting"``, or
             ``"forgetting_<name>"`` for a monitor given ``name=``); run files only.
 
     Returns:
         a :class:`ForgettingRanking`; ``indices_to_prune(f)`` gives the examples to remove.
     """
+    if isinstance(never_learned_value, str):
+        one_of(never_learned_value, "never_learned_value", ("presentations", "inf"), "rank")
+    else:
+        never_learned_value = number(float(never_learned_value), "never_learned_value", "rank", minimum=0)
     if _is_run_like(forgetting_counts):
         if never_learned is not None:
             raise TypeError("rank(run_or_runs, ...) reads never_learned from the run file; pass seed= by "
                             "keyword (rank(path, seed=0)), not as the second positional argument")
-        if index is not None:
-            raise TypeError("rank(run_or_runs, ...) reads the dataset indices from the run file; drop index=")
+        if index is not None or presentations is not None:
+            raise TypeError("rank(run_or_runs, ...) reads the dataset indices and presentations from the run file; "
+                            "drop index= and presentations=")
         runs = list(forgetting_counts) if isinstance(forgetting_counts, (list, tuple)) else [forgetting_counts]
         tables = [read_examples(r, group=group) for r in runs]
         return rank([t["forgetting_count"] for t in tables], [t["never_learned"] for t in tables], seed,
-                    index=[t["index"] for t in tables], never_learned_value=never_learned_value)
+                    index=[t["index"] for t in tables], presentations=[t["presentations"] for t in tables],
+                    never_learned_value=never_learned_value)
     if never_learned is None:
         raise TypeError("rank(forgetting_counts, never_learned, seed=0): never_learned is required with arrays "
                         "(or pass a run file path / Run / list of them as the first argument)")
@@ -710,6 +744,15 @@ def rank(forgetting_counts: Any, never_learned: Any = None, seed: int = 0, *,
         if c.shape[0] != n or nl.shape[0] != n:
             raise ValueError("every run must hold one entry per example: got lengths "
                              f"{[c.shape[0] for c in counts]} and {[v.shape[0] for v in never]}")
+    shown = [np.zeros(n)] * len(counts)
+    if never_learned_value == "presentations":
+        if presentations is not None:
+            shown = _presentations_runs(presentations, len(counts), n)
+        elif any(np.any(nl.astype(bool)) for nl in never):
+            raise ValueError("rank: some examples were never learned, and the default never_learned_value="
+                             "'presentations' (Toneva et al.'s code) counts each such run as the example's number of "
+                             "presentations in it; pass presentations= (e.g. the number of epochs), or "
+                             "never_learned_value='inf' or a number")
     if index is None:
         idx_runs = [np.arange(n, dtype=np.int64)] * len(counts)
     else:
@@ -726,7 +769,7 @@ def rank(forgetting_counts: Any, never_learned: Any = None, seed: int = 0, *,
         raise ValueError("index must hold N distinct dataset indices")
     total = np.zeros(n, dtype=np.float64)
     n_never = np.zeros(n, dtype=np.int64)
-    for c, nl, idx in zip(counts, never, idx_runs):
+    for c, nl, shown_run, idx in zip(counts, never, shown, idx_runs):
         perm = np.argsort(idx, kind="stable")
         if not np.array_equal(idx[perm], ref):
             raise ValueError("runs cover different dataset indices; rank the common examples only")
@@ -734,14 +777,16 @@ def rank(forgetting_counts: Any, never_learned: Any = None, seed: int = 0, *,
         nl = nl[perm].astype(bool)
         if np.any(c[~nl] < 0):
             raise ValueError("forgetting_counts must be >= 0")
-        if never_learned_value is None:
-            total += np.where(nl, 0.0, c)
-            n_never += nl
+        if never_learned_value == "inf":
+            value: Any = 0.0
+        elif never_learned_value == "presentations":
+            value = shown_run[perm]
         else:
-            total += np.where(nl, float(never_learned_value), c)
-            n_never += nl
+            value = float(never_learned_value)
+        total += np.where(nl, value, c)
+        n_never += nl
     tiebreak = np.random.default_rng(seed).permutation(n)
-    if never_learned_value is None:
+    if never_learned_value == "inf":
         order = np.lexsort((tiebreak, total, n_never))
         score = np.where(n_never > 0, np.inf, total)
     else:

@@ -363,7 +363,7 @@ def test_cartography_averages_presentations_within_an_epoch():
 def test_rank_orders_by_count_with_never_learned_last():
     counts = np.array([3, 0, 1, 0, 5, 2, 0])
     never = np.array([False, False, False, True, False, False, False])
-    r = rank(counts, never, seed=0)
+    r = rank(counts, never, seed=0, never_learned_value="inf")
     assert r.order[-1] == 3  # never learned: infinitely forgotten, although its count is 0
     assert np.isinf(r.forgetting_count[-1])
     assert r.forgetting_count[:-1].tolist() == [0, 0, 1, 2, 3, 5]
@@ -398,7 +398,8 @@ def test_rank_sums_runs():
     run2 = (np.array([0, 3, 0, 0]), np.array([False, False, False, False]))
     # run 2 lists the examples in another order
     perm = np.array([2, 0, 3, 1])
-    r = rank([run1[0], run2[0][perm]], [run1[1], run2[1][perm]], seed=0, index=[idx, idx[perm]])
+    r = rank([run1[0], run2[0][perm]], [run1[1], run2[1][perm]], seed=0, index=[idx, idx[perm]],
+             never_learned_value="inf")
     # totals: 10 -> 1, 20 -> 3, 30 -> 2, 40 -> never learned once (inf)
     assert r.order.tolist() == [10, 30, 20, 40]
     assert r.never_learned_runs.tolist() == [0, 0, 0, 1]
@@ -409,7 +410,51 @@ def test_rank_sums_runs():
     assert t.order[0] == 10 and t.order[-1] == 20
     assert t.forgetting_count.tolist() == [1, 2, 2, 3]
     with pytest.raises(ValueError, match="different dataset indices"):
-        rank([run1[0], run2[0]], [run1[1], run2[1]], index=[idx, idx + 1])
+        rank([run1[0], run2[0]], [run1[1], run2[1]], index=[idx, idx + 1], presentations=2)
+
+
+def _toneva_sort(counts_per_run, never_per_run, npresentations):
+    """Toneva et al.'s sort_examples_by_forgetting (github.com/mtoneva/example_forgetting):
+    per example, over runs, add npresentations if never learned in that run, else the
+    number of forgetting events; sort ascending. Returns the per-example totals."""
+    totals = []
+    for i in range(len(counts_per_run[0])):
+        total = 0
+        for counts, never in zip(counts_per_run, never_per_run):
+            total += npresentations if never[i] else counts[i]
+        totals.append(total)
+    return np.array(totals, dtype=float)
+
+
+def test_rank_default_follows_tonevas_code_for_never_learned():
+    # Three runs of 10 epochs (10 presentations each). Example 0 was never learned in run 1
+    # and never forgotten in runs 2-3: 10 + 0 + 0 = 10. Example 1 was forgotten 5 times in
+    # every run: 15. Toneva et al.'s code puts example 0 before example 1 (less forgotten);
+    # the "inf" rule puts it last.
+    counts = [np.array([0, 5, 1, 0]), np.array([0, 5, 2, 3]), np.array([0, 5, 0, 4])]
+    never = [np.array([True, False, False, False]), np.zeros(4, bool), np.zeros(4, bool)]
+    r = rank(counts, never, seed=0, presentations=10)
+    # totals by hand: [10, 15, 3, 7]
+    assert r.order.tolist() == [2, 3, 0, 1]
+    assert r.forgetting_count.tolist() == [3, 7, 10, 15]
+    assert r.never_learned_runs.tolist() == [0, 0, 1, 0]
+    np.testing.assert_array_equal(np.sort(_toneva_sort(counts, never, 10)), r.forgetting_count)
+    assert rank(counts, never, seed=0, never_learned_value="inf").order.tolist() == [2, 3, 1, 0]
+    # per-example presentations (e.g. a run that saw some examples more often) are taken as given
+    shown = [np.array([7, 10, 10, 10]), np.full(4, 10), np.full(4, 10)]
+    assert rank(counts, never, seed=0, presentations=shown).forgetting_count.tolist() == [3, 7, 7, 15]
+    # random cases: the same totals as the authors' loop
+    rng = np.random.default_rng(4)
+    counts = [rng.integers(0, 4, 50) for _ in range(3)]
+    never = [rng.random(50) < 0.1 for _ in range(3)]
+    for c, nl in zip(counts, never):
+        c[nl] = 0
+    r = rank(counts, never, seed=1, presentations=8)
+    np.testing.assert_array_equal(r.forgetting_count, np.sort(_toneva_sort(counts, never, 8)))
+    np.testing.assert_array_equal(_toneva_sort(counts, never, 8)[r.order], r.forgetting_count)
+    with pytest.raises(ValueError, match="presentations="):
+        rank(counts, never, seed=0)  # never-learned examples and no presentations
+    assert rank(counts[0], np.zeros(50, bool), seed=0).forgetting_count.tolist() == np.sort(counts[0]).tolist()
 
 
 def test_cartography_regions_equal_direct_selection():

@@ -539,11 +539,14 @@ def test_rank_from_one_and_several_run_files(L, tmp_path):
         refs.append(reference(module.seen, 96))
     counts = [r["forgetting_count"] for r in refs]
     never = [r["never_learned"] for r in refs]
+    shown = [r["presentations"] for r in refs]
     one = rank(paths[0], seed=3)
-    np.testing.assert_array_equal(one.order, rank(counts[0], never[0], 3).order)
+    np.testing.assert_array_equal(one.order, rank(counts[0], never[0], 3, presentations=shown[0]).order)
     both = rank(paths, seed=3)
-    np.testing.assert_array_equal(both.order, rank(counts, never, 3).order)
-    np.testing.assert_array_equal(both.indices_to_prune(0.25), rank(counts, never, 3).order[:24])
+    np.testing.assert_array_equal(both.order, rank(counts, never, 3, presentations=shown).order)
+    np.testing.assert_array_equal(both.indices_to_prune(0.25), rank(counts, never, 3, presentations=2).order[:24])
+    np.testing.assert_array_equal(rank(paths, seed=3, never_learned_value="inf").order,
+                                  rank(counts, never, 3, never_learned_value="inf").order)
     with open_run(paths[1]) as run:  # an open Run works too
         np.testing.assert_array_equal(rank([paths[0], run], seed=3).order, both.order)
     # A summary that a crash left mid-rewrite: the event log is replayed.
