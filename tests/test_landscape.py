@@ -188,3 +188,151 @@ def test_linear_path_reestimates_batchnorm_at_each_point(digits):
     assert path.loss[1] == pytest.approx(expected, rel=1e-4)
     naive = linear_path(a, a.state_dict(), b.state_dict(), data, points=3, reestimate_batchnorm=False)
     assert naive.loss[1] != pytest.approx(path.loss[1], rel=1e-3)  # interpolated statistics differ
+
+
+# ----------------------------------------------------------------------------- linearisation
+def _small_net(dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 4), nn.Softplus(), nn.Linear(4, 2)).to(dtype)
+
+
+def _explicit_jacobian(net, theta, x):
+    """Reference in float64: f(θ, x) and J = ∂ vec f / ∂θ (N·C, P), by torch.func.jacrev."""
+    names = [n for n, _ in net.named_parameters()]
+    shapes = [p.shape for _, p in net.named_parameters()]
+    net64 = _small_net(torch.float64)
+
+    def f(flat):
+        parts, offset = {}, 0
+        for n, s in zip(names, shapes):
+            parts[n] = flat[offset:offset + s.numel()].reshape(s)
+            offset += s.numel()
+        return torch.func.functional_call(net64, parts, (x,)).reshape(-1)
+
+    return f(theta), torch.func.jacrev(f)(theta)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linearized_outputs_and_gradients_equal_an_explicit_jacobian(dtype):
+    from torch.nn.utils import parameters_to_vector as p2v
+
+    from lightning_ntk.landscape import Linearized
+    net = _small_net(dtype)
+    x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    theta0 = p2v(net.parameters()).detach().double()
+    lin = Linearized(net)
+    torch.testing.assert_close(lin(x.to(dtype)), net(x.to(dtype)), rtol=0, atol=0)  # θ = θ₀: f itself
+    delta = 0.3 * torch.randn(theta0.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters((theta0 + delta).to(dtype), net.parameters())
+    f0, jac = _explicit_jacobian(net, theta0, x)
+    expected = (f0 + jac @ delta).reshape(5, 2)
+    out = lin(x.to(dtype))
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(out.double(), expected, **tol)
+    assert not torch.allclose(out.double(), net(x.to(dtype)).double(), atol=1e-3)  # not the network itself
+    weights = torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    grads = torch.autograd.grad((out * weights.to(dtype)).sum(), list(net.parameters()))
+    torch.testing.assert_close(p2v(grads).double(), jac.T @ weights.reshape(-1), **tol)  # Jᵀ w at θ₀
+
+
+def test_linearized_trains_as_the_explicit_linear_model():
+    from torch.nn.utils import parameters_to_vector as p2v
+
+    from lightning_ntk.landscape import Linearized
+    net = _small_net()
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(8, 3, dtype=torch.float64, generator=g), torch.randint(0, 2, (8,), generator=g)
+    theta = p2v(net.parameters()).detach().clone()
+    f0, jac = _explicit_jacobian(net, theta, x)
+    lin = Linearized(net)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.5, momentum=0.9)
+    velocity = torch.zeros_like(theta)
+    for _ in range(6):
+        opt.zero_grad()
+        F.cross_entropy(lin(x), y).backward()
+        opt.step()
+        # reference: heavy-ball SGD on the explicit linear model f0 + J (θ − θ₀)
+        logits = (f0 + jac @ (theta - p2v(lin.theta0_dict().values()))).reshape(8, 2).requires_grad_(True)
+        (dlogits,) = torch.autograd.grad(F.cross_entropy(logits, y), logits)
+        velocity = 0.9 * velocity + jac.T @ dlogits.reshape(-1)
+        theta = theta - 0.5 * velocity
+    torch.testing.assert_close(p2v(net.parameters()).detach(), theta, rtol=1e-9, atol=1e-11)
+    assert float((theta - p2v(lin.theta0_dict().values())).norm()) > 0.1  # it moved
+
+
+def test_linearized_batchnorm_frozen_and_dropout_one_mask():
+    from lightning_ntk.landscape import Linearized
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3))
+    net.train()(torch.randn(32, 4))  # running statistics away from their initial values
+    stats = net[1].running_mean.clone()
+    lin = Linearized(net).train()
+    x = torch.randn(6, 4)
+    torch.manual_seed(7)
+    out = lin(x)
+    net[1].eval()
+    torch.manual_seed(7)  # the same dropout mask: f(θ₀, x) with BatchNorm on its running statistics
+    torch.testing.assert_close(out, net(x))
+    net[1].train()
+    assert torch.equal(net[1].running_mean, stats) and net[1].training
+    direction = [0.1 * torch.randn_like(p) for p in net.parameters()]
+    outs = []
+    for scale in (1.0, 2.0):  # linear in θ − θ₀ for one mask
+        with torch.no_grad():
+            for p, p0, d in zip(net.parameters(), lin.theta0_dict().values(), direction):
+                p.copy_(p0 + scale * d)
+        torch.manual_seed(7)
+        outs.append(lin(x) - out)
+    torch.testing.assert_close(outs[1], 2 * outs[0], rtol=1e-4, atol=1e-5)
+    lin.eval()
+    torch.testing.assert_close(lin(x), lin(x))  # eval: dropout off, deterministic
+
+
+def test_linearize_a_lightning_module_trained_by_a_trainer(L):
+    from torch.nn.utils import parameters_to_vector as p2v
+
+    from lightning_ntk.landscape import Linearized, linearize
+
+    from .models import blob_data, loader, make_module, tiny_net, trainer
+    torch.manual_seed(0)
+    module = make_module(L, tiny_net())
+    trainer(L, [], max_epochs=1).fit(module, loader(blob_data()))
+    before = p2v(module.parameters()).detach().clone()
+    lin = linearize(module)
+    assert isinstance(lin.net, Linearized) and not isinstance(module.net, Linearized)
+    theta0 = p2v(lin.net.theta0_dict().values()).clone()
+    torch.testing.assert_close(theta0, before, rtol=0, atol=0)
+    trainer(L, [], max_epochs=2).fit(lin, loader(blob_data()))
+    assert torch.equal(p2v(module.parameters()), before)  # the original is untouched
+    theta = p2v(lin.net.module.parameters()).detach()
+    assert float((theta - theta0).norm()) > 1e-3
+    x = blob_data()[:8][0]
+    with torch.no_grad():
+        f0 = module.net(x)
+    jac = torch.func.jacrev(lambda flat: torch.func.functional_call(
+        module.net, _split(module.net, flat), (x,)))(theta0)  # (8, 3, P) at θ₀
+    expected = f0 + torch.einsum("ncp,p->nc", jac, theta - theta0)
+    torch.testing.assert_close(lin(x).detach(), expected, rtol=1e-4, atol=1e-5)
+
+
+def _split(net, flat):
+    out, offset = {}, 0
+    for n, p in net.named_parameters():
+        out[n] = flat[offset:offset + p.numel()].reshape(p.shape)
+        offset += p.numel()
+    return out
+
+
+def test_linearize_refuses_an_ambiguous_network():
+    from lightning_ntk.landscape import linearize
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    with pytest.raises(ValueError, match="attribute="):
+        linearize(Two())
+    two = linearize(Two(), "head")
+    assert type(two.head).__name__ == "Linearized" and isinstance(two.encoder, nn.Linear)

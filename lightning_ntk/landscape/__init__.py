@@ -6,5 +6,6 @@ f(θ₀) + J(θ₀)(θ − θ₀) trainable by any optimiser (Lee et al. 2019; F
 """
 from .batchnorm import batchnorm_layers, reestimate_batchnorm
 from .interpolation import LinearPath, interpolate_state, linear_path
+from .linearized import Linearized, linearize
 
-__all__ = ["LinearPath", "batchnorm_layers", "interpolate_state", "linear_path", "reestimate_batchnorm"]
+__all__ = ["LinearPath", "Linearized", "batchnorm_layers", "interpolate_state", "linear_path", "linearize", "reestimate_batchnorm"]
