@@ -48,7 +48,19 @@ from .forgetting import (
 )
 from .forgetting import rank as forgetting_rank
 from .forgetting import read_examples as read_forgetting_examples
-from .landscape import LinearPath, interpolate_state, linear_path, reestimate_batchnorm
+from .landscape import (
+                    Linearized,
+                    LinearPath,
+                    LossSlice,
+                    filter_normalized_direction,
+                    hessian_directions,
+                    interpolate_state,
+                    linear_path,
+                    linearize,
+                    reestimate_batchnorm,
+                    slice_1d,
+                    slice_2d,
+)
 from .ntk import (
                     NTKMemoryError,
                     SketchedNTK,
@@ -118,6 +130,7 @@ __all__ = [
     "RELU_MODULE_TYPES", "ActivationCodes", "CodeChange", "activation_codes", "cluster_accuracy", "code_change",
     "hamming_distances", "kmeans_accuracy", "knn_accuracy", "logistic_accuracy", "redundancy_ratio",
     "FewShotResult", "extract_features", "few_shot_accuracy", "linear_probe_accuracy",
-    # loss landscape: linear paths and barriers
-    "LinearPath", "interpolate_state", "linear_path", "reestimate_batchnorm",
+    # loss landscape: linear paths and barriers, slices, linearised networks
+    "LinearPath", "interpolate_state", "linear_path", "reestimate_batchnorm", "LossSlice",
+    "filter_normalized_direction", "hessian_directions", "slice_1d", "slice_2d", "Linearized", "linearize",
 ]

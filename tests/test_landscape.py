@@ -336,3 +336,71 @@ def test_linearize_refuses_an_ambiguous_network():
         linearize(Two())
     two = linearize(Two(), "head")
     assert type(two.head).__name__ == "Linearized" and isinstance(two.encoder, nn.Linear)
+
+
+# ----------------------------------------------------------------------------- slices
+def test_filter_normalized_direction_matches_li_et_al():
+    from lightning_ntk.landscape import filter_normalized_direction
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 5, 3), nn.BatchNorm2d(5), nn.Flatten(), nn.Linear(5 * 4, 3))
+    d = filter_normalized_direction(model, generator=1)
+    for name, p in model.named_parameters():
+        if p.dim() <= 1:  # biases and BatchNorm parameters: zero (Li et al.'s --xignore biasbn)
+            assert torch.equal(d[name], torch.zeros_like(p))
+            continue
+        for i in range(p.shape[0]):  # each filter (output channel / output row) scaled to the weight's filter norm
+            assert float(d[name][i].norm()) == pytest.approx(float(p[i].detach().norm()), rel=1e-5)
+        assert float(torch.nn.functional.cosine_similarity(d[name].reshape(-1), p.reshape(-1), dim=0)) < 0.9
+    copied = filter_normalized_direction(model, one_dimensional="copy")
+    assert torch.equal(copied["1.weight"], model[1].weight) and torch.equal(copied["3.bias"], model[3].bias)
+    again = filter_normalized_direction(model, generator=1)
+    assert all(torch.equal(again[k], d[k]) for k in d)  # seeded
+
+
+def test_slices_equal_the_loss_at_moved_weights(two_trained):
+    from lightning_ntk.landscape import filter_normalized_direction, slice_1d, slice_2d
+    a, _, data = two_trained
+    dx = filter_normalized_direction(a, generator=0)
+    dy = filter_normalized_direction(a, generator=1)
+    one = slice_1d(a, data, dx, coords=[-0.5, 0.0, 0.5])
+    two = slice_2d(a, data, dx, dy, coords_x=[0.0, 0.5], coords_y=[-0.25, 0.0, 0.75])
+    assert one.loss.shape == (3,) and two.loss.shape == (2, 3)
+    x, y = torch.cat([d[0] for d in data]).double(), torch.cat([d[1] for d in data])
+
+    def reference(ca, cb):  # float64 weights moved by hand
+        ref = _mlp(3).double()
+        ref.load_state_dict({k: v.double() + ca * dx.get(k, 0) + cb * dy.get(k, 0) for k, v in a.state_dict().items()})
+        with torch.no_grad():
+            return float(F.cross_entropy(ref(x), y))
+
+    for i, c in enumerate([-0.5, 0.0, 0.5]):
+        assert one.loss[i] == pytest.approx(reference(c, 0.0), rel=1e-5)
+    for i, cx in enumerate([0.0, 0.5]):
+        for j, cy in enumerate([-0.25, 0.0, 0.75]):
+            assert two.loss[i, j] == pytest.approx(reference(cx, cy), rel=1e-5)
+    assert one.loss[1] == two.loss[0, 1]  # the centre, both ways
+    assert one.loss[0] > one.loss[1] and one.loss[2] > one.loss[1]  # a trained minimum along a random line
+
+
+def test_slice_along_hessian_eigenvector_is_the_quadratic_of_its_eigenvalue():
+    """Linear regression under the mean squared error: the loss is exactly quadratic, its
+    Hessian (2/N) X̃ᵀX̃ (bias column appended) known in closed form."""
+    from lightning_ntk.landscape import hessian_directions, slice_1d
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 3, dtype=torch.float64, generator=g) * torch.tensor([3.0, 1.0, 0.3], dtype=torch.float64)
+    y = torch.randn(40, 1, dtype=torch.float64, generator=g)
+    model = nn.Linear(3, 1).double()
+    data = [(x[:25], y[:25]), (x[25:], y[25:])]
+    directions, result = hessian_directions(model, data, k=2, task="regression", tol=1e-8)
+    xt = np.hstack([x.numpy(), np.ones((40, 1))])  # parameters (w1, w2, w3, b)
+    evals, evecs = np.linalg.eigh(2.0 / 40 * xt.T @ xt)
+    np.testing.assert_allclose(result.eigenvalues.numpy(), evals[::-1][:2], rtol=1e-6)
+    v = np.concatenate([directions[0]["weight"].reshape(-1).numpy(), directions[0]["bias"].numpy()])
+    assert abs(float(v @ evecs[:, -1])) == pytest.approx(1.0, abs=1e-6)
+    coords = [-0.2, 0.0, 0.1, 0.3]
+    got = slice_1d(model, data, directions[0], coords=coords, task="regression")
+    theta = np.concatenate([model.weight.detach().reshape(-1).numpy(), model.bias.detach().numpy()])
+    for i, t in enumerate(coords):  # closed form: mean squared error at θ + t v
+        residual = xt @ (theta + t * v) - y.numpy()[:, 0]
+        assert got.loss[i] == pytest.approx(float(np.mean(residual ** 2)), rel=1e-9)
+    assert np.isnan(got.error).all()

@@ -7,5 +7,7 @@ f(θ₀) + J(θ₀)(θ − θ₀) trainable by any optimiser (Lee et al. 2019; F
 from .batchnorm import batchnorm_layers, reestimate_batchnorm
 from .interpolation import LinearPath, interpolate_state, linear_path
 from .linearized import Linearized, linearize
+from .slices import LossSlice, filter_normalized_direction, hessian_directions, slice_1d, slice_2d
 
-__all__ = ["LinearPath", "Linearized", "batchnorm_layers", "interpolate_state", "linear_path", "linearize", "reestimate_batchnorm"]
+__all__ = ["LinearPath", "Linearized", "LossSlice", "filter_normalized_direction", "hessian_directions",
+           "slice_1d", "slice_2d", "batchnorm_layers", "interpolate_state", "linear_path", "linearize", "reestimate_batchnorm"]

@@ -198,25 +198,47 @@ class Measure:
             raise TaskError(f"{self.owner}: the batches have no targets; pass batch_format= returning (x, y)")
         return found
 
+    def _xy(self, i: int, batch: Any, device: torch.device) -> Optional[Tuple[Any, torch.Tensor]]:
+        """A batch's (x, y) on ``device``; None for an empty batch."""
+        try:
+            x, y = batch_to_xy(batch, self.batch_format)
+        except TypeError as exc:
+            raise type(exc)(f"{self.owner}: batch {i}: {exc}") from exc
+        if not isinstance(y, torch.Tensor) or y.dim() == 0:
+            raise TypeError(f"{self.owner}: batch {i}: targets must be a tensor with a batch dimension")
+        if y.shape[0] == 0:
+            return None
+        return to_device(x, device), y.to(device)
+
+    def detect(self, model: nn.Module) -> Task:
+        """The task, from the model's outputs on the first non-empty batch (eval mode, no_grad)."""
+        if self.task is None:
+            with measurement_mode(model, grad=False) as measured, data_pass():
+                for i, batch in enumerate(self.data):
+                    xy = self._xy(i, batch, module_device(model))
+                    if xy is not None:
+                        self.task = self._detect(forward(measured, xy[0], self.forward_fn), xy[1], xy[0])
+                        break
+        if self.task is None:
+            raise ValueError(f"{self.owner}: data holds no examples")
+        return self.task
+
     def run(self, model: nn.Module) -> Tuple[float, float]:
         """(mean loss, mean error) of ``model`` as it is (call inside eval mode and no_grad)."""
         device = module_device(model)
         totals = Totals()
         with data_pass():
             for i, batch in enumerate(self.data):
-                try:
-                    x, y = batch_to_xy(batch, self.batch_format)
-                except TypeError as exc:
-                    raise type(exc)(f"{self.owner}: batch {i}: {exc}") from exc
-                if not isinstance(y, torch.Tensor) or y.dim() == 0 or y.shape[0] == 0:
-                    if isinstance(y, torch.Tensor) and y.dim() and y.shape[0] == 0:
-                        continue
-                    raise TypeError(f"{self.owner}: batch {i}: targets must be a tensor with a batch dimension")
-                x, y = to_device(x, device), y.to(device)
+                xy = self._xy(i, batch, device)
+                if xy is None:
+                    continue
+                x, y = xy
                 outputs = forward(model, x, self.forward_fn)
                 if self.task is None:
                     self.task = self._detect(outputs, y, x)
                 self._add(totals, outputs, y)
+        if not totals.loss_units:
+            raise ValueError(f"{self.owner}: data holds no examples")
         return totals.means()
 
     def _add(self, totals: Totals, outputs: torch.Tensor, y: torch.Tensor) -> None:
