@@ -330,7 +330,7 @@ def bench_hvp_methods(models, x, y):
     for name, model in models.items():
         for nb in (1, 4):
             chunks = list(zip(x.chunk(nb), y.chunk(nb)))
-            ls = _LossSet(model, None, chunks if nb > 1 else (x, y), None, None, True)
+            ls = _LossSet(model, None, chunks if nb > 1 else (x, y), None, None, "eval")
             v = torch.randn(ls.n_params, generator=torch.Generator().manual_seed(0))
             out = []
             with torch.enable_grad():

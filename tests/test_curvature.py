@@ -400,19 +400,54 @@ def test_mode_params_grads_buffers_and_rng_untouched():
     assert torch.equal(torch.get_rng_state(), rng_before)
 
 
-def test_eval_mode_is_used_by_default():
+def _train_mode_bn_hessian(model, batches):
+    """Dense float64 Hessian of the mean cross-entropy of BNDropNet over ``batches`` with its
+    BatchNorm written out in training mode (each batch's mean and biased variance) and
+    dropout off: Cohen et al.'s HVPs in train mode, by hand."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    theta = torch.cat([p.detach().double().reshape(-1) for p in model.parameters()])
+    n = sum(len(yb) for _, yb in batches)
+
+    def f(th):
+        p = dict(zip(names, [t.view(sh) for t, sh in zip(torch.split(th, sizes), shapes)]))
+        total = 0.0
+        for xb, yb in batches:
+            h = xb @ p["fc1.weight"].T + p["fc1.bias"]
+            z = (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + model.bn.eps)
+            out = torch.tanh(z * p["bn.weight"] + p["bn.bias"]) @ p["fc2.weight"].T + p["fc2.bias"]
+            total = total + F.cross_entropy(out, yb) * len(yb) / n
+        return total
+
+    H = torch.func.hessian(f)(theta)
+    return 0.5 * (H + H.T)
+
+
+def test_default_mode_is_train_with_batch_statistics():
+    # Cohen et al. (2021) take HVPs with the network in training mode: BatchNorm normalises
+    # with each batch's statistics. Dropout stays off (a random loss has no Hessian).
     torch.manual_seed(0)
     model = BNDropNet().double()
     x, y = data_mlp()
     model.train()
-    model(x)
-    H = dense_hessian(model, F.cross_entropy, x, y)  # dense_hessian evaluates in eval mode
-    ev = torch.linalg.eigvalsh(H)
-    res = hessian_eigs(model, None, (x, y), k=2, tol=1e-9)
-    assert rel(res.eigenvalues, ev.flip(0)[:2]) < 1e-8
-    assert model.training
+    model(x)  # running statistics away from their initial values
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    batches = [(x[:20], y[:20]), (x[20:], y[20:])]
+    train_ref = torch.linalg.eigvalsh(_train_mode_bn_hessian(model, batches)).flip(0)[:2]
+    eval_ref = torch.linalg.eigvalsh(dense_hessian(model, F.cross_entropy, x, y)).flip(0)[:2]
+    for hvp in ("double_backward", "forward_over_reverse"):
+        res = hessian_eigs(model, None, batches, k=2, tol=1e-9, hvp=hvp)
+        assert rel(res.eigenvalues, train_ref) < 1e-8
+    assert rel(hessian_eigs(model, None, batches, k=2, tol=1e-9, mode="eval").eigenvalues, eval_ref) < 1e-8
+    assert rel(train_ref, eval_ref) > 1e-2  # the two modes differ on this BatchNorm network
+    assert model.training and model.drop.training  # modes restored
+    for name, b in model.named_buffers():  # running statistics untouched by train-mode HVPs
+        assert torch.equal(b, buffers[name]), name
     with pytest.raises(ValueError, match="dropout"):
-        hessian_eigs(model, None, (x, y), eval_mode=False)
+        hessian_eigs(model, None, (x, y), mode="current")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        hessian_eigs(model, None, (x, y), mode=True)
 
 
 # ---------------------------------------------------------------------------------------

@@ -63,6 +63,61 @@ def test_eigenvalues_trace_and_threshold_match_dense_hessian(L, run_path):
         np.testing.assert_array_equal(run.probe("sharpness")["index"], np.arange(40))
 
 
+def _bn_hessian_top(net, chunks, train):
+    """Top eigenvalue of the float64 Hessian of the mean cross-entropy over ``chunks`` for
+    Linear-BatchNorm-ReLU-Linear, BatchNorm written out: in training mode each chunk's mean
+    and biased variance (Cohen et al.'s HVPs in train mode), else the running statistics."""
+    names = [n for n, _ in net.named_parameters()]
+    shapes = [p.shape for _, p in net.named_parameters()]
+    flat = torch.cat([p.detach().double().reshape(-1) for _, p in net.named_parameters()])
+    n = sum(len(y) for _, y in chunks)
+    bn = net[1]
+
+    def loss(theta):
+        p = dict(zip(names, [t.reshape(s) for t, s in zip(torch.split(theta, [s.numel() for s in shapes]), shapes)]))
+        total = 0.0
+        for x, y in chunks:
+            h = x.double() @ p["0.weight"].T + p["0.bias"]
+            mean, var = (h.mean(0), h.var(0, unbiased=False)) if train else \
+                (bn.running_mean.double(), bn.running_var.double())
+            h = (h - mean) / torch.sqrt(var + bn.eps) * p["1.weight"] + p["1.bias"]
+            out = torch.relu(h) @ p["3.weight"].T + p["3.bias"]
+            total = total + nn.functional.cross_entropy(out, y) * len(y) / n
+        return total
+
+    return float(torch.linalg.eigvalsh(hessian(loss)(flat))[-1])
+
+
+def test_batchnorm_sharpness_in_train_mode_leaves_training_unchanged(L, run_path):
+    """Cohen et al. take HVPs in train mode: BatchNorm on each chunk's statistics (chunks of
+    batch_size); the running statistics and the training trajectory are untouched."""
+    data = blob_data(n=48)
+    x, y = data.tensors
+
+    def fit(callbacks):
+        torch.manual_seed(0)
+        module = make_module(L, tiny_net(hidden=8, batchnorm=True), lr=0.1)
+        trainer(L, callbacks, max_epochs=2).fit(module, loader(data))
+        return module
+
+    train = SharpnessMonitor(run_path, sharpness_set=40, k=1, tol=1e-9, dtype=torch.float64, batch_size=20,
+                             schedule=EveryNEpochs(1), on_error="raise", name="train")
+    evaluated = SharpnessMonitor(run_path, sharpness_set=40, k=1, tol=1e-9, dtype=torch.float64, mode="eval",
+                                 schedule=EveryNEpochs(1), on_error="raise", name="eval")
+    module = fit([train, evaluated])
+    bare = fit([])
+    for (name, a), b in zip(module.state_dict().items(), bare.state_dict().values()):
+        assert torch.equal(a, b), name  # weights and running statistics as without the monitors
+    chunks = [(x[:20], y[:20]), (x[20:40], y[20:40])]
+    train_top, eval_top = _bn_hessian_top(module.net, chunks, True), _bn_hessian_top(module.net, chunks, False)
+    with open_run(run_path) as run:
+        np.testing.assert_allclose(run["sharpness_train"]["eigvals"][-1, 0], train_top, rtol=1e-7)
+        np.testing.assert_allclose(run["sharpness_eval"]["eigvals"][-1, 0], eval_top, rtol=1e-7)
+        configs = {c["group"]: c for c in run.config.values() if isinstance(c, dict) and "group" in c}
+        assert configs["sharpness_train"]["model_mode"] == "train"
+    assert abs(train_top - eval_top) > 1e-2 * eval_top  # the modes differ on this network
+
+
 def test_adaptive_optimizer_has_no_threshold(L, run_path):
     class AdamModule(make_module(L, tiny_net()).__class__):
         def configure_optimizers(self):

@@ -1,7 +1,9 @@
 """SharpnessMonitor: Hessian top eigenvalues of the training loss over training (Cohen et al. 2021).
 
 Per snapshot, on a fixed sharpness set (default: the first 1024 training examples; Cohen
-et al. used the first 5000), in eval mode: the top-k Hessian eigenvalues of the mean loss
+et al. used the first 5000), with BatchNorm on batch statistics as in training (Cohen et
+al.'s HVPs are taken in train mode; ``mode="eval"`` for running statistics) and dropout
+off: the top-k Hessian eigenvalues of the mean loss
 by Lanczos with true Ritz residuals (warm-started from the previous snapshot's
 eigenvectors), the number of HVPs used, the gradient norm, the loss, and the current
 learning rate with the edge-of-stability threshold of the optimiser (2/η for gradient
@@ -55,6 +57,12 @@ class SharpnessMonitor(Monitor):
             terms), as Cohen et al. compare it with 2/η. Pass Cohen et al.'s squared loss
             ``lightning_ntk.squared_loss`` (½‖f − y‖²) or a cross-entropy to measure another.
         dtype: computation dtype (e.g. ``torch.float64``).
+        mode: ``"train"`` (default, Cohen et al. 2021, who take Hessian-vector products in
+            training mode): BatchNorm layers normalise with the statistics of each chunk of
+            ``batch_size`` examples of the set (pass your training batch size to match the
+            training step), their running statistics untouched; dropout off. ``"eval"``:
+            BatchNorm on its running statistics. The two agree for networks without
+            BatchNorm. See :class:`lightning_ntk.curvature.LossSet`.
         **kwargs: see :class:`~lightning_ntk.callbacks.Monitor`.
     """
 
@@ -67,7 +75,7 @@ class SharpnessMonitor(Monitor):
                  k: int = 2, tol: float = 1e-3, max_hvp: Optional[int] = None, trace: bool = False,
                  trace_queries: int = 60, sam_rho: Optional[float] = None, density: bool = False,
                  density_steps: int = 60, preconditioned: bool = False, loss_fn: Optional[LossFn] = None,
-                 dtype: Optional[torch.dtype] = None, **kwargs: Any):
+                 dtype: Optional[torch.dtype] = None, mode: str = "train", **kwargs: Any):
         if "probe" in kwargs:
             raise TypeError("SharpnessMonitor: pass the examples as sharpness_set=, not probe=")
         self._default_set = isinstance(sharpness_set, str) and sharpness_set == "auto"
@@ -95,6 +103,9 @@ class SharpnessMonitor(Monitor):
             raise ValueError(f"SharpnessMonitor: sam_rho must be None or a positive radius, got {sam_rho!r}")
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError("SharpnessMonitor: loss_fn must be callable (outputs, targets) -> per-example losses")
+        if mode not in ("train", "eval"):
+            raise ValueError(f"SharpnessMonitor: mode must be 'train' (Cohen et al.: BatchNorm on batch statistics) "
+                             f"or 'eval' (running statistics), got {mode!r}")
         if dtype is not None and dtype not in (torch.float32, torch.float64):
             raise ValueError(f"SharpnessMonitor: dtype must be None, torch.float32 or torch.float64, got {dtype!r}")
         self.k, self.tol, self.max_hvp = k, float(tol), max_hvp
@@ -104,6 +115,7 @@ class SharpnessMonitor(Monitor):
         self.preconditioned = bool(preconditioned)
         self.loss_fn = loss_fn
         self.dtype = dtype
+        self.mode = mode
         self._eigenvectors: Optional[torch.Tensor] = None
         self._eos_description = ""
         self._k_eff = k
@@ -127,7 +139,7 @@ class SharpnessMonitor(Monitor):
 
     def config_extra(self) -> Dict[str, Any]:
         default = "the module's training_step loss"
-        return dict(super().config_extra(), loss_fn=default if self.loss_fn is None else
+        return dict(super().config_extra(), model_mode=self.mode, loss_fn=default if self.loss_fn is None else
                     getattr(self.loss_fn, "__qualname__", type(self.loss_fn).__name__))
 
     def fields(self, probe: Optional[ProbeSet], pl_module: nn.Module) -> List[Field]:
@@ -181,8 +193,10 @@ class SharpnessMonitor(Monitor):
     def _measure(self, trainer: Any, pl_module: nn.Module, probe: ProbeSet, n: int) -> Tuple[Dict[str, Any], Dict[str, float]]:
         model = self.measured_model(pl_module)
         rows = self._dist.shard(n)
-        ends = [min(i + self.batch_size, rows.stop) for i in range(rows.start, rows.stop, self.batch_size)]
-        spans = [slice(i, j) for i, j in zip(range(rows.start, rows.stop, self.batch_size), ends)]
+        # Chunks of at most batch_size, as equal as possible (no chunk of one example, whose
+        # batch statistics in train mode would be undefined).
+        cuts = np.linspace(rows.start, rows.stop, -(-(rows.stop - rows.start) // self.batch_size) + 1).round()
+        spans = [slice(int(i), int(j)) for i, j in zip(cuts[:-1], cuts[1:])]
         batches = [(probe.x[span], probe.y[span]) for span in spans]
         optimizer = trainer.optimizers[0] if getattr(trainer, "optimizers", None) else None
         eos = curvature.edge_of_stability_threshold(optimizer) if optimizer is not None else \
@@ -195,7 +209,7 @@ class SharpnessMonitor(Monitor):
         if loss_fn is None:  # the module's own training loss, batch by batch
             model, loss_fn = TrainingStepLoss(pl_module, type(self).__name__), step_loss_of
             batches = [((probe.user_batch(span),), probe.y[span]) for span in spans]
-        loss_set = curvature.LossSet(model, loss_fn, batches, dtype=self.dtype)
+        loss_set = curvature.LossSet(model, loss_fn, batches, dtype=self.dtype, mode=self.mode)
         result = curvature.hessian_eigs(loss_set, self._k_eff, tol=self.tol, max_hvp=self.max_hvp,
                                         return_eigenvectors=True, init=self._eigenvectors, warn=False)
         self._eigenvectors = result.eigenvectors

@@ -51,12 +51,36 @@ def _make_generator(generator: GeneratorLike) -> torch.Generator:
     return g
 
 
+#: ``mode=`` of a LossSet: which modules run in training mode during the measurement.
+MODES = ("train", "eval", "current")
+#: Normalisation layers that switch between batch and running statistics with their mode.
+_BATCH_STATISTICS = nn.modules.batchnorm._BatchNorm
+
+
+def _check_mode(mode: Any) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES} ('train': Cohen et al.'s, BatchNorm on batch statistics; "
+                         f"'eval': running statistics; 'current': the modules' own flags), got {mode!r}")
+    return mode
+
+
 @contextlib.contextmanager
-def _hygiene(model: nn.Module, eval_mode: bool) -> Iterator[None]:
-    """Eval mode (or the current modes), forked RNG, grad enabled; every module's mode restored."""
-    if eval_mode:
-        with measurement_mode(model, train=False, grad=True):
-            yield
+def _hygiene(model: nn.Module, mode: str) -> Iterator[None]:
+    """The modes of ``mode`` (see :class:`LossSet`), forked RNG, grad enabled; every module's
+    mode restored on exit."""
+    if mode in ("eval", "train"):
+        with measurement_mode(model, train=False, grad=True) as measured:
+            # Training mode with track_running_stats off: batch statistics, and no update of
+            # the running ones (an in-place update would also break torch.func transforms).
+            norms = [(m, m.track_running_stats) for m in measured.modules()
+                     if mode == "train" and isinstance(m, _BATCH_STATISTICS)]
+            try:
+                for m, _ in norms:
+                    m.training, m.track_running_stats = True, False
+                yield
+            finally:
+                for m, tracking in norms:
+                    m.track_running_stats = tracking
         return
     if torch.is_inference_mode_enabled():
         raise RuntimeError(
@@ -73,14 +97,30 @@ def _hygiene(model: nn.Module, eval_mode: bool) -> Iterator[None]:
             m.training = flag
 
 
-def _check_dropout(model: nn.Module, eval_mode: bool) -> None:
-    if eval_mode:
+def _check_dropout(model: nn.Module, mode: str) -> None:
+    if mode != "current":
         return
     drop = [n for n, m in model.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
     if drop:
         raise ValueError(
-            f"eval_mode=False but dropout is active in {drop[:3]}: the loss would be random and its "
-            "Hessian undefined. Use eval_mode=True (default) or put those modules in eval mode."
+            f"mode='current' but dropout is active in {drop[:3]}: the loss would be random and its "
+            "Hessian undefined. Use mode='train' (default: BatchNorm on batch statistics, dropout off) or "
+            "mode='eval', or put those modules in eval mode."
+        )
+
+
+def _check_sync_batchnorm(model: nn.Module, mode: str) -> None:
+    """SyncBatchNorm in training mode all-reduces its statistics in every forward pass: with
+    several processes, each taking its own number of batches, they would wait on each other."""
+    if mode == "eval" or not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                              and torch.distributed.get_world_size() > 1):
+        return
+    sync = [n for n, m in model.named_modules() if isinstance(m, nn.SyncBatchNorm) and (mode == "train" or m.training)]
+    if sync:
+        raise ValueError(
+            f"mode={mode!r} with SyncBatchNorm ({sync[:3]}) under {torch.distributed.get_world_size()} processes: its "
+            "batch statistics would be synchronised inside every Hessian-vector product, which the processes' "
+            "different batches cannot do in step. Pass mode='eval' (running statistics)."
         )
 
 

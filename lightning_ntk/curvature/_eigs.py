@@ -164,7 +164,7 @@ def hessian_eigs(
     a repeated eigenvalue.
 
     Called as ``hessian_eigs(loss_set, k, ...)`` or, building the :class:`LossSet` first,
-    ``hessian_eigs(model, loss_fn, batches, k, ..., dtype=, params=, eval_mode=,
+    ``hessian_eigs(model, loss_fn, batches, k, ..., dtype=, params=, mode=,
     batch_format=)`` (see :class:`LossSet` for those).
 
     Args:

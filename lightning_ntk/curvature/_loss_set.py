@@ -18,7 +18,17 @@ from torch import nn
 from .._args import function
 from .._losses import per_example_loss
 from ..probe import BatchFormat, ProbeSet, batch_to_xy
-from ._common import Batches, LossFn, Tensor, _check_dropout, _flatten, _hygiene, _unflatten
+from ._common import (
+    Batches,
+    LossFn,
+    Tensor,
+    _check_dropout,
+    _check_mode,
+    _check_sync_batchnorm,
+    _flatten,
+    _hygiene,
+    _unflatten,
+)
 from ._hvp import _HVP
 from ._parallel import _ALL_REDUCE
 
@@ -77,6 +87,17 @@ class LossSet:
     * ``dtype`` casts the functional copies and floating data, never the model.
     * Built inside :func:`data_parallel`, N and every loss, gradient and HVP are summed
       over processes.
+    * ``mode``: ``"train"`` (default, Cohen et al. 2021, who take Hessian-vector products
+      of the network in training mode): BatchNorm layers normalise with the statistics of
+      each batch of the set, as in a training step (so the answer then depends on how the
+      set is cut into batches: cut it like the training batches), without updating their
+      running statistics; every other module is in eval mode (dropout off: a random loss
+      has no Hessian, and Cohen et al.'s networks have none; an InstanceNorm that tracks
+      running statistics keeps using them). ``"eval"``: every module in eval mode
+      (BatchNorm on its running statistics). ``"current"``: the modules' own flags (refused
+      while dropout is active). Without BatchNorm or InstanceNorm layers, "train" and
+      "eval" give the same numbers. Running statistics never change in any mode: the
+      buffers are passed as copies.
 
     The model is used functionally (``torch.func.functional_call``): its parameters,
     ``.grad``, modes and the global RNG are left as they were (see :meth:`measuring`).
@@ -90,7 +111,7 @@ class LossSet:
         *,
         dtype: Optional[torch.dtype] = None,
         params: ParamsLike = None,
-        eval_mode: bool = True,
+        mode: str = "train",
         batch_format: BatchFormat = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -100,7 +121,7 @@ class LossSet:
             raise ValueError(f"dtype must be None or a floating torch.dtype (e.g. torch.float64), got {dtype!r}")
         self.model = model
         self.loss_fn: LossFn = loss_fn if loss_fn is not None else per_example_loss
-        self.eval_mode = bool(eval_mode)
+        self.mode = _check_mode(mode)
         self.batch_format = batch_format
         self._depth = 0
         self._select(params, dtype)
@@ -223,7 +244,7 @@ class LossSet:
     # -- evaluation -------------------------------------------------------------------------
     @contextlib.contextmanager
     def measuring(self) -> Iterator["LossSet"]:
-        """Eval mode (unless ``eval_mode=False``), forked RNG, gradients on; every module's
+        """The modules' modes of ``mode``, forked RNG, gradients on; every module's
         mode restored on exit. Reentrant: estimators hold it across many products, and the
         methods below enter it too, so they are safe to call on their own."""
         if self._depth:
@@ -233,8 +254,9 @@ class LossSet:
             finally:
                 self._depth -= 1
             return
-        with _hygiene(self.model, self.eval_mode):
-            _check_dropout(self.model, self.eval_mode)
+        with _hygiene(self.model, self.mode):
+            _check_dropout(self.model, self.mode)
+            _check_sync_batchnorm(self.model, self.mode)
             self._depth = 1
             try:
                 yield self
@@ -324,18 +346,18 @@ class LossSet:
 
 
 def _LossSet(model: nn.Module, loss_fn: Optional[LossFn], batches: Batches, params: ParamsLike,
-             dtype: Optional[torch.dtype], eval_mode: bool, batch_format: BatchFormat = None) -> LossSet:
+             dtype: Optional[torch.dtype], mode: str, batch_format: BatchFormat = None) -> LossSet:
     """The pre-package positional form (``benchmarks/sharpness.py`` builds one this way)."""
-    return LossSet(model, loss_fn, batches, dtype=dtype, params=params, eval_mode=eval_mode,
+    return LossSet(model, loss_fn, batches, dtype=dtype, params=params, mode=mode,
                    batch_format=batch_format)
 
 
-LOSS_SET_KEYWORDS = ("dtype", "params", "eval_mode", "batch_format")
+LOSS_SET_KEYWORDS = ("dtype", "params", "mode", "batch_format")
 
 
 def accepts_model_form(lead: int = 0, keywords: Sequence[str] = LOSS_SET_KEYWORDS) -> Callable[[F], F]:
     """Let an estimator ``fn(loss_set, *lead_args, *rest, **kw)`` also be called in the model
-    form ``fn(model, *lead_args, loss_fn, batches, *rest, dtype=, params=, eval_mode=,
+    form ``fn(model, *lead_args, loss_fn, batches, *rest, dtype=, params=, mode=,
     batch_format=)``, which builds the LossSet first (the API before LossSet existed).
 
     ``keywords``: the LossSet settings the model form takes for this estimator.

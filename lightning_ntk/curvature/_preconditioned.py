@@ -26,7 +26,7 @@ class PreconditionedSharpnessResult:
     description: str
 
 
-@accepts_model_form(lead=1, keywords=("dtype", "eval_mode", "batch_format"))
+@accepts_model_form(lead=1, keywords=("dtype", "mode", "batch_format"))
 def preconditioned_sharpness(
     loss_set: LossSet,
     optimizer: Any,

@@ -59,7 +59,7 @@ def hessian_trace(
 
     Memory: Hutch++ keeps P x n_queries/3 float64 numbers (the sketch and its basis Q).
     Called with a :class:`LossSet` or as ``hessian_trace(model, loss_fn, batches, ...)``
-    (then ``dtype=``, ``params=``, ``eval_mode=``, ``batch_format=`` build the LossSet).
+    (then ``dtype=``, ``params=``, ``mode=``, ``batch_format=`` build the LossSet).
     """
     owner = "hessian_trace"
     one_of(method, "method", TRACE_METHODS, owner)
