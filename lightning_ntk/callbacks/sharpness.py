@@ -173,8 +173,9 @@ class SharpnessMonitor(Monitor):
 
     def table_specs(self, probe, pl_module):
         specs = super().table_specs(probe, pl_module)
-        specs[0].attrs.update({"eos_rule": "2/lr (SGD); (2+2b)/lr (heavy ball); (2+2b)/((1+2b)lr) (Nesterov); "
-                                            "NaN for adaptive optimisers",
+        specs[0].attrs.update({"eos_rule": "2/lr (GD); (2+2b)/lr (heavy ball); (2+2b)/((1+2b)lr) (Nesterov); "
+                                            "NaN for adaptive optimisers. Cohen et al.'s edge of stability is for "
+                                            "full-batch GD: with mini-batches the threshold is a bound, not a plateau",
                                "n_examples": len(probe) if probe is not None else 0})
         return specs
 

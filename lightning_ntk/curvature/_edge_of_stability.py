@@ -13,6 +13,9 @@ class EdgeOfStability(NamedTuple):
     description: str
 
 
+#: Appended to the descriptions: what the edge-of-stability claim covers.
+_FULL_BATCH_NOTE = " (Cohen et al.'s edge of stability is for full-batch GD; with mini-batches a bound, not a plateau)"
+
 _ADAPTIVE = {
     "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "SparseAdam",
     "Rprop", "Adafactor",
@@ -48,6 +51,12 @@ def edge_of_stability_threshold(optimizer: Any) -> EdgeOfStability:
     follows; the threshold returned is for the Hessian of the loss *without* that term,
     i.e. the value above minus wd (said in the description).
 
+    These are stability bounds of the full-batch step. Cohen et al.'s edge-of-stability
+    finding (sharpness rises to the threshold and hovers there) is for full-batch gradient
+    descent (with and without momentum); with mini-batch SGD the sharpness typically stays
+    below it, so the descriptions say "full-batch" and a mini-batch run should read the
+    threshold as a bound, not as a predicted plateau.
+
     Adaptive optimisers (Adam, AdamW, RMSprop, ...): ``(None, "adaptive optimiser: no simple
     threshold ...")`` (for Adam see :func:`preconditioned_sharpness`). Param groups with
     different learning rates or momenta: None. Accepts a Lightning ``LightningOptimizer``.
@@ -75,15 +84,16 @@ def edge_of_stability_threshold(optimizer: Any) -> EdgeOfStability:
         return EdgeOfStability(None, f"{name}: learning rate {lr} <= 0")
     nesterov = nesterovs.pop()
     if beta == 0.0:
-        thr, desc = 2.0 / lr, f"GD/SGD: 2/lr, lr={lr:g}"
+        thr, desc = 2.0 / lr, f"full-batch GD: 2/lr, lr={lr:g}{_FULL_BATCH_NOTE}"
     elif nesterov:
         thr = (2.0 + 2.0 * beta) / ((1.0 + 2.0 * beta) * lr)
-        desc = f"Nesterov momentum: (2+2b)/((1+2b) lr), b={beta:g}, lr={lr:g}"
+        desc = f"full-batch Nesterov momentum: (2+2b)/((1+2b) lr), b={beta:g}, lr={lr:g}{_FULL_BATCH_NOTE}"
     else:
         thr = (2.0 + 2.0 * beta) / ((1.0 - tau) * lr)
-        desc = f"heavy-ball momentum: (2+2b)/lr, b={beta:g}, lr={lr:g}"
+        desc = f"full-batch heavy-ball momentum: (2+2b)/lr, b={beta:g}, lr={lr:g}{_FULL_BATCH_NOTE}"
         if tau:
-            desc = f"heavy-ball momentum with dampening: (2+2b)/((1-d) lr), b={beta:g}, d={tau:g}, lr={lr:g}"
+            desc = (f"full-batch heavy-ball momentum with dampening: (2+2b)/((1-d) lr), b={beta:g}, d={tau:g}, "
+                    f"lr={lr:g}{_FULL_BATCH_NOTE}")
     if wd:
         thr -= wd
         desc += f"; minus weight_decay={wd:g} (threshold for the loss Hessian without the L2 term)"
