@@ -603,20 +603,31 @@ def test_preconditioned_sharpness_against_dense(mlp_ref):
     with pytest.raises(ValueError, match="optimizer step"):
         preconditioned_sharpness(m, opt, None, (x, y))
     for _ in range(3):
+        before = [p.detach().clone() for p in m.parameters()]
         opt.zero_grad()
         F.cross_entropy(m(x), y).backward()
         opt.step()
     Hm = dense_hessian(m, F.cross_entropy, x, y)
-    b2, eps = 0.999, 1e-8
-    pre = []
-    for p in m.parameters():
+    b1, b2, eps, lr = 0.9, 0.999, 1e-8, 1e-2
+    pre, corrected = [], []
+    for p, p0 in zip(m.parameters(), before):
         st = opt.state[p]
-        pre.append((st["exp_avg_sq"] / (1 - b2 ** float(st["step"]))).sqrt().reshape(-1) + eps)
-    d = torch.cat(pre).double().rsqrt()
-    ref = torch.linalg.eigvalsh(d[:, None] * Hm * d[None, :]).flip(0)[:2]
-    res = preconditioned_sharpness(m, opt, None, (x, y), k=2, tol=1e-8)
-    assert rel(res.eigenvalues, ref) < 1e-7
-    assert res.threshold == pytest.approx(3.8 / (0.1 * 1e-2))
+        t = float(st["step"])
+        P = (1 - b1 ** t) * ((st["exp_avg_sq"] / (1 - b2 ** t)).sqrt() + eps)
+        # Cohen et al. 2022: Adam's step is theta_{t+1} = theta_t - eta P_t^-1 m_t (m_t the raw EMA)
+        torch.testing.assert_close(p.detach() - p0, -lr * st["exp_avg"] / P, rtol=1e-10, atol=1e-14)
+        pre.append(P.reshape(-1))
+        corrected.append((P / (1 - b1 ** t)).reshape(-1))
+    for name, diag in (("cohen2022", pre), ("init2winit", corrected)):
+        d = torch.cat(diag).double().rsqrt()
+        ref = torch.linalg.eigvalsh(d[:, None] * Hm * d[None, :]).flip(0)[:2]
+        res = preconditioned_sharpness(m, opt, None, (x, y), k=2, tol=1e-8, preconditioner=name)
+        assert rel(res.eigenvalues, ref) < 1e-7, name
+        assert res.threshold == pytest.approx(3.8 / (0.1 * 1e-2))
+    # after 3 steps the (1 - beta1^3) = 0.271 factor scales the eigenvalues by 1 / 0.271
+    cohen = preconditioned_sharpness(m, opt, None, (x, y), k=1, tol=1e-8).eigenvalues[0]
+    plain = preconditioned_sharpness(m, opt, None, (x, y), k=1, tol=1e-8, preconditioner="init2winit").eigenvalues[0]
+    assert float(cohen / plain) == pytest.approx(1 / (1 - 0.9 ** 3), rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------
