@@ -81,6 +81,7 @@ from .spectral import (
                     align_signs,
                     effective_rank,
                     eigen_energy,
+                    kernel_angle,
                     kernel_distance,
                     kernel_distance_trajectory,
                     kernel_frobenius_norm,
@@ -119,8 +120,8 @@ __all__ = [
     "TASKS", "Task", "TaskError", "detect_task",
     # spectral (kernel dynamics on arrays)
     "Eigenpairs", "KernelDistanceTrajectory", "KernelRegressionScores", "KernelRegressionSweep", "align_signs",
-    "effective_rank", "eigen_energy", "kernel_distance", "kernel_distance_trajectory", "kernel_frobenius_norm",
-    "kernel_matrix", "kernel_regression", "kernel_regression_scores", "kernel_regression_sweep",
+    "effective_rank", "eigen_energy", "kernel_angle", "kernel_distance", "kernel_distance_trajectory",
+    "kernel_frobenius_norm", "kernel_matrix", "kernel_regression", "kernel_regression_scores", "kernel_regression_sweep",
     "kernel_target_alignment", "kernel_trace", "kernel_velocity", "nngp_kernel", "nystrom_extension",
     "output_energy", "residual_energy", "subspace_overlap", "target_energy", "top_eigenpairs",
     # forgetting and cartography

@@ -37,6 +37,7 @@ __all__ = [
     "align_signs",
     "effective_rank",
     "eigen_energy",
+    "kernel_angle",
     "kernel_distance",
     "kernel_distance_trajectory",
     "kernel_frobenius_norm",
@@ -290,6 +291,20 @@ def kernel_velocity(K1: ArrayLike, K2: ArrayLike, dt_epochs: float) -> float:
     dt = positive(float(dt_epochs), "dt_epochs", "kernel_velocity",
                   hint="the time step between the two snapshots, in epochs")
     return kernel_distance(K1, K2) / dt
+
+
+def kernel_angle(K1: ArrayLike, K2: ArrayLike) -> float:
+    """The angle between two kernels as vectors, θ = arccos(⟨K1, K2⟩_F / (‖K1‖_F ‖K2‖_F)), in
+    radians, [0, π].
+
+    The kernel distance is S = 1 − cos θ ≈ θ²/2: quadratic in a small kernel change, so
+    S/Δt grows with Δt, while θ is linear in it. A kernel turning at a constant angular
+    rate ω along a great circle has θ = ω Δt over any Δt, so θ/Δt is its speed whatever
+    the spacing (along a curved path the chord angle of a long Δt falls short of the path
+    length). Computed as 2 arcsin(‖K1/‖K1‖ − K2/‖K2‖‖ / 2) = 2 arcsin(√(S/2)), accurate for
+    small angles, where arccos of a cosine near 1 loses its digits.
+    """
+    return 2.0 * float(np.arcsin(min(1.0, np.sqrt(kernel_distance(K1, K2) / 2.0))))
 
 
 class KernelDistanceTrajectory(NamedTuple):

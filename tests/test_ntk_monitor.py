@@ -255,3 +255,64 @@ def test_auto_kind_sketches_large_output_spaces(L, run_path, outputs, kind):
         assert covered.mean() >= 0.9
         relative = np.linalg.norm(kernel - exact) / np.linalg.norm(exact)
         assert 0 < relative < 3 * view["relative_stderr"][-1]
+
+
+class _TurningKernel(NTKMonitor):
+    """The kernel is K(s) = cos φ(s) A + sin φ(s) B (A = uuᵀ, B = vvᵀ, u ⊥ v unit vectors):
+    a great circle in Frobenius space turned through φ(s) by optimizer step s, at an angular
+    speed dφ/ds = ω0 / (1 + 9 s / S) that falls 10x from step 0 to step S."""
+
+    S, OMEGA0 = 184, 0.012
+
+    def phi(self, step):
+        return self.OMEGA0 * self.S / 9 * np.log1p(9 * np.asarray(step, dtype=np.float64) / self.S)
+
+    def _kernel(self, model, x1, x2=None, per_layer=False):
+        n = x1.shape[0]
+        basis, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((n, 2)))
+        u, v = basis[:, 0], basis[:, 1]
+        phi = float(self.phi(self.snapshot_step))
+        return torch.as_tensor(np.cos(phi) * np.outer(u, u) + np.sin(phi) * np.outer(v, v))
+
+
+def test_constant_dt_velocity_follows_a_synthetic_kernel_of_known_speed(L, run_path):
+    """The issue's example: the true speed falls ~10x over a log-spaced run. The angular
+    velocity at a constant Δt falls as the speed does, without jumps where the schedule's
+    spacing changes; S/Δt at the schedule's spacing does not follow it."""
+    from lightning_ntk.schedule import LogSpacedSteps
+    delta, batches = 6, 6  # 96 examples in batches of 16: Δt = 1 epoch
+    monitor = _TurningKernel(run_path, probe=Probe(size=12), schedule=LogSpacedSteps(per_decade=4), k=2,
+                             per_layer=False, velocity_dt=delta, on_error="raise")
+    _fit(L, monitor, epochs=31, net=tiny_net())
+    with open_run(run_path) as run:
+        view = run["ntk"]
+        assert view.attrs["velocity_dt_steps"] == delta
+        step, epoch, base = view["step"], view["epoch"], view["velocity_base_step"]
+        np.testing.assert_allclose(epoch, step / batches, rtol=0, atol=1e-12)
+        pairs = base >= 0
+        expected_bases = [0, 1, 2, 3, 6, 10, 18, 32, 56, 100, 178]  # LogSpacedSteps(4) up to 186 steps, and step 0
+        assert list(base[pairs]) == expected_bases and list(step[pairs]) == [s + delta for s in expected_bases]
+        assert set(expected_bases) <= set(step)  # the scheduled snapshots are all there too
+        np.testing.assert_allclose(view["constant_dt_epochs"][pairs], delta / batches, rtol=1e-12)
+        np.testing.assert_array_equal(np.isnan(view["angular_velocity_constant_dt"]), ~pairs)
+        turned = monitor.phi(step[pairs]) - monitor.phi(base[pairs])  # the truth, from the closed form
+        angular = view["angular_velocity_constant_dt"][pairs]
+        np.testing.assert_allclose(angular, turned / (delta / batches), rtol=1e-5)
+        assert np.all(np.diff(angular) < 0)  # falls smoothly: no jump where the spacing changes
+        assert angular[0] / angular[-1] > 8  # ~10x, as the speed
+        # Fort et al.'s S / Δt at the same constant Δt: right too, but quadratic in the speed.
+        np.testing.assert_allclose(view["distance_constant_dt"][pairs], 1 - np.cos(turned), rtol=1e-4)
+        np.testing.assert_allclose(view["velocity_constant_dt"][pairs], (1 - np.cos(turned)) / (delta / batches),
+                                   rtol=1e-4)
+        # Between consecutive snapshots: the angle is exact on a great circle, S/Δt is not comparable.
+        dt, dphi = np.diff(epoch), np.diff(monitor.phi(step))
+        np.testing.assert_allclose(view["angular_velocity"][1:], dphi / dt, rtol=1e-5)
+        velocity = view["velocity"][1:]
+        np.testing.assert_allclose(velocity, (1 - np.cos(dphi)) / dt, rtol=1e-4)
+        scheduled = [np.flatnonzero(step == s)[0] - 1 for s in (3, 178)]  # rows ending at steps 3 and 178
+        assert velocity[scheduled[0]] / velocity[scheduled[1]] < 3  # the speed fell 7x, this says < 3x
+
+
+def test_velocity_dt_refuses_a_bad_value(run_path):
+    with pytest.raises(ValueError, match="velocity_dt must be"):
+        NTKMonitor(run_path, velocity_dt=0)

@@ -69,7 +69,7 @@ def monitors(path):
     common = dict(on_error="raise", budget=False)
     return [
         ProbeMetricsMonitor(path, schedule=2, probe=Probe(size=24), **common),
-        NTKMonitor(path, schedule=3, probe=Probe(size=12), k=3, heldout=Probe(size=9, seed=5), **common),
+        NTKMonitor(path, schedule=3, probe=Probe(size=12), k=3, heldout=Probe(size=9, seed=5), velocity_dt=2, **common),
         SharpnessMonitor(path, schedule=4, sharpness_set=32, k=2, trace=True, trace_queries=6, density=True,
                          density_steps=6, **common),
         ForgettingMonitor(path, **common),

@@ -648,3 +648,16 @@ def test_torch_bfloat16_and_wrong_types():
         sp.kernel_frobenius_norm("not a kernel")
     with pytest.raises(TypeError, match="complex"):
         sp.kernel_frobenius_norm(torch.eye(2, dtype=torch.complex64))
+
+
+def test_kernel_angle_is_the_angle_between_kernels():
+    from lightning_ntk.spectral import kernel_angle
+    basis, _ = np.linalg.qr(np.random.default_rng(3).standard_normal((6, 2)))
+    a, b = np.outer(basis[:, 0], basis[:, 0]), np.outer(basis[:, 1], basis[:, 1])  # orthonormal in Frobenius
+    for phi in (1e-7, 1e-4, 0.3, 1.2, np.pi / 2):  # a great circle: the angle is phi, tiny ones too
+        k = np.cos(phi) * a + np.sin(phi) * b
+        assert kernel_angle(a, 2.5 * k) == pytest.approx(phi, rel=1e-7)
+    assert kernel_angle(a, -a) == pytest.approx(np.pi)
+    k1, k2 = np.random.default_rng(4).standard_normal((2, 5, 5))
+    cos = np.sum(k1 * k2) / np.linalg.norm(k1) / np.linalg.norm(k2)
+    assert kernel_angle(k1, k2) == pytest.approx(np.arccos(cos), rel=1e-12)

@@ -199,6 +199,11 @@ class FitSession:
         return allowed
 
     # ---------------------------------------------------------------- dispatch
+    def due_by(self, step: int) -> None:
+        """A member planned a snapshot at ``step`` outside its schedule (from a measurement,
+        e.g. NTKMonitor's constant-Δt partner): the batch-end dispatch runs by then."""
+        self._next_due = min(self._next_due, int(step))
+
     def batch_end(self, monitor: "Monitor", trainer: Any, pl_module: Any, batch_idx: int) -> None:
         """Every monitor's batch-end hook calls this; the leader's call checks all members."""
         if monitor is not self._leader:

@@ -7,8 +7,9 @@ Per snapshot, on the probe (eval mode: BatchNorm uses its running statistics):
 * its top-k eigenpairs (float64), eigenvector signs aligned to the previous snapshot;
 * trace, Frobenius norm, effective rank (entropy of the normalised spectrum);
 * kernel distance to the first snapshot and to the previous one, velocity per epoch
-  (Fort et al. 2020); kernel-target alignment, plain and centred (Cristianini et al.;
-  Cortes et al. 2012);
+  (Fort et al. 2020) and angular velocity; with ``velocity_dt=Δ``, both at a constant Δt
+  from an extra snapshot Δ steps after each scheduled one (comparable across the run);
+  kernel-target alignment, plain and centred (Cristianini et al.; Cortes et al. 2012);
 * energy of the one-hot targets, the outputs and the residual in the top-1..k eigenvectors
   (Kopitkov & Indelman 2020);
 * with a held-out probe: kernel regression accuracy and MSE of the current eNTK
@@ -30,7 +31,7 @@ from ..probe import Probe, ProbeSet
 from ..sizing import CostModel
 from ..store import Field
 from ..task import TASKS, Task, TaskError, aligned_tokens, detect_task
-from ._base import Monitor, chunked_forward
+from ._base import Monitor, chunked_forward, fractional_epoch
 from ._declared import ProbeSlot, as_heldout
 from ._sizing import linear_cost
 from ._tokens import TokenOutputs, TokenPairs, positions_per_sequence, token_probe
@@ -86,12 +87,21 @@ class NTKMonitor(Monitor):
             when targets are padded with ignore_index).
         token_positions: positions per sequence (default: about 256 pairs in all); the
             pairs are the table's ``token_sequence`` / ``token_position`` attributes.
+        velocity_dt: Δ optimizer steps; after every snapshot taken at step s (scheduled,
+            epoch end or the first) another is taken at s + Δ, whatever the schedule or
+            budget (forced), and its row holds the kernel distance, velocity and angular
+            velocity over that constant Δt (``*_constant_dt`` fields, ``velocity_base_step``
+            = s; the table attribute ``velocity_dt_steps`` = Δ). ``velocity`` between
+            consecutive snapshots is S/Δt with Δt the schedule's spacing, and S is quadratic
+            in a small kernel change, so it grows with Δt and is not comparable across a
+            log-spaced run; None (default): no extra snapshots.
         **kwargs: see :class:`~lightning_ntk.callbacks.Monitor` (path, probe — default
             256 stratified training examples — schedule — default log-spaced steps — ...).
     """
 
     quantity = "ntk"
-    state = {"_kernel_init": "array", "_kernel_prev": "array", "_epoch_prev": "value", "_eigvecs_prev": "array"}
+    state = {"_kernel_init": "array", "_kernel_prev": "array", "_epoch_prev": "value", "_eigvecs_prev": "array",
+             "_velocity_bases": "value", "_velocity_kernels": "arrays"}
 
     def __init__(self, path: str, *, kind: str = "auto", k: int = 20, store_kernel: Optional[bool] = None,
                  projections: int = 32, seed: int = 0,
@@ -99,9 +109,15 @@ class NTKMonitor(Monitor):
                  token_positions: Optional[int] = None,
                  per_layer: bool = True, heldout: Union[Probe, ProbeSet, Tuple[torch.Tensor, torch.Tensor], None] = None,
                  krr_eps: float = 1e-4, method: str = "auto", dtype: Optional[torch.dtype] = None,
-                 max_memory: Union[None, int, str] = None, **kwargs: Any):
+                 max_memory: Union[None, int, str] = None, velocity_dt: Optional[int] = None, **kwargs: Any):
         super().__init__(path, **kwargs)
         owner = type(self).__name__
+        self.velocity_dt = _args.positive_int(velocity_dt, "velocity_dt", owner, optional=True,
+                                              hint="the steps between a snapshot and its constant-Δt partner")
+        # Snapshots due Δ steps after one taken: str(step due) -> [its step, its epoch], and its kernel.
+        self._velocity_bases: Dict[str, List[float]] = {}
+        self._velocity_kernels: Dict[str, np.ndarray] = {}
+        self._partner_only = False  # the snapshot being taken is only a partner (it plans none)
         self.kind = _args.one_of(kind, "kind", ("auto", "sketch", *sorted(KINDS)), owner)
         self.projections = _args.integer(projections, "projections", owner, minimum=2)
         self.seed = _args.integer(seed, "seed", owner, minimum=0)
@@ -174,10 +190,14 @@ class NTKMonitor(Monitor):
             Field("eigvecs", (m, k), "float32", dims=("eigvec_row", "eigen")),
             Field("trace"), Field("frobenius"), Field("effective_rank"),
             Field("distance_to_init"), Field("distance_to_prev"), Field("velocity"),
+            Field("angular_velocity", attrs={"description": "arccos(<K_prev, K>_F / (|K_prev|_F |K|_F)) / dt, "
+                                                            "radians per epoch, dt from the previous row"}),
             Field("kernel_target_alignment"), Field("kernel_target_alignment_centered"),
             Field("target_energy", (k,), dims=("eigen",)), Field("output_energy", (k,), dims=("eigen",)),
             Field("residual_energy", (k,), dims=("eigen",)),
         ]
+        if self.velocity_dt is not None:
+            fields += _constant_dt_fields()
         if self.per_layer:
             fields.append(Field("layer_trace", (len(self._layers),), dims=("layer",)))
         if self.heldout_set is not None:
@@ -209,6 +229,8 @@ class NTKMonitor(Monitor):
         specs[0].optional = ("kernel", "kernel_stderr")
         if self._kind == "sketch":
             specs[0].attrs.update(projections=self.projections, sketch_seed=self.seed)
+        if self.velocity_dt is not None:
+            specs[0].attrs.update(velocity_dt_steps=self.velocity_dt)
         if self._sequence is not None:
             specs[0].attrs.update(sequence_task=self._sequence.to_config(), sequence_kernel=self.sequence_kernel)
             if "probe" in self._pairs:
@@ -318,6 +340,9 @@ class NTKMonitor(Monitor):
             kernel_t = result["kernel"] if isinstance(result, dict) else result
             layer_trace = None
         kernel = kernel_t.detach().double().cpu().numpy()
+        step = int(self.snapshot_step if self.snapshot_step is not None else trainer.global_step)
+        base = self._velocity_bases.pop(str(step), None)
+        base_kernel = self._velocity_kernels.pop(str(step), None)
         if not np.all(np.isfinite(kernel)):
             return self._nonfinite_row(kernel), {"finite": 0.0}
         with torch.no_grad():
@@ -340,14 +365,15 @@ class NTKMonitor(Monitor):
             dist_prev = spectral.kernel_distance(self._kernel_prev, kernel)
             dt = epoch - self._epoch_prev if self._epoch_prev is not None else float("nan")
             velocity = dist_prev / dt if dt > 0 else float("nan")
+            angular_velocity = spectral.kernel_angle(self._kernel_prev, kernel) / dt if dt > 0 else float("nan")
         else:
-            dist_prev = velocity = float("nan")
+            dist_prev = velocity = angular_velocity = float("nan")
         vec_targets, vec_outputs = _energy_vectors(self._kind, targets, outputs)
         row: Dict[str, Any] = {
             "finite": True, "eigvals": eig.eigvals, "eigvecs": eigvecs.astype(np.float32),
             "trace": spectral.kernel_trace(kernel), "frobenius": spectral.kernel_frobenius_norm(kernel),
             "effective_rank": effective_rank, "distance_to_init": dist_init, "distance_to_prev": dist_prev,
-            "velocity": velocity,
+            "velocity": velocity, "angular_velocity": angular_velocity,
             "kernel_target_alignment": spectral.kernel_target_alignment(kernel, targets),
             "kernel_target_alignment_centered": spectral.kernel_target_alignment(kernel, targets, centered=True),
             "target_energy": _energy(eigvecs, vec_targets), "output_energy": _energy(eigvecs, vec_outputs),
@@ -355,6 +381,10 @@ class NTKMonitor(Monitor):
         }
         if layer_trace is not None:
             row["layer_trace"] = layer_trace
+        if self.velocity_dt is not None:
+            row.update(_constant_dt_row(base, base_kernel, kernel, epoch))
+            if not self._partner_only:
+                self._plan_partner(step, epoch, kernel)
         if self.heldout_set is not None:
             held = self._view(self.heldout_set, "heldout").to(probe.x.device)
             cross = self._kernel(model, held.x, probe.x)
@@ -375,8 +405,9 @@ class NTKMonitor(Monitor):
         scalars = {key: float(row[key]) for key in ("trace", "effective_rank", "distance_to_init",
                                                      "kernel_target_alignment", "kernel_target_alignment_centered")}
         scalars["eigval_1"] = float(eig.eigvals[0])
-        if math.isfinite(velocity):
-            scalars["velocity"] = velocity
+        for key in ("velocity", "angular_velocity", "velocity_constant_dt", "angular_velocity_constant_dt"):
+            if key in row and math.isfinite(row[key]):
+                scalars[key] = float(row[key])
         for k in _LOGGED_ENERGY_K:
             if k <= self._k_eff:
                 scalars[f"target_energy_top{k}"] = float(row["target_energy"][k - 1])
@@ -394,11 +425,70 @@ class NTKMonitor(Monitor):
         for spec in self._specs[0].fields:
             if spec.name in ("step", "epoch", "wall_time"):
                 continue
-            row[spec.name] = np.full(spec.shape, np.nan)
+            row[spec.name] = np.full(spec.shape, np.nan if np.dtype(spec.dtype).kind == "f" else spec.fill_value)
         row["finite"] = False
         if self._store_kernel:
             row["kernel"] = kernel.astype(np.float32)
         return row
+
+    # ------------------------------------------------------------------ constant-Δt velocity
+    def _plan_partner(self, step: int, epoch: float, kernel: np.ndarray) -> None:
+        """Plan the snapshot Δ steps after this one (its kernel kept until then)."""
+        due = step + int(self.velocity_dt)
+        self._velocity_bases[str(due)] = [step, epoch]
+        self._velocity_kernels[str(due)] = kernel.astype(np.float64 if self._kernel_dtype() == torch.float64
+                                                         else np.float32)
+        self.next_due = min(self.next_due, due)
+        if self._session is not None:
+            self._session.due_by(due)
+
+    def _batch_end(self, trainer: Any, pl_module: nn.Module, batch_idx: int) -> None:
+        """The schedule's snapshot, then a planned partner snapshot if this step is due one."""
+        super()._batch_end(trainer, pl_module, batch_idx)
+        if self.velocity_dt is None or not self._velocity_bases:
+            return
+        step = int(trainer.global_step)
+        if str(step) in self._velocity_bases and step != self._last_step and not self.disabled:
+            self._partner_only = True
+            try:  # forced: the snapshot Δ before it was taken, and the pair is the measurement
+                self._snapshot(trainer, pl_module, epoch=fractional_epoch(trainer, batch_idx), forced=True)
+            finally:
+                self._partner_only = False
+        for due in [d for d in self._velocity_bases if int(d) <= step]:  # taken, or passed (a failed snapshot)
+            self._velocity_bases.pop(due)
+            self._velocity_kernels.pop(due, None)
+        if self._velocity_bases:
+            self.next_due = min(self.next_due, min(int(d) for d in self._velocity_bases))
+
+
+def _constant_dt_fields() -> List[Field]:
+    return [
+        Field("velocity_base_step", (), "int64",
+              attrs={"description": "step s of the snapshot this row is velocity_dt_steps after (-1: none)"}),
+        Field("constant_dt_epochs", attrs={"description": "dt of the *_constant_dt fields in epochs (the epoch "
+                                                          "difference of velocity_dt_steps steps)"}),
+        Field("distance_constant_dt", attrs={"description": "S(K_s, K_{s+dt}) over the constant dt (Fort et al.)"}),
+        Field("velocity_constant_dt", attrs={"description": "S(K_s, K_{s+dt}) / dt per epoch at the constant dt; "
+                                                            "quadratic in the kernel's speed"}),
+        Field("angular_velocity_constant_dt",
+              attrs={"description": "arccos(<K_s, K_{s+dt}>_F / (|K_s|_F |K_{s+dt}|_F)) / dt, radians per epoch at "
+                                    "the constant dt; linear in the kernel's speed"}),
+    ]
+
+
+def _constant_dt_row(base: Optional[List[float]], base_kernel: Optional[np.ndarray], kernel: np.ndarray,
+                     epoch: float) -> Dict[str, Any]:
+    """The constant-Δt fields of a row that is Δ steps after snapshot ``base`` ([step, epoch])."""
+    nan = float("nan")
+    if base is None or base_kernel is None:
+        return {"velocity_base_step": -1, "constant_dt_epochs": nan, "distance_constant_dt": nan,
+                "velocity_constant_dt": nan, "angular_velocity_constant_dt": nan}
+    dt = epoch - float(base[1])
+    distance = spectral.kernel_distance(base_kernel, kernel)
+    angle = spectral.kernel_angle(base_kernel, kernel)
+    return {"velocity_base_step": int(base[0]), "constant_dt_epochs": dt, "distance_constant_dt": distance,
+            "velocity_constant_dt": distance / dt if dt > 0 else nan,
+            "angular_velocity_constant_dt": angle / dt if dt > 0 else nan}
 
 
 def _trace(kernel: torch.Tensor) -> float:
