@@ -7,16 +7,19 @@ and device at two small sizes and fits a :class:`CostModel`; the training's leng
 predicted from its number of steps and the measured time of one training step
 (:class:`TrainingLength`); :func:`choose_size` then halves a monitor's default size until
 its forced snapshots fit its share of the budget (:func:`forced_allowance`), down to a floor
-below which the quantity would mean little: when even the floor is predicted over the
-share, the floor is used and a warning gives the budget that would fit it (the first and
-last snapshots anchor every curve: the training pays for them however short it is).
+below which the quantity would mean little. When even the floor is predicted over the
+share, the monitor's lighter settings of the work it does per example (fewer few-shot
+episodes, fewer k-means restarts, a looser Lanczos tolerance: :class:`LighterWork`) are
+tried in turn at the floor; when none fits, the lightest is used and a warning gives the
+budget that would fit it (the first and last snapshots anchor every curve: the training
+pays for them however short it is).
 Sizes the user gave are never changed. Clocks are injectable for tests.
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, Optional, Sequence
 
 #: Share of the budget kept for the forced (first and last) snapshots of all monitors; the
@@ -102,33 +105,53 @@ def forced_allowance(budget: float, training_seconds: float, monitors: int, fixe
 
 
 @dataclass(frozen=True)
+class LighterWork:
+    """A lighter setting of a monitor's default work (e.g. ``{"episodes": 50}``) and its
+    predicted snapshot cost by size."""
+
+    settings: Dict[str, Any]
+    cost: CostModel
+
+
+@dataclass(frozen=True)
 class SizeChoice:
-    """What :func:`choose_size` decided: the size, its predicted snapshot seconds, the
-    allowance for the forced snapshots and whether they fit in it."""
+    """What :func:`choose_size` decided: the size, the lighter settings taken (``work``,
+    empty for the monitor's defaults), the predicted snapshot seconds, the allowance for the
+    forced snapshots and whether they fit in it."""
 
     size: int
     default: int
     predicted_seconds: float
     allowance_seconds: float
     fits: bool
+    work: Dict[str, Any] = field(default_factory=dict)
 
     def to_config(self) -> Dict[str, Any]:
         return asdict(self)
 
     def explain(self, what: str) -> str:
         change = f"{what} {self.size} (default {self.default})" if self.size != self.default else f"{what} {self.size}"
+        if self.work:
+            change += " with " + ", ".join(f"{k}={v}" for k, v in self.work.items())
         return (f"{change}: {FORCED_SNAPSHOTS} forced snapshots predicted at {self.predicted_seconds:.2f} s each, "
                 f"allowance {self.allowance_seconds:.2f} s")
 
 
-def choose_size(cost: CostModel, allowance: float, default: int, floor: int) -> SizeChoice:
+def choose_size(cost: CostModel, allowance: float, default: int, floor: int,
+                lighter: Sequence[LighterWork] = ()) -> SizeChoice:
     """The largest of ``default``, ``default/2``, ``default/4``, ... (not below ``floor``) whose
-    :data:`FORCED_SNAPSHOTS` snapshots are predicted to fit in ``allowance`` seconds; the
-    floor, marked as not fitting, when none does."""
+    :data:`FORCED_SNAPSHOTS` snapshots are predicted to fit in ``allowance`` seconds. When
+    the floor does not fit either, the ``lighter`` settings (lightest last) are tried in turn
+    at the floor: the first that fits, else the lightest, marked as not fitting."""
     if not 0 < floor <= default:
         raise ValueError(f"choose_size needs 0 < floor <= default, got floor={floor}, default={default}")
     n = default
     while n > floor and FORCED_SNAPSHOTS * cost.predict(n) > allowance:
         n = max(floor, n // 2)
+    work: Dict[str, Any] = {}
     predicted = cost.predict(n)
-    return SizeChoice(n, default, predicted, allowance, FORCED_SNAPSHOTS * predicted <= allowance)
+    for option in lighter:
+        if FORCED_SNAPSHOTS * predicted <= allowance:
+            break
+        work, predicted = dict(option.settings), option.cost.predict(n)
+    return SizeChoice(n, default, predicted, allowance, FORCED_SNAPSHOTS * predicted <= allowance, work)

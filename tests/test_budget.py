@@ -356,3 +356,158 @@ def test_a_monitor_whose_smallest_size_breaks_the_budget_warns_with_the_budget_t
     with open_run(run_path) as run:
         steps = run["probe_metrics"]["step"]
         assert steps[0] == 0 and steps[-1] == 30
+
+
+def lighter_monitor(clock, seconds_per_example):
+    """A ProbeMetricsMonitor whose snapshots cost ``seconds_per_example`` x ``work`` per
+    probe example, with lighter settings of ``work`` (0.5, then 0.2) for sizing to take."""
+    from lightning_ntk.callbacks import ProbeMetricsMonitor
+    from lightning_ntk.sizing import CostModel, LighterWork
+
+    class Lighter(ProbeMetricsMonitor):
+        per_fit = ("work",)
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.work = 1.0
+
+        def measure(self, trainer, pl_module, probe):
+            clock.now += seconds_per_example * self.work * len(probe)
+            return super().measure(trainer, pl_module, probe)
+
+        def lighter_work(self, cost):
+            return [LighterWork({"work": w}, CostModel(cost.fixed * w, cost.per_example * w)) for w in (0.5, 0.2)]
+
+    return Lighter
+
+
+def test_at_the_floor_sizing_takes_the_first_lighter_work_that_fits_and_a_resume_keeps_it(L, tmp_path,
+                                                                                          one_second_steps):
+    """0.05 s per probe example: the floor (32 examples) takes 1.6 s per snapshot, over the
+    0.375 s per snapshot of a 30 s training at budget 5% (0.5 x 0.05 x 30 / 2); half the
+    work (0.8 s) is still over, a fifth (0.32 s) fits: taken, measured, recorded in the file
+    and in the checkpoint. A fit resumed with a budget that would fit the defaults keeps it;
+    a new fit of the same monitor starts from the default work again."""
+    from lightning_ntk.store import open_run
+
+    from .models import blob_data, loader, make_module, tiny_net, trainer
+
+    clock = FakeClock()
+    Lighter = lighter_monitor(clock, 0.05)
+    path, ckpt = str(tmp_path / "run.h5"), str(tmp_path / "last.ckpt")
+    monitor = Lighter(path, schedule=5, budget=Governor(0.05, clock=clock), on_error="raise")
+    t = trainer(L, [monitor], max_epochs=10)
+    t.fit(with_timed_steps(make_module(L, tiny_net()), clock), loader(blob_data(n=48)))
+    assert len(monitor.probe_set) == 32 and monitor.work == 0.2
+    assert monitor.sizing["work"] == {"work": 0.2} and monitor.sizing["fits"]
+    assert monitor.sizing["predicted_seconds"] == pytest.approx(0.32)
+    assert monitor.timings["snapshot_s"] == pytest.approx(0.32 * monitor.timings["snapshots"])
+    with open_run(path) as run:
+        stored = {c["group"]: c.get("sizing") for c in run.config.values()}
+        assert stored["probe_metrics"]["work"] == {"work": 0.2}
+        assert "work=0.2" in run.summary()
+    t.save_checkpoint(ckpt)
+
+    resumed = Lighter(path, schedule=5, budget=Governor(10.0, clock=clock), on_error="raise")
+    t2 = trainer(L, [resumed], max_epochs=12)
+    t2.fit(with_timed_steps(make_module(L, tiny_net()), clock), loader(blob_data(n=48)), ckpt_path=ckpt)
+    assert resumed.work == 0.2 and len(resumed.probe_set) == 32 and resumed.sizing["work"] == {"work": 0.2}
+
+    again = trainer(L, [monitor], max_epochs=2)
+    monitor.budget, monitor.overwrite = Governor(10.0, clock=clock), True
+    again.fit(with_timed_steps(make_module(L, tiny_net()), clock), loader(blob_data(n=48)))
+    assert monitor.work == 1.0 and monitor.sizing["work"] == {}
+
+
+
+def _slow_episodes(clock, real):
+    def few_shot_accuracy(*args, episodes, **kwargs):
+        clock.now += 0.01 * episodes
+        return real(*args, episodes=episodes, **kwargs)
+    return few_shot_accuracy
+
+
+def _slow_restarts(clock, real):
+    def kmeans_clusters(*args, n_init, **kwargs):
+        clock.now += 0.01 * n_init
+        return real(*args, n_init=n_init, **kwargs)
+    return kmeans_clusters
+
+
+@pytest.mark.parametrize("case", [
+    # 2 settings x 0.01 s per episode: 2 s at 100 episodes, 1 s at 50, 0.5 s at 25; the share
+    # of a 30 s training at budget 10% is 0.75 s per snapshot
+    dict(monitor="RepresentationMonitor", patch="few_shot_accuracy", slow=_slow_episodes, budget=0.1,
+         kwargs=dict(classifiers=("centroid_euclidean",), linear_probe=False), attribute="episodes",
+         default=100, chosen=25, given=50),
+    # 0.01 s per k-means restart: 0.1 s at 10, 0.03 s at 3; the share at budget 1% is 0.075 s
+    dict(monitor="ActivationCodeMonitor", patch="kmeans_clusters", slow=_slow_restarts, budget=0.01,
+         kwargs=dict(measures=("redundancy", "kmeans")), attribute="kmeans_n_init", default=10, chosen=3, given=10),
+], ids=lambda case: case["monitor"])
+def test_classifier_monitors_take_lighter_work_only_where_the_user_left_it(L, tmp_path, one_second_steps,
+                                                                          monkeypatch, case):
+    """The real monitors at their floor (256 / 128 examples) with their classifier time on a
+    fake clock: the default count of episodes / restarts is lowered to the first that fits,
+    and the table records it; a count the user gave is kept."""
+    from lightning_ntk import callbacks
+    from lightning_ntk.callbacks import codes, representations
+    from lightning_ntk.store import open_run
+
+    from .models import blob_data, loader, make_module, tiny_net, trainer
+
+    module = {"few_shot_accuracy": representations, "kmeans_clusters": codes}[case["patch"]]
+    clock = FakeClock()
+    monkeypatch.setattr(module, case["patch"], case["slow"](clock, getattr(module, case["patch"])))
+    Monitor = getattr(callbacks, case["monitor"])
+    data = blob_data(n=300, classes=5)
+    chosen = []
+    for name, extra in (("default", {}), ("given", {case["attribute"]: case["given"]})):
+        path = str(tmp_path / f"{name}.h5")
+        monitor = Monitor(path, schedule=10, heldout=None, budget=Governor(case["budget"], clock=clock),
+                          on_error="raise", **case["kwargs"], **extra)
+        assert getattr(monitor, case["attribute"]) == extra.get(case["attribute"], case["default"])
+        t = trainer(L, [monitor], max_epochs=1, max_steps=30)
+        t.fit(with_timed_steps(make_module(L, tiny_net(classes=5)), clock), loader(data, batch_size=10))
+        assert len(monitor.probe_set) == monitor.size_floor
+        chosen.append(getattr(monitor, case["attribute"]))
+        with open_run(path) as run:
+            sizing = {c["group"]: c.get("sizing") for c in run.config.values()}[monitor.group]
+            table_attrs = dict(run.file[monitor.group].attrs)
+        assert sizing["work"] == ({case["attribute"]: case["chosen"]} if name == "default" else {})
+        if case["attribute"] == "episodes":  # the table names the episodes its intervals are over
+            assert table_attrs["episodes"] == chosen[-1]
+    assert chosen == [case["chosen"], case["given"]]
+
+
+def test_the_sharpness_cost_model_counts_hessian_vector_products():
+    """A fake snapshot on n examples takes its Lanczos products (30, or k = 2 when capped)
+    plus 2 (gradient graph, loss and gradient), each 1 ms + 0.1 ms per example on a fake
+    clock: the cost model predicts (30 + 2) x (1 + 0.1 n) ms on any n; with trace=True each
+    snapshot adds its 60 trace products."""
+    import torch
+
+    from lightning_ntk.callbacks import SharpnessMonitor
+    from lightning_ntk.probe import ProbeSet
+
+    for trace in (False, True):
+        clock = FakeClock()
+        monitor = SharpnessMonitor("unused.h5", budget=Governor(0.05, clock=clock), trace=trace, trace_queries=60)
+        seen = []
+
+        def measure(trainer, pl_module, probe, monitor=monitor, clock=clock, seen=seen):
+            n_hvp = monitor.max_hvp or 30
+            seen.append((len(probe), monitor.max_hvp, monitor._eigenvectors))
+            clock.now += (n_hvp + 2 + (60 if monitor.trace else 0)) * (1e-3 + 1e-4 * len(probe))
+            return {"n_hvp": n_hvp}, {}
+
+        monitor.measure = measure
+        monitor._governor = Governor(0.05, clock=clock)
+        monitor._eigenvectors = torch.ones(3)  # a previous snapshot's: not a warm start for the timing
+        x = torch.zeros(64, 2)
+        monitor._probe.drawn = ProbeSet("train", x, torch.zeros(64, dtype=torch.long), torch.arange(64), "train")
+        cost = monitor.cost_model(None, torch.nn.Linear(2, 2), monitor._probe.drawn)
+        assert [(n, cap, v) for n, cap, v in seen] == [(16, None, None), (32, 2, None)]
+        assert monitor.max_hvp is None and monitor._eigenvectors is not None  # restored
+        products = 32 + (60 if trace else 0)
+        for n in (64, 1024):
+            assert cost.predict(n) == pytest.approx(products * (1e-3 + 1e-4 * n))

@@ -9,6 +9,7 @@ from lightning_ntk.sizing import (
     FORCED_SHARE,
     FORCED_SNAPSHOTS,
     CostModel,
+    LighterWork,
     TrainingLength,
     choose_size,
     forced_allowance,
@@ -68,3 +69,17 @@ def test_choose_size_keeps_the_default_when_it_fits_and_flags_the_floor_when_not
     assert floor.size == 32 and not floor.fits
     with pytest.raises(ValueError, match="floor"):
         choose_size(cost, 1.0, default=16, floor=32)
+
+
+def test_choose_size_tries_the_lighter_work_only_at_the_floor():
+    cost = CostModel(per_example=0.01)
+    lighter = [LighterWork({"episodes": 50}, CostModel(per_example=0.005)),
+               LighterWork({"episodes": 25}, CostModel(per_example=0.0025))]
+    halved = choose_size(cost, allowance=2 * 0.64, default=256, floor=32, lighter=lighter)
+    assert (halved.size, halved.work, halved.fits) == (64, {}, True)  # a smaller size first
+    lighter_fits = choose_size(cost, allowance=2 * 0.1, default=256, floor=32, lighter=lighter)
+    assert (lighter_fits.size, lighter_fits.work, lighter_fits.fits) == (32, {"episodes": 25}, True)
+    assert lighter_fits.predicted_seconds == pytest.approx(0.08)
+    assert "with episodes=25" in lighter_fits.explain("probe size")
+    none_fits = choose_size(cost, allowance=0.01, default=256, floor=32, lighter=lighter)
+    assert (none_fits.size, none_fits.work, none_fits.fits) == (32, {"episodes": 25}, False)

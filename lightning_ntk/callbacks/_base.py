@@ -32,7 +32,7 @@ from .._hygiene import measurement_mode
 from ..budget import BudgetLike, Governor, as_governor
 from ..probe import Probe, ProbeSet
 from ..schedule import LogSpacedSteps, Schedule, ScheduleLike, as_schedule
-from ..sizing import CostModel
+from ..sizing import CostModel, LighterWork
 from ..store import Field, RunStore, Table, wall_time
 from ..store._writer import FixedTable
 from ..task import predictions_in
@@ -287,6 +287,18 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
         """Predicted seconds of a snapshot by probe size, timed on this model (None: not sized)."""
         return None
 
+    def lighter_work(self, cost: CostModel) -> List[LighterWork]:
+        """Lighter settings of the work done per snapshot, lightest last, with their
+        predicted cost (tried when even the floor size is over the allowance); only
+        settings the user left to the monitor, each an attribute to set. Default: none."""
+        return []
+
+    def apply_work(self, settings: Dict[str, Any]) -> None:
+        """Take the lighter settings sizing chose (attributes restored at the next fit:
+        list them in ``per_fit``)."""
+        for name, value in settings.items():
+            setattr(self, name, value)
+
     def snapshot_cost(self, trainer: Any, pl_module: nn.Module) -> Optional[CostModel]:
         """A cost model from :meth:`measure` itself on the probe's first 16 and 32 examples,
         linear in the probe size (for monitors whose measure keeps no state across calls)."""
@@ -298,6 +310,7 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
         loaded = (self._loaded_state or {}).get("probe_index")
         if loaded is not None and self.default_size() and self.sizable_probe():
             self._probe.setting = self._probe.setting.resized(len(loaded))
+            self.apply_work(dict((self._loaded_state or {}).get("work") or {}))
 
     def resize_probes(self, trainer: Any, pl_module: nn.Module, size: int) -> None:
         """Draw the probe again at ``size`` examples and work the tables out again."""
@@ -431,7 +444,7 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
                 "pending_epoch_end": self._pending_epoch_end,
                 "probe_index": None if self.probe_set is None else self.probe_set.index.tolist(),
                 "heldout_index": None if self.heldout_set is None else self.heldout_set.index.tolist(),
-                "extra": self.extra_state()}
+                "work": dict(self.sizing.get("work") or {}), "extra": self.extra_state()}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         self._loaded_state = dict(state_dict)

@@ -99,7 +99,8 @@ def size_to_budget(monitor: "Monitor", trainer: Any, pl_module: Any) -> None:
 def _size(monitor: "Monitor", governor: Any, probe: ProbeSet, trainer: Any, pl_module: Any) -> None:
     owner, n, user_size = type(monitor).__name__, len(probe), not monitor.default_size()
     if (monitor._loaded_state or {}).get("probe_index") is not None and not user_size:
-        monitor.sizing = {"size": n, "note": "resumed: the size the checkpoint recorded"}
+        monitor.sizing = {"size": n, "work": dict(monitor._loaded_state.get("work") or {}),
+                          "note": "resumed: the size (and lighter work) the checkpoint recorded"}
         return
     try:
         with measurement_mode(pl_module):
@@ -127,7 +128,8 @@ def _size(monitor: "Monitor", governor: Any, probe: ProbeSet, trainer: Any, pl_m
         monitor.sizing = {"size": n, "user_size": True, "predicted_seconds": cost.predict(n),
                           "allowance_seconds": allowance, "fits": fits}
     else:
-        choice = choose_size(cost, allowance, default=n, floor=min(n, monitor.size_floor))
+        choice = choose_size(cost, allowance, default=n, floor=min(n, monitor.size_floor),
+                             lighter=monitor.lighter_work(cost))
         size = choice.size
         monitor.sizing = dict(choice.to_config(), user_size=False)
         _log.info("%s: %s (a %.0f s training, budget %g)", owner, choice.explain(monitor.size_name), length.seconds,
@@ -136,18 +138,22 @@ def _size(monitor: "Monitor", governor: Any, probe: ProbeSet, trainer: Any, pl_m
         monitor.sizing.update(cost_model=cost.to_config(), training=length.to_config())
     if not user_size:
         # every rank draws the same examples: rank 0's decision
-        size, fits = monitor._session.collectives.broadcast_object((size, monitor.sizing.get("fits", True)))
+        size, fits, work = monitor._session.collectives.broadcast_object(
+            (size, monitor.sizing.get("fits", True), monitor.sizing.get("work") or {}))
         size = int(size)
+        monitor.sizing["work"] = dict(work)
+        monitor.apply_work(dict(work))
         if not fits and cost is not None:
-            predicted = FORCED_SNAPSHOTS * cost.predict(size)
+            predicted = FORCED_SNAPSHOTS * float(monitor.sizing.get("predicted_seconds", cost.predict(size)))
             needed = predicted / (FORCED_SHARE * float(length.seconds) / monitor._session.snapshot_monitors())
             warnings.warn(
-                f"{owner}: this training is short for it: at its smallest {monitor.size_name} ({size}) its first and "
+                f"{owner}: this training is short for it: at its smallest {monitor.size_name} ({size}"
+                f"{''.join(f', {k}={v}' for k, v in work.items())}) its first and "
                 f"last snapshots are predicted to take {predicted:.2f} s, over its share of the budget ({allowance:.2f} "
                 f"s of budget {governor.budget:g} x a {length.seconds:.0f} s training); they are taken all the same "
                 f"(they anchor its curves). Pass budget={min(needed, 1.0):.2g} to make room for them, or leave the "
                 "monitor out of short trainings", RuntimeWarning, stacklevel=2)
-        if size < n:
+        if size < n or work:  # probes drawn again, tables worked out again (their attributes name the work)
             try:
                 monitor.resize_probes(trainer, pl_module, size)
             except Exception as exc:  # noqa: BLE001 - e.g. too few examples per class for its probes

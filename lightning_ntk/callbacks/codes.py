@@ -36,7 +36,7 @@ from ..codes import (
 )
 from ..probe import Probe, ProbeSet, _trainer_dataloader, stratified_indices
 from ..schedule import LogSpacedSteps, Schedule
-from ..sizing import CostModel
+from ..sizing import CostModel, LighterWork
 from ..store import Field
 from ..task import Task, TaskError, detect_task
 from ._base import Monitor, TableSpec
@@ -49,6 +49,8 @@ _log = logging.getLogger("lightning_ntk")
 #: Default size of each probe (training and held-out): at most this many examples.
 DEFAULT_PROBE_SIZE = 512
 
+#: k-means restarts by default (He et al.'s scikit-learn version) and the fewer sizing may take.
+DEFAULT_KMEANS_N_INIT, LIGHTER_KMEANS_N_INIT = 10, (3, 1)
 _CODE_MEASURES = ("redundancy", "knn", "logistic", "kmeans", "code_change")
 _SKLEARN_CODE_MEASURES = ("logistic", "kmeans")
 
@@ -312,7 +314,8 @@ class ActivationCodeMonitor(HeldoutProbeMonitor):
             multi-label) the label-free ones, ``("redundancy", "code_change")`` (a log line
             says so). ``"logistic"`` and ``"kmeans"`` need scikit-learn.
         k: neighbours of the k-NN classifier (He et al.: 9).
-        kmeans_n_init: k-means restarts (10, as in He et al.'s scikit-learn version).
+        kmeans_n_init: k-means restarts; default (None) 10, as in He et al.'s scikit-learn
+            version, fewer (3, 1) when the budget needs them (:mod:`lightning_ntk.sizing`).
         store_codes: also store the packed codes of each snapshot.
         schedule: default ``LogSpacedSteps(per_decade=4)`` (steps 0, 1, 2, 3, 6, 10, 18, 32,
             56, 100, ... and the end of training). A snapshot of the demo CNN (3136 units,
@@ -325,11 +328,12 @@ class ActivationCodeMonitor(HeldoutProbeMonitor):
 
     quantity = "codes"
     smaller_rows = "a smaller probe= (or heldout=), store_codes=False"
-    per_fit = ("_previous", "measures", "capture")  # the previous codes (code_change); defaults settled per fit
+    # the previous codes (code_change); defaults settled per fit; restarts sizing may lower
+    per_fit = ("_previous", "measures", "capture", "kmeans_n_init")
 
     def __init__(self, path: str, *, heldout: HeldoutLike = "auto", modules: Any = None, capture: str = "modules",
                  module_types: Tuple[Type[nn.Module], ...] = RELU_MODULE_TYPES,
-                 measures: Optional[Sequence[str]] = None, k: int = 9, kmeans_n_init: int = 10,
+                 measures: Optional[Sequence[str]] = None, k: int = 9, kmeans_n_init: Optional[int] = None,
                  store_codes: bool = False, seed: int = 0, classifier_threads: Optional[int] = 1, **kwargs: Any):
         super().__init__(path, heldout=heldout, seed=seed, classifier_threads=classifier_threads, **kwargs)
         owner = type(self).__name__
@@ -347,7 +351,11 @@ class ActivationCodeMonitor(HeldoutProbeMonitor):
                              f"unknown: {unknown}")
         self.measures = tuple(m for m in _CODE_MEASURES if m in measures)
         self.k = _args.positive_int(k, "k", owner)
-        self.kmeans_n_init = _args.positive_int(kmeans_n_init, "kmeans_n_init", owner)
+        self._kmeans_given = kmeans_n_init is not None
+        self.kmeans_n_init = DEFAULT_KMEANS_N_INIT if kmeans_n_init is None else \
+            _args.positive_int(kmeans_n_init, "kmeans_n_init", owner)
+        self._kmeans_seconds: List[float] = []  # one k-means restart, timed by the cost model
+        self._timed: Optional[Tuple[CostModel, CostModel, Optional[CostModel]]] = None  # (snapshot, forward, restart)
         needs = [m for m in self.measures if m in _SKLEARN_CODE_MEASURES]
         if needs:
             kept = tuple(m for m in self.measures if m not in _SKLEARN_CODE_MEASURES) or ("redundancy",)
@@ -369,10 +377,12 @@ class ActivationCodeMonitor(HeldoutProbeMonitor):
 
     def cost_model(self, trainer: Any, pl_module: nn.Module, probe: ProbeSet) -> Optional[CostModel]:
         """The capture forward passes (both probes) and, for class labels, the classifiers:
-        timed on the probe's first 32 and 64 examples (fit on one half, scored on the other)."""
+        timed on the probe's first 32 and 64 examples (fit on one half, scored on the other;
+        k-means with one restart, its time counted ``kmeans_n_init`` times)."""
         if not self._classifies or self._sequence is not None:
             return self._forward_cost(pl_module, probe, lambda sub: self._codes(pl_module, sub.x))
         labels, forward_seconds = self.labels("probe", "the classifiers"), []
+        self._kmeans_seconds = []
 
         def snapshot(sub: ProbeSet) -> None:
             started = self.clock()
@@ -385,8 +395,27 @@ class ActivationCodeMonitor(HeldoutProbeMonitor):
         if total is None:
             return None
         # the held-out probe's forward passes on top of the timed snapshot (classifiers included)
-        forward = CostModel.from_timings(timing_sizes(len(probe), 32), forward_seconds)
+        sizes = timing_sizes(len(probe), 32)
+        forward = CostModel.from_timings(sizes, forward_seconds)
+        restart = CostModel.from_timings(sizes, self._kmeans_seconds) if len(self._kmeans_seconds) == 2 else None
+        self._timed = (total, forward, restart)
+        return self._cost_with(self.kmeans_n_init)
+
+    def _cost_with(self, n_init: int) -> CostModel:
+        """The timed snapshot (one k-means restart) with ``n_init`` restarts, plus the
+        held-out probe's forward passes (the classifiers are timed in the snapshot)."""
+        total, forward, restart = self._timed
+        if restart is not None:
+            total = CostModel(total.fixed + (n_init - 1) * restart.fixed,
+                              total.per_example + (n_init - 1) * restart.per_example, total.per_pair)
         return self._with_heldout(total, forward)
+
+    def lighter_work(self, cost: CostModel) -> List[LighterWork]:
+        """Fewer k-means restarts (3, then 1), when ``kmeans_n_init`` was left to the monitor."""
+        if self._kmeans_given or self._timed is None or self._timed[2] is None:
+            return []
+        return [LighterWork({"kmeans_n_init": n}, self._cost_with(n)) for n in LIGHTER_KMEANS_N_INIT
+                if n < self.kmeans_n_init]
 
     def _classify(self, fit: Any, y_fit: np.ndarray, evaluate: Any, y_eval: np.ndarray, train: Any,
                   y_train: np.ndarray, timing: bool = False) -> Dict[str, float]:
@@ -401,8 +430,11 @@ class ActivationCodeMonitor(HeldoutProbeMonitor):
             if "logistic" in self.measures and not (timing and len(np.unique(y_fit)) < 2):
                 row["logistic_accuracy"] = logistic_accuracy(fit, y_fit, evaluate, y_eval, seed=self.seed)
             if "kmeans" in self.measures:
+                started = self.clock()
                 ids = kmeans_clusters(train, int(np.unique(y_train).shape[0]), seed=self.seed,
-                                      n_init=self.kmeans_n_init)
+                                      n_init=1 if timing else self.kmeans_n_init)
+                if timing:
+                    self._kmeans_seconds.append(self.clock() - started)
                 row["kmeans_accuracy_hungarian"] = cluster_accuracy(ids, y_train, mapping="hungarian")
                 row["kmeans_accuracy_greedy"] = cluster_accuracy(ids, y_train, mapping="greedy")
         return row

@@ -23,11 +23,16 @@ from .. import _args
 from ..probe import ProbeSet
 from ..representations import extract_features, few_shot_accuracy, linear_probe_accuracy
 from ..schedule import LogSpacedSteps, Schedule
-from ..sizing import CostModel, timed
+from ..sizing import CostModel, LighterWork, timed
 from ..store import Field
 from ._base import TableSpec
 from ._sizing import probe_head
 from .codes import HeldoutLike, HeldoutProbeMonitor, limited_threads, require_sklearn
+
+#: Few-shot episodes per setting and snapshot by default, the lighter counts sizing may
+#: take (a 95% interval of about ±0.04 at 25 episodes for episode accuracies of std 0.1),
+#: and the episodes timed for the cost model.
+DEFAULT_EPISODES, LIGHTER_EPISODES, TIMED_EPISODES = 100, (50, 25), 10
 
 _CLASSIFIERS = {"centroid_euclidean": "euclidean", "centroid_cosine": "cosine", "logistic": "logistic"}
 
@@ -65,7 +70,8 @@ class RepresentationMonitor(HeldoutProbeMonitor):
         few_shot: ``(n_way, k_shot)`` settings; default 5-way 1-shot and 5-way 5-shot.
             Empty: no few-shot probes.
         n_query: queries per class in each episode.
-        episodes: episodes per setting and snapshot.
+        episodes: episodes per setting and snapshot; default (None) 100, fewer (50, 25)
+            when the budget needs them (:mod:`lightning_ntk.sizing`).
         classifiers: any of ``"centroid_euclidean"``, ``"centroid_cosine"``, ``"logistic"``.
         linear_probe: also fit the linear probe.
         schedule: default ``LogSpacedSteps(per_decade=4)``, as for
@@ -76,7 +82,7 @@ class RepresentationMonitor(HeldoutProbeMonitor):
     quantity = "representations"
 
     def __init__(self, path: str, *, heldout: HeldoutLike = "auto", layer: Union[None, str, nn.Module] = None,
-                 few_shot: Sequence[Tuple[int, int]] = ((5, 1), (5, 5)), n_query: int = 15, episodes: int = 100,
+                 few_shot: Sequence[Tuple[int, int]] = ((5, 1), (5, 5)), n_query: int = 15, episodes: Optional[int] = None,
                  classifiers: Sequence[str] = tuple(_CLASSIFIERS), linear_probe: bool = True, seed: int = 0,
                  classifier_threads: Optional[int] = 1, **kwargs: Any):
         super().__init__(path, heldout=heldout, seed=seed, classifier_threads=classifier_threads, **kwargs)
@@ -103,7 +109,9 @@ class RepresentationMonitor(HeldoutProbeMonitor):
         self.layer = layer
         self.few_shot = settings
         self.n_query = _args.positive_int(n_query, "n_query", owner)
-        self.episodes = _args.integer(episodes, "episodes", owner, minimum=2)
+        self._episodes_given = episodes is not None
+        self.episodes = DEFAULT_EPISODES if episodes is None else _args.integer(episodes, "episodes", owner, minimum=2)
+        self._per_episode = 0.0  # seconds of one episode of every setting and classifier (cost model)
         self.classifiers = tuple(c for c in _CLASSIFIERS if c in classifiers) if settings else ()
         self.linear_probe = bool(linear_probe)
         needs = (["few-shot classifier 'logistic'"] if "logistic" in self.classifiers else []) + \
@@ -116,12 +124,14 @@ class RepresentationMonitor(HeldoutProbeMonitor):
         return LogSpacedSteps(per_decade=4)
 
     size_floor = 256  # few-shot episodes need k_shot + n_query examples of n_way classes
+    per_fit = ("episodes",)  # sizing may take fewer for one fit
 
     def cost_model(self, trainer: Any, pl_module: nn.Module, probe: ProbeSet) -> Optional[CostModel]:
         """The feature forward passes (both probes), timed on 16 and 32 examples, plus the
         probes' classifiers timed on synthetic features of the layer's width: the few-shot
-        episodes (a fixed cost: each draws n_way x (k_shot + n_query) examples) and the
-        linear probe's logistic regression on 64 and 128 examples (per example)."""
+        episodes (a fixed cost per episode: each draws n_way x (k_shot + n_query) examples;
+        timed on 10 episodes) and the linear probe's logistic regression on 64 and 128
+        examples (per example)."""
         forward = self._forward_cost(pl_module, probe, lambda sub: self._features(pl_module, sub))
         if forward is None:
             return None
@@ -131,15 +141,15 @@ class RepresentationMonitor(HeldoutProbeMonitor):
         def synthetic(n: int, classes: int) -> Tuple[np.ndarray, np.ndarray]:
             return rng.standard_normal((n, width)).astype(np.float32), np.arange(n) % classes
 
-        episodes = 0.0
+        per_episode = 0.0
         with limited_threads(self.classifier_threads):
             for n_way, k_shot in self.few_shot:
                 features, labels = synthetic(n_way * (k_shot + self.n_query), n_way)
                 for classifier in self.classifiers:
-                    episodes += timed(functools.partial(few_shot_accuracy, features, labels, n_way=n_way,
-                                                        k_shot=k_shot, n_query=self.n_query, episodes=self.episodes,
-                                                        classifier=classifier, seed=self.seed),
-                                      self.clock, repeats=1)
+                    per_episode += timed(functools.partial(few_shot_accuracy, features, labels, n_way=n_way,
+                                                           k_shot=k_shot, n_query=self.n_query, episodes=TIMED_EPISODES,
+                                                           classifier=classifier, seed=self.seed),
+                                         self.clock, repeats=1) / TIMED_EPISODES
             probe_cost = None
             if self.linear_probe:
                 def fit(n: int) -> None:
@@ -148,8 +158,18 @@ class RepresentationMonitor(HeldoutProbeMonitor):
 
                 probe_cost = CostModel.from_timings((64, 128), [timed(lambda n=n: fit(n), self.clock, repeats=1)
                                                                 for n in (64, 128)])
+        self._per_episode = per_episode
         per_example = forward.per_example + (probe_cost.per_example if probe_cost else 0.0)
-        return CostModel(forward.fixed + episodes + (probe_cost.fixed if probe_cost else 0.0), per_example, 0.0)
+        return CostModel(forward.fixed + per_episode * self.episodes + (probe_cost.fixed if probe_cost else 0.0),
+                         per_example, 0.0)
+
+    def lighter_work(self, cost: CostModel) -> List[LighterWork]:
+        """Fewer few-shot episodes (50, then 25), when ``episodes`` was left to the monitor."""
+        if self._episodes_given or not self.few_shot:
+            return []
+        return [LighterWork({"episodes": e}, CostModel(cost.fixed - self._per_episode * (self.episodes - e),
+                                                       cost.per_example, cost.per_pair))
+                for e in LIGHTER_EPISODES if e < self.episodes]
 
     def _features(self, pl_module: nn.Module, probe: ProbeSet, role: str = "probe") -> np.ndarray:
         return extract_features(pl_module, probe.x, self.layer, batch_size=self.batch_size,

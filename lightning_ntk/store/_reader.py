@@ -361,10 +361,11 @@ def open_run(path: "os.PathLike[str] | str", live: bool = False) -> Run:
 
 def _describe_sizing(sizing: Dict[str, Any]) -> str:
     """One line of a monitor's ``sizing`` config (see :mod:`lightning_ntk.sizing`)."""
-    if "size" not in sizing:
-        return str(sizing.get("note", "not sized"))
+    work = "".join(f", {k}={v}" for k, v in (sizing.get("work") or {}).items())
+    if "predicted_seconds" not in sizing:
+        return str(sizing.get("note", "not sized")) + (f" (size {sizing['size']}{work})" if "size" in sizing else "")
     who = f"the user's size {sizing['size']}" if sizing.get("user_size") else \
-        f"size {sizing['size']} of default {sizing.get('default')}"
+        f"size {sizing['size']} of default {sizing.get('default')}{work}"
     seconds = (sizing.get("training") or {}).get("seconds")
     length = f" of a {seconds:.0f} s training" if isinstance(seconds, (int, float)) else ""
     return (f"{who}, predicted {sizing['predicted_seconds']:.2f} s per snapshot, {sizing['allowance_seconds']:.2f} s allowed "
