@@ -222,40 +222,33 @@ def test_knn_hand_computed_neighbours_and_ties():
     ytr = np.array([0, 0, 1, 1])
     # test 000: distances 0, 1, 2, 3 -> k = 3 votes {0: 2, 1: 1} -> 0
     assert knn_accuracy(train, ytr, np.array([[0, 0, 0]]), [0], k=3) == 1.0
-    # test 011: distances 2, 1, 0, 1; k = 2 takes rows 2 and 1 (tie at 1: earlier row) ->
-    # votes {0: 1, 1: 1} -> tie to the smaller label 0
-    assert knn_accuracy(train, ytr, np.array([[0, 1, 1]]), [0], k=2) == 1.0
-    assert knn_accuracy(train, ytr, np.array([[0, 1, 1]]), [1], k=2) == 0.0
+    # test 011: distances 2, 1, 0, 1; k = 3 takes rows 2, 1, 3 -> votes {0: 1, 1: 2} -> 1
+    assert knn_accuracy(train, ytr, np.array([[0, 1, 1]]), [1], k=3) == 1.0
+    # test 001: distances 1, 0, 1, 2; k = 2 takes row 1 and one of rows 0, 2: votes {0: 2} or
+    # {0: 1, 1: 1}, a tie that goes to the smaller label: 0 either way
+    assert knn_accuracy(train, ytr, np.array([[0, 0, 1]]), [0], k=2) == 1.0
     with pytest.raises(ValueError, match="k must"):
         knn_accuracy(train, ytr, train, ytr, k=5)
 
 
-def _knn_reference(train, ytr, test, k):
-    """Brute force: distances by loops, stable order, vote ties to the smallest label."""
-    preds = []
-    for row in test:
-        d = [int(sum(int(a) != int(b) for a, b in zip(row, t))) for t in train]
-        nearest = sorted(range(len(train)), key=lambda j: (d[j], j))[:k]
-        votes = {}
-        for j in nearest:
-            votes[int(ytr[j])] = votes.get(int(ytr[j]), 0) + 1
-        best = max(votes.values())
-        preds.append(min(lab for lab, v in votes.items() if v == best))
-    return np.array(preds)
+def test_knn_equals_scikit_learn_on_tie_heavy_codes(monkeypatch):
+    """He et al.'s k-NN is scikit-learn's KNeighborsClassifier; with few units nearly every
+    k-th neighbour is a tie, and the chosen neighbours must be the ones it chooses."""
+    pytest.importorskip("sklearn")
+    from sklearn.neighbors import KNeighborsClassifier
 
-
-def test_knn_equals_brute_force_reference_with_chunking(monkeypatch):
     import lightning_ntk.codes as codes_module
 
     rng = np.random.default_rng(4)
-    train = rng.integers(0, 2, size=(40, 12))  # few units: many distance ties
-    ytr = rng.integers(0, 4, size=40)
-    test = rng.integers(0, 2, size=(25, 12))
-    pred = _knn_reference(train, ytr, test, k=9)
-    monkeypatch.setattr(codes_module, "_KNN_CHUNK_BYTES", 8 * 40 * 3)  # 3 test rows per chunk
-    assert knn_accuracy(train, ytr, test, pred, k=9) == 1.0
-    other = (pred + 1) % 4
-    assert knn_accuracy(train, ytr, test, other, k=9) == 0.0
+    monkeypatch.setattr(codes_module, "_KNN_CHUNK_BYTES", 8 * 200 * 7)  # 7 test rows per chunk
+    for units, n_train, n_test, k in ((12, 200, 150, 9), (16, 300, 200, 9), (40, 120, 90, 5), (64, 200, 100, 1)):
+        train = (rng.random((n_train, units)) < 0.5).astype(np.uint8)
+        test = (rng.random((n_test, units)) < 0.5).astype(np.uint8)
+        ytr = rng.integers(0, 4, n_train)
+        reference = KNeighborsClassifier(n_neighbors=k, metric="hamming", algorithm="brute")
+        pred = reference.fit(train.astype(float), ytr).predict(test.astype(float))
+        assert knn_accuracy(train, ytr, test, pred, k=k) == 1.0, units  # the same prediction for every row
+        assert knn_accuracy(train, ytr, test, (pred + 1) % 4, k=k) == 0.0
 
 
 def test_code_change_hand_computed():
