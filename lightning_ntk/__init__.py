@@ -75,12 +75,14 @@ from .representations import FewShotResult, extract_features, few_shot_accuracy,
 from .schedule import EveryNEpochs, EveryNSteps, LogSpacedSteps, Schedule, StepList
 from .spectral import (
                     Eigenpairs,
+                    EnergyBaselines,
                     KernelDistanceTrajectory,
                     KernelRegressionScores,
                     KernelRegressionSweep,
                     align_signs,
                     effective_rank,
                     eigen_energy,
+                    energy_baselines,
                     kernel_angle,
                     kernel_distance,
                     kernel_distance_trajectory,
@@ -119,10 +121,10 @@ __all__ = [
     # what outputs and targets mean
     "TASKS", "Task", "TaskError", "detect_task",
     # spectral (kernel dynamics on arrays)
-    "Eigenpairs", "KernelDistanceTrajectory", "KernelRegressionScores", "KernelRegressionSweep", "align_signs",
-    "effective_rank", "eigen_energy", "kernel_angle", "kernel_distance", "kernel_distance_trajectory",
-    "kernel_frobenius_norm", "kernel_matrix", "kernel_regression", "kernel_regression_scores", "kernel_regression_sweep",
-    "kernel_target_alignment", "kernel_trace", "kernel_velocity", "nngp_kernel", "nystrom_extension",
+    "Eigenpairs", "EnergyBaselines", "KernelDistanceTrajectory", "KernelRegressionScores", "KernelRegressionSweep",
+    "align_signs", "effective_rank", "eigen_energy", "energy_baselines", "kernel_angle", "kernel_distance",
+    "kernel_distance_trajectory", "kernel_frobenius_norm", "kernel_matrix", "kernel_regression",
+    "kernel_regression_scores", "kernel_regression_sweep", "kernel_target_alignment", "kernel_trace", "kernel_velocity", "nngp_kernel", "nystrom_extension",
     "output_energy", "residual_energy", "subspace_overlap", "target_energy", "top_eigenpairs",
     # forgetting and cartography
     "CartographyRegions", "ForgettingRanking", "ForgettingTracker", "PresentationOutcomes", "cartography_regions",

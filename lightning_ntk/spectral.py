@@ -30,6 +30,7 @@ from ._args import integer, number, one_of, positive
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
 __all__ = [
+    "EnergyBaselines",
     "Eigenpairs",
     "KernelDistanceTrajectory",
     "KernelRegressionScores",
@@ -37,6 +38,7 @@ __all__ = [
     "align_signs",
     "effective_rank",
     "eigen_energy",
+    "energy_baselines",
     "kernel_angle",
     "kernel_distance",
     "kernel_distance_trajectory",
@@ -570,6 +572,42 @@ def residual_energy(
     if Yt.shape != out.shape:
         raise ValueError(f"Y gives targets of shape {Yt.shape} but outputs has shape {out.shape}.")
     return eigen_energy(U, out - Yt, ks)
+
+
+class EnergyBaselines(NamedTuple):
+    """Reference levels of the target energy E_k(Y) (see :func:`energy_baselines`)."""
+
+    constant: float
+    random: np.ndarray
+
+
+def energy_baselines(
+    Y: ArrayLike, num_rows: Optional[int] = None, k: Optional[int] = None, num_classes: Optional[int] = None
+) -> EnergyBaselines:
+    """What the energies of Kopitkov & Indelman (2020) are to be read against.
+
+    * ``constant``: the share of the targets' energy in the constant direction over
+      examples (one per output column), N‖ȳ‖² / ‖Y‖_F² with ȳ the column mean of Y (N, C).
+      For uncentred one-hot labels it is Σ_c p_c² with p_c the class fractions, 1/C for
+      balanced classes. An NTK's top eigenvector is often nearly constant, so a target
+      energy near this value in the top eigenvector(s) (one for an (N, N) kernel, C for a
+      full kernel) says nothing about alignment with the labels.
+    * ``random``: the expected energy of any fixed vector in a uniformly random k-dimensional
+      subspace of R^M, k/M for k = 1..K (M = ``num_rows``, the rows of the eigenvectors: N
+      for an (N, N) kernel, N·C for a full or diagonal one; default N; K = ``k``, default M).
+
+    ``Y``: integer labels (N,) (one-hot encoded, ``num_classes`` columns if given) or
+    targets (N, C).
+    """
+    Yt = _targets_as_matrix(Y, "Y", num_classes)
+    total = float(np.sum(Yt * Yt))
+    if total == 0:
+        raise ValueError("Y is zero; its energy fractions are undefined.")
+    n = Yt.shape[0]
+    m = n if num_rows is None else integer(num_rows, "num_rows", "energy_baselines", minimum=1)
+    kk = m if k is None else integer(k, "k", "energy_baselines", minimum=1, maximum=m)
+    constant = float(n * np.sum(Yt.mean(axis=0) ** 2) / total)
+    return EnergyBaselines(constant, np.arange(1, kk + 1) / m)
 
 
 # -------------------------------------------------------------------------- Nyström

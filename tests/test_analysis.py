@@ -92,7 +92,8 @@ def write_full_run(path, seed=0, groups=EVERY_GROUP,
                 Field("layer_trace", (L,), dims=("layer",)),
                 Field("kernel", (N, N), "float32", dims=("probe_i", "probe_j"))],
                 coords={"eigen": np.arange(1, K + 1), "layer": np.arange(L)},
-                attrs={"probe": "train", "kind": "trace", "layers": LAYERS})
+                attrs={"probe": "train", "kind": "trace", "layers": LAYERS,
+                       "target_energy_constant": float(((np.bincount(y) / N) ** 2).sum())})
         if "sharpness" in groups:
             tables["sharpness"] = store.declare_table("sharpness", base + [
                 Field("lr"), Field("eigvals", (3,), dims=("k",)), Field("residuals", (3,), dims=("k",)),
@@ -388,6 +389,11 @@ def test_energy_distance_velocity_layers_codes(full_run):
     np.testing.assert_array_equal(lines["full:target_energy[1]"].get_ydata(), h5(full_run, "ntk/target_energy")[:, 1])
     with pytest.raises(ValueError, match=r"k must be an integer in \[1, 5\]"):
         plot_eigen_energy(full_run, k=9)
+    # baselines: k/M for a random k-subspace of the M = N eigenvector rows, and the balanced
+    # one-hot targets' share 1/C in the constant direction
+    np.testing.assert_allclose(lines["full:baseline_random"].get_ydata(), 2 / N)
+    np.testing.assert_allclose(lines["full:baseline_constant"].get_ydata(), 1 / C)
+    assert "full:baseline_random" not in lines_by_gid(plot_eigen_energy(full_run, baselines=False))
     lines = lines_by_gid(plot_kernel_distance(full_run))
     np.testing.assert_array_equal(lines["full:distance_to_init"].get_ydata(), h5(full_run, "ntk/distance_to_init"))
     np.testing.assert_array_equal(lines["full:distance_to_prev"].get_xdata(), step)

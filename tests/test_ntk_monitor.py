@@ -66,6 +66,9 @@ def test_kernel_and_spectrum_match_brute_force(L, run_path):
         proj = (U.T @ Y) ** 2
         np.testing.assert_allclose(view["target_energy"][-1], np.cumsum(proj.sum(axis=1)) / (Y ** 2).sum(),
                                    rtol=1e-4)
+        # its baseline: the one-hot targets' share in the constant direction, sum of squared class fractions
+        fractions = np.bincount(y, minlength=3) / len(y)
+        np.testing.assert_allclose(view.attrs["target_energy_constant"], (fractions ** 2).sum(), rtol=1e-12)
         with torch.no_grad():
             out = module(x).double().numpy()
         np.testing.assert_allclose(view["output_energy"][-1],

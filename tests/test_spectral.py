@@ -338,6 +338,34 @@ def test_effective_rank_closed_forms():
 
 
 # --------------------------------------------------------------------------- energies
+def test_energy_baselines_hand_computed_and_by_definition():
+    # balanced one-hot labels: 1/C in the constant direction
+    assert sp.energy_baselines(np.arange(12) % 3).constant == pytest.approx(1 / 3)
+    # unbalanced: sum of squared class fractions, (3/4)^2 + (1/4)^2
+    assert sp.energy_baselines(np.array([0, 0, 0, 1])).constant == pytest.approx(10 / 16)
+    labels = np.array([0, 0, 1, 2, 2, 2, 1, 0, 2])
+    Y = _one_hot(labels, 3)
+    n = len(labels)
+    base = sp.energy_baselines(labels, num_rows=n, k=4)
+    # definition, (N, N) kernel: the target energy in the constant unit vector
+    ones = np.full((n, 1), 1 / np.sqrt(n))
+    assert base.constant == pytest.approx(float(sp.eigen_energy(ones, Y)[0]), rel=1e-12)
+    # full kernel (rows n*C + c): the energy of vec(Y) in the C constant-per-output directions
+    U = np.kron(np.full((n, 1), 1 / np.sqrt(n)), np.eye(3))  # (N*C, C), column c = 1_N (x) e_c / sqrt(N)
+    assert base.constant == pytest.approx(float(sp.eigen_energy(U, Y.reshape(-1))[-1]), rel=1e-12)
+    # random k-subspace: mean energy of a fixed vector over random orthonormal U is k/M
+    rng = _rng(31)
+    m, k = 12, 4
+    phi = rng.standard_normal(m)
+    draws = np.array([sp.eigen_energy(np.linalg.qr(rng.standard_normal((m, k)))[0], phi) for _ in range(3000)])
+    expected = sp.energy_baselines(np.eye(3)[np.arange(m) % 3], num_rows=m, k=k).random
+    np.testing.assert_allclose(expected, np.arange(1, k + 1) / m)
+    se = draws.std(axis=0) / np.sqrt(len(draws))
+    assert np.all(np.abs(draws.mean(axis=0) - expected) < 4 * se)
+    with pytest.raises(ValueError, match="zero"):
+        sp.energy_baselines(np.zeros((3, 2)))
+
+
 def test_energy_curve_monotone_and_one_at_full_rank():
     K = _psd(10, 10, seed=15)
     _, U = sp.top_eigenpairs(K)

@@ -99,12 +99,20 @@ def plot_effective_rank(run: RunsLike, ax: Any = None, *, group: str = GROUP, **
 
 @available(has_fields([name for name, _ in ENERGIES]), GROUP)
 def plot_eigen_energy(run: RunsLike, ax: Any = None, *, group: str = GROUP, k: Optional[int] = None,
-                      **kw: Any) -> Any:
+                      baselines: bool = True, **kw: Any) -> Any:
     """Fraction of the energy of the target, the output and the residual in the top-k
     eigenvectors, E_k(φ) = ‖U_kᵀ φ‖² / ‖φ‖², over time.
 
     The file stores the curve E_1..E_K per snapshot; ``k`` picks its column (default: the
     largest, K). Line ``gid``: ``"<run>:target_energy[k-1]"``.
+
+    ``baselines`` (default on) draws what the energies are to be read against
+    (:func:`lightning_ntk.spectral.energy_baselines`), as dotted horizontal lines: a random
+    k-dimensional subspace of the M eigenvector rows holds k/M of any vector's energy
+    (gid ``"<run>:baseline_random"``), and the uncentred one-hot targets hold Σ_c p_c² (1/C
+    for balanced classes) in the constant direction, which an NTK's top eigenvector is
+    often close to (gid ``"<run>:baseline_constant"``, from the table's
+    ``target_energy_constant`` attribute; absent in files written before it was recorded).
     """
     specs, names = [], {}
     with opened(run) as runs:
@@ -119,8 +127,35 @@ def plot_eigen_energy(run: RunsLike, ax: Any = None, *, group: str = GROUP, k: O
             names[f"{name}[{kk - 1}]"] = short
         ax = plot_series(runs, group, specs, ax, ylabel=f"energy in top-{kk} eigenvectors",
                          title=f"Energy in the top-{kk} NTK eigenvectors", names=names, **kw)
+        if baselines:
+            _energy_baselines(ax, runs, run_labels(runs, kw.get("labels")), group, kk)
     ax.set_ylim(-0.02, 1.02)
     return ax
+
+
+def _energy_baselines(ax: Any, runs: List[Any], tags: List[str], group: str, k: int) -> None:
+    """Dotted lines at k/M (random subspace) and at the targets' constant share, per run;
+    a value shared by several runs is drawn (and labelled) once."""
+    drawn: dict = {}
+    for one, tag in zip(runs, tags):
+        view = table(one, group)
+        if view is None:
+            continue
+        rows = find_field(view, EIGVECS, ndim=3)
+        levels = []
+        if rows is not None:
+            levels.append(("random", k / view.group[rows].shape[1], f"random {k}-subspace: k/M"))
+        constant = view.attrs.get("target_energy_constant")
+        if constant is not None and np.isfinite(float(constant)):
+            levels.append(("constant", float(constant), "targets' constant part: Σ p_c² (1/C balanced)"))
+        for kind, value, text in levels:
+            first = (kind, round(value, 12)) not in drawn
+            line = ax.axhline(value, color="0.45" if kind == "random" else "0.2", linestyle=":", lw=1.0,
+                              label=text if first else "_nolegend_")
+            line.set_gid(f"{tag}:baseline_{kind}")
+            drawn[(kind, round(value, 12))] = line
+    if drawn:
+        ax.legend(fontsize="small")
 
 
 @available(has_fields([], prefixes=["kernel_target_alignment", "centered_alignment"]), GROUP)

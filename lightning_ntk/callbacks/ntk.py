@@ -231,6 +231,10 @@ class NTKMonitor(Monitor):
             specs[0].attrs.update(projections=self.projections, sketch_seed=self.seed)
         if self.velocity_dt is not None:
             specs[0].attrs.update(velocity_dt_steps=self.velocity_dt)
+        if probe is not None:  # what the target energy is read against (spectral.energy_baselines)
+            targets = _targets(self._view(probe).y, self._task, self._num_outputs)
+            specs[0].attrs["target_energy_constant"] = (
+                spectral.energy_baselines(targets).constant if np.any(targets) else float("nan"))
         if self._sequence is not None:
             specs[0].attrs.update(sequence_task=self._sequence.to_config(), sequence_kernel=self.sequence_kernel)
             if "probe" in self._pairs:
