@@ -1,8 +1,9 @@
 """Figures of ``/forgetting/examples`` (one row per training example, rewritten each epoch).
 
 * forgetting-count histogram (Toneva et al. 2019): examples per number of forgetting
-  events; never-learned examples (count 0, never correct) are stacked on the 0 bar, hatched,
-  so each bar's total is the number of examples with that count;
+  events among the examples learned at least once, and the never-learned examples (never
+  correct; count 0 by definition, but ranked as most forgotten by Toneva et al.) as a bar
+  of their own, hatched, at the right end;
 * cartography map (Swayamdipta et al. 2020): confidence (mean p(gold)) against variability
   (population std of p(gold)) per example, coloured by correctness (fraction correct).
 """
@@ -22,12 +23,17 @@ MARKERS = ("o", "^", "s", "D", "v", "P")
 @available(has_fields(["forgetting_count"]), GROUP)
 def plot_forgetting_histogram(run: RunsLike, ax: Any = None, *, group: str = GROUP,
                               labels: Optional[Sequence[str]] = None) -> Any:
-    """Number of examples per forgetting count (bars at 0, 1, 2, …).
+    """Number of examples per forgetting count (bars at 0, 1, 2, …), and the never-learned
+    examples as a separate bar.
 
-    Per run, two ``BarContainer`` s join ``ax.containers``: the examples learned at least
-    once (label ``"<run>: learned"``) and, on top of the 0 bar, the never-learned ones
-    (``"<run>: never learned"``); their sum per count equals ``np.bincount(forgetting_count)``.
-    Several runs: bars side by side.
+    A never-learned example has no forgetting event (count 0) although it is the least
+    learned of all: Toneva et al. rank it as the most forgotten. Stacked on the 0 bar it
+    would read as unforgettable, so it gets its own hatched bar, two slots right of the
+    largest count, ticked "never learned". Per run, two ``BarContainer`` s join
+    ``ax.containers``: the examples learned at least once, per count (label
+    ``"<run>: learned"``; heights ``np.bincount`` of their counts), then the never-learned
+    bar (``"<run>: never learned"``; one bar, its height their number). Several runs: bars
+    side by side.
     """
     ax = new_axes(ax)
     with opened(run) as runs:
@@ -38,22 +44,25 @@ def plot_forgetting_histogram(run: RunsLike, ax: Any = None, *, group: str = GRO
             raise ValueError(f"none of the runs holds forgetting counts in /{group}")
         palette = run_colors(len(runs))
         width = 0.8 / len(views)
-        top = 0
-        for r, (tag, view) in enumerate(views):
+        data = []
+        for tag, view in views:
             counts = np.asarray(view["forgetting_count"]).astype(np.int64)
-            counts = counts[counts >= 0]
-            never = (np.asarray(view["never_learned"]).astype(bool)[np.asarray(view["forgetting_count"]) >= 0]
-                     if "never_learned" in view else np.zeros(len(counts), bool))
-            top = max(top, int(counts.max()) if counts.size else 0)
-            length = (int(counts.max()) + 1) if counts.size else 1
-            learned = np.bincount(counts[~never], minlength=length)
-            unlearned = np.bincount(counts[never], minlength=length)
-            pos = np.arange(length) + (r - (len(views) - 1) / 2) * width
-            head = f"{tag}: " if len(views) > 1 else ""
-            ax.bar(pos, learned, width=width, color=palette[r], label=f"{head}learned")
-            ax.bar(pos, unlearned, width=width, bottom=learned, color=palette[r], alpha=0.45, hatch="//",
+            never = (np.asarray(view["never_learned"]).astype(bool) if "never_learned" in view
+                     else np.zeros(len(counts), bool))
+            keep = counts >= 0  # -1: an example not presented yet
+            data.append((tag, counts[keep & ~never], int((keep & never).sum())))
+        top = max((int(c.max()) if c.size else 0) for _, c, _ in data)
+        never_at = top + 2
+        for r, (tag, learned_counts, n_never) in enumerate(data):
+            shift = (r - (len(data) - 1) / 2) * width
+            head = f"{tag}: " if len(data) > 1 else ""
+            learned = np.bincount(learned_counts, minlength=top + 1)
+            ax.bar(np.arange(top + 1) + shift, learned, width=width, color=palette[r], label=f"{head}learned")
+            ax.bar([never_at + shift], [n_never], width=width, color=palette[r], alpha=0.45, hatch="//",
                    edgecolor="k", label=f"{head}never learned")
-        ax.set_xticks(np.arange(top + 1) if top < 25 else np.linspace(0, top, 11).round())
+        ticks = list(np.arange(top + 1) if top < 25 else np.linspace(0, top, 11).round())
+        ax.set_xticks(ticks + [never_at])
+        ax.set_xticklabels([str(int(t)) for t in ticks] + ["never\nlearned"])
     ax.set_xlabel("forgetting events")
     ax.set_ylabel("examples")
     ax.set_title("Forgetting events per example")
