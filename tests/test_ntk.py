@@ -13,12 +13,15 @@ from torch import nn
 
 from lightning_ntk.ntk import (
     NTKMemoryError,
+    _empirical,
     empirical_ntk,
     empirical_ntk_reference,
     estimate_ntk_memory,
     parse_memory,
 )
+from lightning_ntk.ntk._cost import flop_floor, outer_options, slot_options
 from lightning_ntk.ntk._empirical import _Setup
+from lightning_ntk.ntk._tiling import Tiling
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*batching rule.*:UserWarning",  # torch.func on CPU attention: slower, still exact
@@ -206,6 +209,31 @@ class Conv13(nn.Module):
         return self.fc(torch.cat([a, b], 1)).squeeze(1)
 
 
+class Widening(nn.Module):
+    """Widening convolutions with downsampling (stride 2, a grouped and a dilated conv),
+    eval-mode BatchNorm, a residual block with a 1x1 projection shortcut, and one conv
+    called twice (its weight tied across the two calls)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn0 = nn.BatchNorm2d(4)
+        self.down = nn.Conv2d(4, 8, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.mid = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=2)
+        self.short = nn.Conv2d(4, 8, 1, stride=2, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.wide = nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=2)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.bn0(self.stem(x)))
+        h = torch.relu(self.bn1(self.down(x)))
+        h = self.mid(torch.tanh(self.mid(h)))  # the same conv twice
+        h = torch.relu(h + self.bn2(self.short(x)))
+        return self.head(torch.relu(self.wide(h)).mean((2, 3)))
+
+
 def mlp(widths=(6, 9, 7, 4)):
     layers = []
     for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
@@ -260,12 +288,15 @@ def build(name):
         return SeqFirst(), torch.randn(3, 4, 3), torch.randn(2, 4, 3)
     if name == "mha":
         return MHA(), torch.randn(3, 4, 4), torch.randn(2, 4, 4)
+    if name == "widening":
+        return randomize_bn(Widening()), torch.randn(5, 3, 8, 8), torch.randn(3, 3, 8, 8)
     raise KeyError(name)
 
 
 MODELS = [
     "mlp",
     "cnn",
+    "widening",
     "resnet_bn",
     "transformer",
     "tied_embedding",
@@ -347,6 +378,124 @@ def test_kinds_are_consistent_with_the_full_kernel():
     torch.testing.assert_close(empirical_ntk(model, x1, kind="trace", dtype=torch.float64), diag.mean(-1))
     C = full.shape[-1]
     torch.testing.assert_close(empirical_ntk(model, x1, kind="pseudo", dtype=torch.float64), full.sum((2, 3)) / C)
+
+
+# ----------------------------------------------------------------------------------------
+# contraction orders, tilings and the per-layer cost model
+# ----------------------------------------------------------------------------------------
+
+ORDERS = ["per_example", "patch", "patch_h"]
+
+
+@pytest.mark.parametrize("cross", [False, True], ids=["x1=x2", "x1!=x2"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("name", ["cnn", "widening", "conv13", "transformer", "tied_embedding", "tied_linear"])
+def test_every_contraction_order_matches_reference(name, order, kind, cross, monkeypatch):
+    """Each layer forced into one order (patch_h exists for full kernels with several
+    positions only; other slots keep the model's choice)."""
+    model, x1, x2, ref = model_and_reference(name, kind, cross)
+    monkeypatch.setattr(_empirical, "_FORCE_MODES", {"*": order})
+    with torch.enable_grad():
+        setup = _Setup(model, x1, x2, kind, None, "structured", False, None, None)
+    offered = any(order in slot_options(s, kind, setup.K, 2, 2, True) for s in setup.plan.structured)
+    assert offered == (order != "patch_h" or (kind == "full" and setup.K > 1))
+    if offered:
+        assert order in {s.mode for s in setup.plan.structured}
+    assert rel_err(setup.run(), ref) < TOL
+
+
+def _with_tiling(model, x1, x2, kind, tiling, per_layer=False):
+    with torch.enable_grad():
+        setup = _Setup(model, x1, x2, kind, None, "structured", per_layer, torch.float64, None)
+        (step,) = setup.steps
+        setup.steps = [(step[0], step[1], tiling)]
+        return setup.run()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("cross", [False, True], ids=["x1=x2", "x1!=x2"])
+def test_tilings_match_reference(kind, cross):
+    """Pass blocks, output-direction chunks, contraction blocks and streaming, in
+    combinations that do not divide the sizes evenly; symmetric results stay exact mirrors."""
+    torch.manual_seed(0)
+    model = randomize_bn(Widening())
+    x1, x2 = torch.randn(7, 3, 8, 8), (torch.randn(5, 3, 8, 8) if cross else None)
+    ref = empirical_ntk_reference(model, x1, x2, kind=kind)
+    K = 1 if kind == "pseudo" else 3
+    for block, keep, kd, sub in [(7, True, K, 3), (3, True, 2 if K > 1 else 1, 2), (3, False, 1, 1), (2, False, K, 2)]:
+        if kind == "full" and kd != K:
+            continue
+        k = _with_tiling(model, x1, x2, kind, Tiling(block, keep, kd, sub, 0))
+        assert rel_err(k, ref) < 1e-10, (block, keep, kd, sub)
+        if not cross:
+            perm = (1, 0, 3, 2) if kind == "full" else ((1, 0, 2) if kind == "diagonal" else (1, 0))
+            assert torch.equal(k, k.permute(*perm))
+
+
+def test_per_layer_with_direction_chunks():
+    model, x1, _ = build("widening")
+    parts = _with_tiling(model, x1, None, "diagonal", Tiling(2, True, 2, 1, 0), per_layer=True)
+    for layer in ("stem", "mid", "short"):
+        ref = empirical_ntk_reference(model, x1, kind="diagonal", params=[n for n, _ in model.named_parameters() if n.startswith(layer + ".")])
+        assert rel_err(parts[layer], ref) < 1e-10
+
+
+def test_budget_chooses_direction_chunks_before_streaming():
+    """A trace kernel whose features for all K directions do not fit is computed in
+    chunks of directions, every example's features kept (no recomputed backward passes)."""
+    torch.manual_seed(0)
+    model = randomize_bn(Widening())
+    x = torch.randn(24, 3, 8, 8)
+    with torch.enable_grad():
+        src = _Setup(model, x, None, "trace", None, "structured", False, None, None).steps[0][1]
+    K = 3
+    # all examples' features for one direction, plus room for the passes of 2 examples;
+    # too small to keep all examples' features for all K directions
+    budget = 24 * 24 * 4 + 24 * src.feature_bytes(1) + 2 * src.activation_bytes(1) + 4 * src.temp_bytes(2, 2, 1)
+    assert budget < 24 * 24 * 4 + 24 * src.feature_bytes(K) + src.activation_bytes(K)
+    with torch.enable_grad():
+        setup = _Setup(model, x, None, "trace", None, "structured", False, None, budget)
+    (_, _, tiling), = setup.steps
+    assert tiling.keep and tiling.kd < K
+    assert setup.working_bytes + 24 * 24 * 4 <= budget
+    ref = empirical_ntk_reference(model, x, kind="trace")
+    assert rel_err(empirical_ntk(model, x, kind="trace", max_memory=budget), ref) < TOL
+
+
+def test_cost_model_picks_the_cheaper_order():
+    """Closed forms of the three orders (Novak et al. 2022) for one layer."""
+    S, D, O, K, N = 64, 72, 16, 10, 32
+    pairs = N * (N + 1) / 2
+    opts = outer_options(S, D, O, K, "full", N, N, True)
+    assert opts["per_example"] == N * K * S * D * O + pairs * K * K * D * O
+    assert opts["patch"] == pairs * S * S * (D + K * K * O + K * K)
+    assert opts["patch_h"] == pairs * (S * S * D + K * S * S * O + K * K * S * O)
+    trace = outer_options(S, D, O, K, "trace", N, 20, False)
+    assert trace["per_example"] == (N + 20) * K * S * D * O + N * 20 * K * D * O
+    assert trace["patch"] == N * 20 * S * S * (D + K * O + K) and "patch_h" not in trace
+    # large images: per-example gradients; a few positions, full kernel: patch_h; a Linear
+    # on (N, D) inputs: the Hadamard product (X X^T) o (G G^T)
+    assert min(outer_options(1024, 27, 32, 10, "full", 64, 64, True).items(), key=lambda kv: kv[1])[0] == "per_example"
+    assert min(outer_options(16, 2304, 512, 10, "full", 64, 64, True).items(), key=lambda kv: kv[1])[0] == "patch_h"
+    assert min(outer_options(1, 512, 512, 10, "full", 64, 64, True).items(), key=lambda kv: kv[1])[0] == "patch"
+
+
+def test_flop_floor_of_an_mlp():
+    """Forward, K backward passes (not through the first layer's input) and the Hadamard
+    products of every layer, written out by hand for MLP 6-9-7-4, N = 5, x2 = x1."""
+    model, x1, _ = build("mlp")
+    with torch.enable_grad():
+        plan = _Setup(model, x1, None, "trace", None, "structured", False, None, None).plan
+    N, K, pairs = 5, 4, 15
+    fwd = N * (6 * 9 + 9 * 7 + 7 * 4)
+    bwd = N * K * (9 * 7 + 7 * 4)
+    # weights: pairs * (D + K O + K) (S = 1); biases: pairs * K * O
+    contraction = pairs * ((6 + K * 9 + K) + (9 + K * 7 + K) + (7 + K * 4 + K)) + pairs * K * (9 + 7 + 4)
+    floor = flop_floor(plan, "trace", N)
+    assert floor["forward"] == 2 * fwd and floor["backward"] == 2 * bwd
+    assert floor["contraction"] == 2 * contraction
+    assert floor["total"] == 2 * (fwd + bwd + contraction)
 
 
 # ----------------------------------------------------------------------------------------
@@ -501,7 +650,7 @@ def test_small_budget_tiles_and_matches_untiled(method):
             _, _, vecs, rows = setup.steps[0]
             assert vecs < (xb if xb is not None else x1).shape[0] * 5 or rows < 60
         else:
-            blocks = [step[2] for step in setup.steps]
+            blocks = [step[2].block for step in setup.steps]
             assert len(setup.steps) > 1 or min(blocks) < 60  # parameter chunks or example blocks
         assert setup.working_bytes + out_bytes <= budget
         tiled = empirical_ntk(model, x1, xb, method=method, max_memory=budget)
@@ -516,13 +665,13 @@ def test_streaming_features_match():
     untiled = empirical_ntk(model, x, kind="trace", method="structured")
     with torch.enable_grad():
         src = _Setup(model, x, None, "trace", None, "structured", False, None, None).steps[0][1]
-    feats, acts = src.feature_bytes_per_example, src.activation_bytes_per_example
-    # room for the features of 4 examples (of 8) and one example's activations
-    budget = untiled.numel() * 4 + 4 * feats + acts + 2 * src.temp_bytes(2, 2)
+    # room for the features (one output direction) of 4 examples (of 8) and one example's activations
+    feats, acts = src.feature_bytes(1), src.activation_bytes(1)
+    budget = untiled.numel() * 4 + 4 * feats + acts + 2 * src.temp_bytes(2, 2, 1)
     with torch.enable_grad():
         setup = _Setup(model, x, None, "trace", None, "structured", False, None, budget)
-    (_, _, block, keep), = setup.steps
-    assert not keep and block < 8  # streaming
+    (_, _, tiling), = setup.steps
+    assert not tiling.keep and tiling.block < 8  # streaming
     tiled = empirical_ntk(model, x, kind="trace", method="structured", max_memory=budget)
     torch.testing.assert_close(tiled, untiled, rtol=1e-5, atol=1e-6 * float(untiled.abs().max()))
 

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .._args import one_of
 from .._hygiene import _cuda_devices
-from ._features import kind_width
+from ._cost import choose_modes, example_pairs, kind_width, slot_cost
 from ._jacobian import JacobianSource, chunk_parameters
 from ._memory import NTKMemoryError, format_bytes, resolve_max_memory
 from ._model import (
@@ -38,8 +38,8 @@ from ._model import (
 )
 from ._ntvp import ntvp_kernel, ntvp_plan
 from ._plan import Plan, make_plan
-from ._structured import StructuredSource, choose_modes, slot_cost
-from ._tiling import plan_blocks, preferred_block, run_source
+from ._structured import StructuredSource
+from ._tiling import minimum_bytes, plan_tiling, run_source
 
 KINDS = ("full", "trace", "diagonal", "pseudo")
 METHODS = ("auto", "structured", "jacobian", "ntvp")
@@ -49,6 +49,9 @@ METHODS = ("auto", "structured", "jacobian", "ntvp")
 # transforms' Python overhead, which decides for tiny models); only used by method="auto"
 _EFFICIENCY = {"structured": 1.0, "jacobian": 1.5, "ntvp": 2.0}
 _OVERHEAD = {"structured": 0.0, "jacobian": 5e7, "ntvp": 5e7}
+#: parameter name -> contraction order, overriding the cost model (tests and
+#: ``benchmarks/ntk.py --choices`` time each order); empty in normal use
+_FORCE_MODES: Dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,7 @@ class _Setup:
         self.shape = self._shape()
         n_out = len(self.layers) if self.per_layer else 1
         self.output_bytes = _numel(self.shape) * self.itemsize * n_out
-        choose_modes(self.plan, kind, self.K, self.n1, self.n2, self.symmetric)
+        choose_modes(self.plan, kind, self.K, self.n1, self.n2, self.symmetric, _FORCE_MODES or None)
         self.auto = method == "auto"
         self.method = self._choose(method)
         self.steps, self.working_bytes, self.minimum_bytes = self._size_steps()
@@ -134,11 +137,17 @@ class _Setup:
         return (self.n1, self.n2)
 
     def costs(self) -> Dict[str, float]:
-        """Multiply-adds of each method (scaled by its rough efficiency), for the shapes at hand."""
+        """Multiply-adds of each method (scaled by its rough efficiency), for the shapes at hand.
+
+        Per-layer terms from ``_cost.py`` (Novak et al. 2022): structured = forward pass +
+        K backward passes to the hooked outputs + each slot's cheapest contraction order;
+        jacobian = forward + K backward passes with per-example weight gradients + the Gram
+        of all per-example Jacobians; ntvp = about N1 N2 K / 2 forward-and-backward passes.
+        """
         plan, K, kind = self.plan, self.K, self.kind
         n1, n2, sym = self.n1, self.n2, self.symmetric
         examples = n1 + (0 if sym else n2)
-        pairs = n1 * n2 * (0.5 if sym else 1.0)
+        pairs = example_pairs(n1, n2, sym)
         kc = kind_width(kind, K)
         numel = plan.numel
         p_all = sum(numel.values())
@@ -149,7 +158,7 @@ class _Setup:
         costs = {"jacobian": jac_all, "ntvp": 2 * fp * K * n2 * (1 + (n1 / 2 if sym else n1))}
         structured = sum(slot_cost(s, kind, K, n1, n2, sym) for s in plan.structured)
         if plan.structured:
-            structured += examples * fp * (1 + K)
+            structured += examples * (fp + K * plan.bwd_macs_per_example)
         if plan.fallback:  # the torch.func path for the parameters no rule covers
             structured += examples * fp * (1 + 2 * K) + pairs * kc * p_fb + _OVERHEAD["jacobian"] / _EFFICIENCY["jacobian"]
         costs["structured"] = structured
@@ -191,25 +200,23 @@ class _Setup:
         if self.method == "jacobian":
             torch_func_names = [n for n in torch_func_names if n not in self.plan.inert]
         if torch_func_names:
-            per_example = self.K * self.itemsize * (self.n1 + (0 if self.symmetric else self.n2))
-            max_numel = max(1, budget // (2 * per_example))
+            per_example = self.itemsize * (self.n1 + (0 if self.symmetric else self.n2))
+            max_numel = max(1, budget // (2 * per_example * self.K))
             for chunk in chunk_parameters(torch_func_names, self.plan.numel, max_numel):
-                sources.append(JacobianSource(self.fm, chunk, self.kind, self.K, self.plan.saved_bytes_per_example))
-        # full kernels: blocks of ~1024 rows (N x C) skip much of the lower triangle; the other
-        # kinds have cheap products, where larger blocks mean fewer, more efficient passes
-        rows_per_example = self.K if self.kind == "full" else 1
-        preferred = preferred_block(max(self.n1, self.n2), rows_per_example, self.symmetric)
+                sources.append(
+                    JacobianSource(
+                        self.fm, chunk, self.kind, self.K, self.plan.saved_bytes_per_example, self.plan.macs_per_example
+                    )
+                )
         for src in sources:
             n_src = len({layer for _, layer in src.slots}) if self.per_layer else 1
-            sized = plan_blocks(src, self.n1, self.n2, self.symmetric, budget, min(n_src, n_acc), preferred)
-            small = 2 * src.feature_bytes_per_example + src.activation_bytes_per_example + 2 * src.temp_bytes(1, 1)
+            tiling = plan_tiling(src, self.kind, self.K, self.n1, self.n2, self.symmetric, budget, min(n_src, n_acc))
+            small = minimum_bytes(src, self.kind, self.K)
             minimum = max(minimum, small)
-            if sized is None:
+            if tiling is None:
                 raise NTKMemoryError(self._message(self.output_bytes + small, "at least"))
-            block, keep = sized
-            feats = src.feature_bytes_per_example * ((self.n1 + (0 if self.symmetric else self.n2)) if keep else 2 * block)
-            working = max(working, feats + block * src.activation_bytes_per_example + 2 * src.temp_bytes(block, block))
-            steps.append(("features", src, block, keep))
+            working = max(working, tiling.working_bytes)
+            steps.append(("features", src, tiling))
         return steps, working, self.output_bytes + minimum
 
     def _layer_groups(self, names: Sequence[str]) -> List[List[str]]:
@@ -253,8 +260,8 @@ class _Setup:
                         ) from err
                     return self._rerun("structured")
             else:
-                _, src, block, keep = step
-                run_source(src, self.x1, self.x2, self.kind, self.K, outs, block, keep)
+                _, src, tiling = step
+                run_source(src, self.x1, self.x2, self.kind, self.K, outs, tiling)
         if self.kind in ("trace", "pseudo"):
             for t in outs.values():
                 t.div_(self.C)

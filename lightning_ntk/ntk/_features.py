@@ -27,6 +27,8 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from ._cost import kind_width
+
 
 @dataclass
 class Vec:
@@ -44,6 +46,7 @@ class Vec:
 class Outer:
     g: Tensor  # (B, K, S, O), possibly a strided view
     x: Tensor  # (B, S, D), possibly a strided view
+    order: str = "patch"  # contraction order of two Outer features (see _cost.py)
 
     @property
     def batch(self) -> int:
@@ -55,6 +58,7 @@ class Embed:
     g: Tensor  # (B, K, S, d); rows of padding positions are zero
     idx: Tensor  # (B, S) long
     num_embeddings: int
+    order: str = "patch"
 
     @property
     def batch(self) -> int:
@@ -72,9 +76,9 @@ def cat(features: Sequence[Feature]) -> Feature:
     if isinstance(first, Vec):
         return Vec(torch.cat([f.data for f in features], 0))  # type: ignore[union-attr]
     if isinstance(first, Outer):
-        return Outer(torch.cat([f.g for f in features], 0), torch.cat([f.x for f in features], 0))  # type: ignore[union-attr]
+        return Outer(torch.cat([f.g for f in features], 0), torch.cat([f.x for f in features], 0), first.order)  # type: ignore[union-attr]
     return Embed(
-        torch.cat([f.g for f in features], 0), torch.cat([f.idx for f in features], 0), first.num_embeddings  # type: ignore[union-attr]
+        torch.cat([f.g for f in features], 0), torch.cat([f.idx for f in features], 0), first.num_embeddings, first.order  # type: ignore[union-attr]
     )
 
 
@@ -83,8 +87,8 @@ def take(f: Feature, start: int, stop: int) -> Feature:
     if isinstance(f, Vec):
         return Vec(f.data[start:stop])
     if isinstance(f, Outer):
-        return Outer(f.g[start:stop], f.x[start:stop])
-    return Embed(f.g[start:stop], f.idx[start:stop], f.num_embeddings)
+        return Outer(f.g[start:stop], f.x[start:stop], f.order)
+    return Embed(f.g[start:stop], f.idx[start:stop], f.num_embeddings, f.order)
 
 
 def concat_positions(features: Sequence[Feature]) -> Feature:
@@ -136,13 +140,20 @@ def contract(f1: Feature, f2: Feature, kind: str, acc: Tensor) -> None:
             B1, S, D = x1.shape
             B2, T, _ = x2.shape
             xx = (x1.reshape(B1 * S, D) @ x2.reshape(B2 * T, D).T).view(B1, S, B2, T)
-            _contract_patch(f1.g, f2.g, xx, kind, acc)
+            _contract_positions(f1.g, f2.g, xx, kind, f1.order, acc)
     else:
         idx1, idx2 = f1.idx, f2.idx  # type: ignore[union-attr]
         B1, S = idx1.shape
         B2, T = idx2.shape
         xx = (idx1.reshape(B1 * S, 1) == idx2.reshape(1, B2 * T)).to(acc.dtype).view(B1, S, B2, T)
-        _contract_patch(f1.g, f2.g, xx, kind, acc)
+        _contract_positions(f1.g, f2.g, xx, kind, f1.order, acc)
+
+
+def _contract_positions(g1: Tensor, g2: Tensor, xx: Tensor, kind: str, order: str, acc: Tensor) -> None:
+    if order == "patch_h" and kind == "full":
+        _contract_patch_h(g1, g2, xx, acc)
+    else:
+        _contract_patch(g1, g2, xx, kind, acc)
 
 
 def _contract_vec(v1: Tensor, v2: Tensor, kind: str, acc: Tensor) -> None:
@@ -193,41 +204,47 @@ def _contract_patch(g1: Tensor, g2: Tensor, xx: Tensor, kind: str, acc: Tensor) 
         acc.add_(gg.sum((1, 3)))
 
 
+def _contract_patch_h(g1: Tensor, g2: Tensor, xx: Tensor, acc: Tensor) -> None:
+    """Full kind, several positions, in the order that multiplies X X'^T into one side first:
+
+        H[m, n, s, b, o] = sum_t xx[n, s, m, t] g2[m, b, t, o]      (batched over m)
+        Theta[n, a, m, b] = sum_{s, o} g1[n, a, s, o] H[m, n, s, b, o]   (batched over n)
+
+    K S T O + K^2 S O multiply-adds per pair instead of K^2 S T O; column examples in
+    chunks so that H stays near ``PATCH_H_CHUNK`` elements.
+    """
+    B1, K, S, O = g1.shape
+    B2, _, T, _ = g2.shape
+    a = g1.transpose(2, 3).reshape(B1, K, O * S)  # free when g1 is a view of (B, K, O, S)
+    b = g2.permute(0, 2, 1, 3).reshape(B2, T, K * O)
+    chunk = max(PATCH_H_CHUNK // max(B1 * S * K * O, 1), 1)
+    for m0 in range(0, B2, chunk):
+        m1 = min(m0 + chunk, B2)
+        c = m1 - m0
+        xc = xx[:, :, m0:m1].permute(2, 0, 1, 3).reshape(c, B1 * S, T)
+        h = torch.bmm(xc, b[m0:m1])  # (c, B1 S, K O)
+        h = h.view(c, B1, S, K, O).permute(1, 4, 2, 0, 3).reshape(B1, O * S, c * K)
+        acc[:, :, m0:m1, :] += torch.bmm(a, h).view(B1, K, c, K)
+
+
 # ----------------------------------------------------------------------------------------
-# cost model (multiply-adds) and memory of the two ways to contract a factored feature
+# memory of the contractions (their multiply-adds: ``_cost.py``)
 # ----------------------------------------------------------------------------------------
 
-
-def kind_width(kind: str, K: int) -> int:
-    """How many output pairs a kernel entry carries: K^2 (full), K (trace, diagonal), 1 (pseudo)."""
-    return K * K if kind == "full" else (1 if kind == "pseudo" else K)
-
-
-def outer_costs(S: int, D: int, O: int, K: int, kind: str, n1: int, n2: int, symmetric: bool) -> tuple:
-    """(per-example cost, patch cost) in multiply-adds for an Outer feature over all pairs."""
-    kc = kind_width(kind, K)
-    pairs = n1 * n2 * (0.5 if symmetric else 1.0)
-    examples = n1 + (0 if symmetric else n2)
-    per_example = examples * K * S * O * D + pairs * kc * O * D
-    gg_width = K * K if kind == "full" else K
-    patch = pairs * S * S * (D + gg_width * O + kc)
-    return per_example, patch
+#: elements of the intermediate of one ``patch_h`` chunk (the loop over column examples
+#: keeps it near this size; at least one column example per chunk)
+PATCH_H_CHUNK = 1 << 23
 
 
-def embed_costs(S: int, V: int, d: int, K: int, kind: str, n1: int, n2: int, symmetric: bool) -> tuple:
-    kc = kind_width(kind, K)
-    pairs = n1 * n2 * (0.5 if symmetric else 1.0)
-    examples = n1 + (0 if symmetric else n2)
-    per_example = examples * K * (S * d + V * d) + pairs * kc * V * d
-    gg_width = K * K if kind == "full" else K
-    patch = pairs * S * S * (1 + gg_width * d + kc)
-    return per_example, patch
-
-
-def patch_temp_elements(S: int, T: int, K: int, kind: str, b1: int, b2: int) -> int:
-    """Elements of the temporary of one patch contraction of b1 x b2 examples."""
+def patch_temp_elements(S: int, T: int, K: int, O: int, kind: str, order: str, b1: int, b2: int) -> int:
+    """Elements of the temporaries of one patch contraction of b1 x b2 examples."""
+    xx = b1 * b2 * S * T
+    if order == "patch_h" and kind == "full":
+        chunk = max(PATCH_H_CHUNK // max(b1 * S * K * O, 1), 1)
+        h = 2 * min(chunk, b2) * b1 * S * K * O  # the product and its permuted copy
+        return xx + h + b2 * T * K * O + b1 * S * K * O
     width = K * K if kind == "full" else (K if kind == "diagonal" else 1)
-    return b1 * b2 * S * T * (width + 1)
+    return xx * (width + 1)
 
 
 def acc_elements(kind: str, K: int, b1: int, b2: int) -> int:

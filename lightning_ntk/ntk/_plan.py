@@ -12,7 +12,9 @@ Two forward passes (batch 2 and batch 3, built from the first probe example) rec
 - in-place modification of a captured output or input (``ReLU(inplace=True)``), which the
   real computation then guards against by cloning;
 - the number of logits C, the bytes autograd saves per example and the multiply-adds of
-  the dense (Linear, Conv) layers per example, for the cost and memory models.
+  the dense (Linear, Conv) layers per example, in the forward pass and in one backward pass
+  to the hooked outputs (layers whose input needs a gradient), for the cost and memory
+  models.
 """
 from __future__ import annotations
 
@@ -65,6 +67,7 @@ class Plan:
     saved_bytes_per_example: int
     output_bytes_per_example: int  # sum of hooked outputs per example (for K gradients)
     macs_per_example: float  # dense layers' multiply-adds of one forward pass
+    bwd_macs_per_example: float  # ... of one backward pass (input gradients of dense layers)
     layers: List[str]  # every layer of the selected parameters, model order
     numel: Dict[str, int]
     reasons: Dict[str, str] = field(default_factory=dict)  # why a parameter went to torch.func
@@ -108,11 +111,14 @@ def _traced_forward(fm: FunctionalModel, xb: Tensor, modules: Dict[nn.Module, Ru
     forward-cost estimate for the cost model; other operations are not counted)."""
     recorder = _Recorder(modules)
     handles = [m.register_forward_hook(recorder.hook, with_kwargs=True, prepend=True) for m in modules]
-    macs = [0.0]
+    macs = [0.0, 0.0]
 
     def count(m: nn.Module, args: tuple, out: object) -> None:
         if args and isinstance(args[0], Tensor) and isinstance(out, Tensor):
-            macs[0] += _dense_macs(m, args[0], out)
+            n = _dense_macs(m, args[0], out)
+            macs[0] += n
+            if args[0].requires_grad:  # a backward pass computes this layer's input gradient
+                macs[1] += n
 
     handles += [m.register_forward_hook(count) for m in dense]
     saved = [0]
@@ -127,7 +133,7 @@ def _traced_forward(fm: FunctionalModel, xb: Tensor, modules: Dict[nn.Module, Ru
     finally:
         for h in handles:
             h.remove()
-    return out, recorder.calls, saved[0], macs[0]
+    return out, recorder.calls, saved[0], macs
 
 
 def _graph_edges(root, leaf_ids: Dict[int, int], stop=None) -> Tuple[Dict[int, int], Set]:
@@ -308,7 +314,8 @@ def make_plan(fm: FunctionalModel, x1: Tensor, check_independence: bool = True) 
         clone_in={m for m in clone_in if m in modules},
         saved_bytes_per_example=max(saved3 - saved2, 0),
         output_bytes_per_example=max(out_bytes3 - out_bytes2, 0),
-        macs_per_example=max(macs3 - macs2, 0.0),
+        macs_per_example=max(macs3[0] - macs2[0], 0.0),
+        bwd_macs_per_example=max(macs3[1] - macs2[1], 0.0),
         layers=layers,
         numel=dict(fm.numel),
         reasons=reasons,
