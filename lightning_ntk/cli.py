@@ -7,6 +7,8 @@
     lightning-ntk report RUN.h5 [RUN2.h5 ...] [-o DIR]      HTML report with every figure the files feed
     lightning-ntk watch RUN.h5 [--interval S] [--timeout S] follow a training live, print new rows
     lightning-ntk export RUN.h5 --to csv|parquet|netcdf [-o DIR]   tables for pandas / xarray
+    lightning-ntk spawn RUN.h5 (--steps N | --until N) [--children K] [--factory MOD:FN]   children of saved
+                                                            parent states: barriers, kernel distances -> /landscape
 """
 from __future__ import annotations
 
@@ -101,6 +103,64 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return status
 
 
+def _load_factory(spec: str):
+    """``package.module:function`` or ``path/to/file.py:function``."""
+    import importlib
+    import importlib.util
+
+    target, _, name = spec.rpartition(":")
+    if not target or not name:
+        raise ValueError(f"--factory must be MODULE:FUNCTION or FILE.py:FUNCTION, got {spec!r}")
+    if target.endswith(".py"):
+        loaded = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(target))[0], target)
+        if loaded is None or loaded.loader is None:
+            raise ValueError(f"--factory: cannot load {target}")
+        module = importlib.util.module_from_spec(loaded)
+        loaded.loader.exec_module(module)
+    else:
+        module = importlib.import_module(target)
+    return getattr(module, name)
+
+
+#: What a --factory function may return (a dict), passed to spawn_children.
+_FACTORY_KEYS = ("module", "datamodule", "train_dataloaders", "val_dataloaders", "trainer_kwargs", "eval_data",
+                 "forward_fn", "loss_fn", "error_fn", "task")
+
+
+def _cmd_spawn(args: argparse.Namespace) -> int:
+    from .callbacks.children import SpawnError, setup_from_parent, spawn_children
+    from .parent_states import read_parent_states
+
+    steps = None if args.at is None else [int(s) for s in args.at.split(",") if s.strip()]
+    try:
+        if args.factory:
+            setup = _load_factory(args.factory)()
+            if not isinstance(setup, dict) or "module" not in setup or set(setup) - set(_FACTORY_KEYS):
+                raise ValueError(f"--factory {args.factory} must return a dict with 'module' and any of "
+                                 f"{', '.join(_FACTORY_KEYS[1:])}")
+        else:
+            setup = setup_from_parent(read_parent_states(args.run, steps)[0])
+        result = spawn_children(args.run, children=args.children, steps=args.steps, until=args.until,
+                                spawn_steps=steps, seed=args.seed, probe=args.probe, points=args.points,
+                                kernel=args.kernel, linearized=args.linearized, replace=args.replace,
+                                progress=not args.quiet, **setup)
+    except (SpawnError, ValueError, TypeError, FileNotFoundError, OSError, ImportError) as exc:
+        print(f"lightning-ntk spawn: {exc}", file=sys.stderr)
+        return 2
+    print(f"{'step':>8} {'epoch':>8} {'error barrier':>14} {'loss barrier':>13} {'kernel dist':>12} "
+          f"{'disagree':>9}" + (f" {'linear err':>11} {'real err':>9}" if args.linearized else ""))
+    for spawn in result.spawns:
+        c = spawn.comparison
+        line = (f"{spawn.step:>8} {spawn.epoch:>8.2f} {c.error_barrier.mean():>14.4f} {c.loss_barrier.mean():>13.4f} "
+                f"{c.kernel_distance.mean():>12.4f} {c.disagreement.mean():>9.4f}")
+        if spawn.linearized is not None:
+            line += f" {spawn.linearized.linear_error:>11.4f} {spawn.linearized.real_error:>9.4f}"
+        print(line)
+    print(f"(means over pairs of {args.children} children; errors on the {result.eval_set} set; rows in {args.run} "
+          "under /landscape)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightning-ntk", description="Training-dynamics run files: demo and tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,6 +207,27 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--max-width", type=int, default=16,
                         help="vector fields with at most this many values per row become one column each (csv/parquet)")
     export.set_defaults(func=_cmd_export)
+    spawn = sub.add_parser("spawn", help="train children from the parent states saved by ParentStateMonitor and "
+                                          "write their barriers and kernel distances into the run file (/landscape)")
+    spawn.add_argument("run", help="the parent's run file (states in <run>.parents)")
+    budget = spawn.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--steps", type=int, default=None, help="steps each child trains past its spawn step")
+    budget.add_argument("--until", type=int, default=None, help="the step every child trains to (e.g. the parent's last)")
+    spawn.add_argument("--children", type=int, default=2, help="children per parent state (default 2)")
+    spawn.add_argument("--at", default=None, help="spawn steps, comma-separated (default: every saved state)")
+    spawn.add_argument("--factory", default=None,
+                       help="MODULE:FUNCTION or FILE.py:FUNCTION returning a dict with 'module' (the LightningModule) "
+                            "and the data ('datamodule' or 'train_dataloaders', ...), 'trainer_kwargs'. Default: the "
+                            "classes and Trainer settings the parent state recorded")
+    spawn.add_argument("--seed", type=int, default=0, help="seed of the children's seeds (default 0)")
+    spawn.add_argument("--probe", type=int, default=128, help="probe examples for disagreement and eNTKs (default 128)")
+    spawn.add_argument("--points", type=int, default=11, help="points on each linear path (default 11)")
+    spawn.add_argument("--kernel", default="trace", help="eNTK kind (default trace)")
+    spawn.add_argument("--linearized", action="store_true",
+                       help="also train the linearised network from each state and record it next to child 0")
+    spawn.add_argument("--replace", action="store_true", help="drop earlier /landscape rows measured with other settings")
+    spawn.add_argument("--quiet", action="store_true", help="no progress lines")
+    spawn.set_defaults(func=_cmd_spawn)
     return parser
 
 

@@ -8,13 +8,27 @@ per-batch one (see docs/extending.md).
 from ._base import Monitor, TableSpec
 from ._session import FitSession, set_default_budget
 from ._streaming import StreamingMonitor
+from .children import (
+                       LinearizedResult,
+                       Spawn,
+                       SpawnData,
+                       SpawnError,
+                       SpawnResult,
+                       setup_from_parent,
+                       spawn_children,
+                       train_child,
+)
 from .codes import ActivationCodeMonitor
 from .forgetting import ForgettingCaptureError, ForgettingMonitor, ProbeForgettingMonitor
 from .ntk import NTKMonitor
 from .probe_metrics import ProbeMetricsMonitor
 from .representations import RepresentationMonitor
 from .sharpness import SharpnessMonitor
+from .spawn import ParentStateMonitor
 
 __all__ = ["set_default_budget", "ActivationCodeMonitor", "FitSession", "ForgettingCaptureError", "ForgettingMonitor",
            "Monitor", "NTKMonitor", "ProbeForgettingMonitor", "ProbeMetricsMonitor", "RepresentationMonitor",
-           "SharpnessMonitor", "StreamingMonitor", "TableSpec"]
+           "SharpnessMonitor", "StreamingMonitor", "TableSpec",
+           # spawning (Frankle et al. 2020; Fort et al. 2020)
+           "LinearizedResult", "ParentStateMonitor", "Spawn", "SpawnData", "SpawnError", "SpawnResult",
+           "setup_from_parent", "spawn_children", "train_child"]
