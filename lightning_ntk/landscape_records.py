@@ -5,6 +5,7 @@ Tables (append tables of format v1; one call of ``spawn_children`` adds rows per
 * ``/landscape/spawn_pairs``    one row per pair of children of one spawn step (axis ``pair``)
 * ``/landscape/spawn_children`` one row per child (axis ``child_row``)
 * ``/landscape/linearized``     one row per linearisation time (axis ``step``)
+* ``/landscape/slices``         one 1-D loss slice per parent state (axis ``step``)
 
 The run's writer is gone by then, so the file is rewritten the way the store resumes one
 (:class:`~lightning_ntk.store.RunStore` with ``resume=True``: the file is rebuilt beside
@@ -29,6 +30,7 @@ GROUP = "landscape"
 PAIRS = "landscape/spawn_pairs"
 CHILDREN = "landscape/spawn_children"
 LINEARIZED = "landscape/linearized"
+SLICES = "landscape/slices"
 #: The owner name of the post-hoc writer (never a monitor's state key).
 _OWNER = "lightning_ntk.spawn_children"
 
@@ -76,6 +78,15 @@ def linearized_fields() -> List[Field]:
     ]
 
 
+def slice_fields(n: int) -> List[Field]:
+    return [
+        Field("step", (), "int64", attrs={"description": "the parent state the slice is centred on"}),
+        Field("epoch", (), "float64"),
+        Field("loss", (n,), dims=("coordinate",), attrs={"description": "loss at theta_t + a d, a = coordinate"}),
+        Field("error", (n,), dims=("coordinate",)),
+    ]
+
+
 @dataclass
 class LandscapeRows:
     """New rows of one ``/landscape`` table: ``columns`` by field (leading row axis);
@@ -90,6 +101,7 @@ class LandscapeRows:
     settings: Dict[str, Any]
     replaces: Sequence[int] = ()
     attrs: Dict[str, Any] = field(default_factory=dict)
+    coords: Dict[str, Any] = field(default_factory=dict)
 
 
 def _columns(rows: LandscapeRows) -> Dict[str, np.ndarray]:
@@ -147,7 +159,8 @@ def write_landscape(path: "os.PathLike[str] | str", tables: Sequence[LandscapeRo
             if rows.group in store.file:
                 del store.file[rows.group]
             attrs = {**rows.attrs, "settings": rows.settings}
-            table = store.declare_table(rows.group, rows.fields, key=rows.key, row_dim=rows.row_dim, attrs=attrs)
+            table = store.declare_table(rows.group, rows.fields, key=rows.key, row_dim=rows.row_dim, attrs=attrs,
+                                        coords=rows.coords)
             if len(columns[rows.key]):
                 table.extend(columns)
         store.flush()

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from lightning_ntk.callbacks import ParentStateMonitor, SpawnData, SpawnError, spawn_children, train_child
 from lightning_ntk.children import compare_children
-from lightning_ntk.landscape_records import CHILDREN, LINEARIZED, PAIRS
+from lightning_ntk.landscape_records import CHILDREN, LINEARIZED, PAIRS, SLICES
 from lightning_ntk.parent_states import PARENT_KEY, read_parent_states, state_files
 from lightning_ntk.store import StoreError, check_run, open_run
 
@@ -193,7 +193,8 @@ def test_spawned_rows_land_in_the_file(tmp_path):
     train, val = loaders()
     kwargs = dict(train_dataloaders=train, val_dataloaders=val, trainer_kwargs=TRAINER, children=3, until=12,
                   probe=24, points=5, progress=False)
-    result = spawn_children(run, make_module(L), spawn_steps=[6], linearized=True, **kwargs)
+    result = spawn_children(run, make_module(L), spawn_steps=[6], linearized=True, slices=[-1.0, 0.0, 0.5, 1.0],
+                            **kwargs)
     assert result.eval_set == "validation" and len(result.probe) == 24
     with open_run(run) as f:
         pairs, kids, lin = f[PAIRS], f[CHILDREN], f[LINEARIZED]
@@ -207,6 +208,18 @@ def test_spawned_rows_land_in_the_file(tmp_path):
         assert lin["step"].tolist() == [6] and np.isfinite(lin["linear_loss"]).all()
         assert pairs.attrs["settings"]["eval_set"] == "validation"
         assert f.history[-1]["event"] == "landscape"
+        cut = f[SLICES]
+        np.testing.assert_array_equal(cut.group["coordinate"][()], [-1.0, 0.0, 0.5, 1.0])
+        np.testing.assert_array_equal(cut["loss"][0], result.spawns[0].slice.loss)
+        # The slice's centre is the parent state itself: its loss there, computed by hand.
+        (state,) = read_parent_states(run, [6])
+        net = make_module(L)
+        net.load_state_dict(state.checkpoint()["state_dict"])
+        net.eval()
+        xs, ys = zip(*[(x, y) for x, y, _ in val])
+        with torch.no_grad():
+            loss = nn.functional.cross_entropy(net(torch.cat(xs)), torch.cat(ys))
+        assert cut["loss"][0, 1] == pytest.approx(float(loss), rel=1e-5)
     # A second call adds rows of step 0 before those of step 6; measuring step 6 again replaces its rows.
     spawn_children(run, make_module(L), spawn_steps=[0, 6], **kwargs)
     with open_run(run) as f:
@@ -442,3 +455,48 @@ def test_cli_spawn_rebuilds_the_parents_classes(tmp_path, capsys):
         assert f[PAIRS]["trained_to"].tolist() == [7] and f[PAIRS].attrs["settings"]["eval_set"] == "train"
     main(["spawn", run, "--steps", "4", "--at", "3", "--probe", "16", "--points", "3", "--factory", "nowhere:x"])
     assert "No module named 'nowhere'" in capsys.readouterr().err
+
+
+def test_linearised_network_of_a_linear_network_is_the_network(tmp_path):
+    """A linear model is its own linearisation: trained from the same state with the same
+    seed, optimiser state and budget, the linearised network ends where the real one does."""
+    L = namespace("lightning.pytorch")
+    run = str(tmp_path / "run.h5")
+    linear = lambda: nn.Sequential(nn.Linear(6, 3))  # noqa: E731
+    torch.manual_seed(0)
+    module = make_module(L, net=linear())
+    t = trainer(L, [ParentStateMonitor(run, schedule=[4], on_error="raise")], max_epochs=-1, max_steps=10, **TRAINER)
+    train, val = loaders()
+    t.fit(module, train, val)
+    result = spawn_children(run, make_module(L, net=linear()), train_dataloaders=train, val_dataloaders=val,
+                            trainer_kwargs=TRAINER, until=10, spawn_steps=[4], linearized=True, probe=16, points=3,
+                            progress=False, write=False)
+    lin = result.spawns[0].linearized
+    assert lin.real_loss != lin.parent_loss  # it trained
+    assert lin.linear_loss == pytest.approx(lin.real_loss, rel=1e-5)
+    assert lin.linear_error == lin.real_error
+
+
+def test_report_draws_the_landscape_tables(tmp_path):
+    from lightning_ntk.analysis import plot_spawn_barrier, plot_spawn_kernel_distance, write_report
+
+    L = namespace("lightning.pytorch")
+    run = str(tmp_path / "run.h5")
+    fit(L, [ParentStateMonitor(run, schedule=[0, 3], on_error="raise")], 8)
+    train, val = loaders()
+    spawn_children(run, make_module(L), train_dataloaders=train, val_dataloaders=val, trainer_kwargs=TRAINER,
+                   children=3, until=8, spawn_steps=[0, 3], linearized=True, slices=[-0.5, 0.0, 0.5], probe=16,
+                   points=3, progress=False)
+    with open_run(run) as f:
+        pairs = f[PAIRS]
+        steps, barriers = pairs["spawn_step"], pairs["error_barrier"]
+        ax = plot_spawn_barrier(f)
+        (line,) = [ln for ln in ax.get_lines() if ln.get_gid() == "run:error_barrier"]
+        np.testing.assert_array_equal(line.get_xdata(), [0, 3])
+        np.testing.assert_allclose(line.get_ydata(), [barriers[steps == s].mean() for s in (0, 3)])
+        ax = plot_spawn_kernel_distance(f)
+        gids = {ln.get_gid() for ln in ax.get_lines()}
+        assert {"run:kernel_distance", "run:kernel_distance_to_parent"} <= gids
+    page = open(write_report(run, tmp_path / "report", progress=False, strict=True)).read()
+    for anchor in ("spawn-barrier", "spawn-kernel", "spawn-paths", "linearized", "slices"):
+        assert f'id="{anchor}"' in page

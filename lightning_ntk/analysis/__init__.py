@@ -11,6 +11,15 @@ from .export import ExportError, ExportWarning, export_run
 from .kernel_dynamics import EigenspaceTracking, KernelDynamics, eigenspace_tracking, kernel_dynamics
 from .plots_codes import plot_code_accuracy, plot_code_change, plot_code_redundancy
 from .plots_forgetting import plot_cartography, plot_forgetting_histogram
+from .plots_landscape import (
+                        plot_linearized_accuracy,
+                        plot_loss_slices,
+                        plot_spawn_barrier,
+                        plot_spawn_disagreement,
+                        plot_spawn_kernel_distance,
+                        plot_spawn_loss_barrier,
+                        plot_spawn_paths,
+)
 from .plots_ntk import (
                         plot_effective_rank,
                         plot_eigen_energy,
@@ -38,4 +47,6 @@ __all__ = [
     "plot_kernel_alignment", "plot_kernel_distance", "plot_kernel_matrix", "plot_kernel_norms", "plot_kernel_velocity",
     "plot_krr_accuracy", "plot_layer_trace", "plot_ntk_eigenvalues", "plot_probe_accuracy", "plot_probe_loss",
     "plot_representation_accuracy", "plot_series", "plot_sharpness", "smoothed_density", "watch", "write_report",
+    "plot_linearized_accuracy", "plot_loss_slices", "plot_spawn_barrier", "plot_spawn_disagreement",
+    "plot_spawn_kernel_distance", "plot_spawn_loss_barrier", "plot_spawn_paths",
 ]

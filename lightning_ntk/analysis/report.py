@@ -27,6 +27,15 @@ import numpy as np
 from ._runs import RunsLike, _as_list, opened, run_labels, table
 from .plots_codes import plot_code_accuracy, plot_code_change, plot_code_redundancy
 from .plots_forgetting import plot_cartography, plot_forgetting_histogram
+from .plots_landscape import (
+    plot_linearized_accuracy,
+    plot_loss_slices,
+    plot_spawn_barrier,
+    plot_spawn_disagreement,
+    plot_spawn_kernel_distance,
+    plot_spawn_loss_barrier,
+    plot_spawn_paths,
+)
 from .plots_ntk import (
     plot_effective_rank,
     plot_eigen_energy,
@@ -95,6 +104,21 @@ SECTIONS: Tuple[Section, ...] = (
     Section("Representation probes", "representations", (plot_representation_accuracy,),
             "Few-shot accuracy of a layer's features (band: 95% confidence interval over episodes) and "
             "linear-probe accuracy."),
+    Section("Barriers between spawned children", "spawn-barrier", (plot_spawn_barrier, plot_spawn_loss_barrier),
+            "Frankle et al. (2020), Fort et al. (2020): children trained from the parent's state at step t with "
+            "different SGD noise; barrier = max over the linear path between two children minus the mean of its "
+            "ends (mean over pairs, band: range)."),
+    Section("Spawned children: kernels and predictions", "spawn-kernel",
+            (plot_spawn_kernel_distance, plot_spawn_disagreement),
+            "Kernel distance S between the children's eNTKs on the probe and to the parent's; fraction of probe "
+            "examples on which two children disagree."),
+    Section("Linear paths between children", "spawn-paths", (plot_spawn_paths,),
+            "Error along θ(α) = (1 − α) θ_a + α θ_b, mean over the pairs of each spawn step.", per_run=True),
+    Section("Linearised vs real network", "linearized", (plot_linearized_accuracy,),
+            "The first-order Taylor model around θ(t), trained with the same optimiser state, data order and "
+            "budget as the network itself (Fort et al. 2020)."),
+    Section("Loss slices around parent states", "slices", (plot_loss_slices,),
+            "L(θ_t + a d) along one filter-normalised random direction (Li et al. 2018).", per_run=True),
 )
 
 

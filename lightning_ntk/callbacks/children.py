@@ -36,15 +36,17 @@ from torch import nn
 
 from .. import _args
 from ..children import ChildrenComparison, compare_children, evaluate
-from ..landscape import linearize
+from ..landscape import LossSlice, filter_normalized_direction, linearize, slice_1d
 from ..landscape_records import (
     CHILDREN,
     LINEARIZED,
     PAIRS,
+    SLICES,
     LandscapeRows,
     child_fields,
     linearized_fields,
     pair_fields,
+    slice_fields,
     write_landscape,
 )
 from ..parent_states import ParentState, child_seed, read_parent_states, restore_rng, seed_rng
@@ -316,6 +318,7 @@ class Spawn:
     until: int
     comparison: ChildrenComparison
     linearized: Optional[LinearizedResult] = None
+    slice: Optional[LossSlice] = None
     seconds: float = 0.0
 
 
@@ -360,6 +363,7 @@ def spawn_children(run: Union[str, "os.PathLike[str]"], module: Any, *, datamodu
                    steps: Optional[int] = None, until: Optional[int] = None,
                    spawn_steps: Optional[Sequence[int]] = None, seed: int = 0, eval_data: Any = None,
                    probe: Any = 128, points: int = 11, kernel: str = "trace", linearized: bool = False,
+                   slices: Optional[Sequence[float]] = None,
                    forward_fn: Optional[Callable[..., Any]] = None, loss_fn: Optional[Callable[..., Any]] = None,
                    error_fn: Optional[Callable[..., Any]] = None, task: Optional[str] = None, write: bool = True,
                    replace: bool = False, progress: bool = True) -> SpawnResult:
@@ -391,9 +395,13 @@ def spawn_children(run: Union[str, "os.PathLike[str]"], module: Any, *, datamodu
             state with child 0's seed and budget (:func:`lightning_ntk.linearize`; the
             module's network must be its one child holding every trainable parameter), and
             record its loss and error next to child 0's.
+        slices: coordinates of a 1-D slice of the loss and error around each parent state,
+            L(θ_t + a d) on the evaluation set, d a filter-normalised random direction (Li et
+            al. 2018; :func:`lightning_ntk.slice_1d`) drawn with ``seed`` (None: no slices).
         forward_fn, loss_fn, error_fn, task: as for :func:`lightning_ntk.linear_path`.
         write: write the rows into ``run`` (``/landscape/spawn_pairs``, ``spawn_children``,
-            ``linearized``) after each parent state; rows of the same spawn steps are replaced.
+            ``linearized``, ``slices``) after each parent state; rows of the same spawn steps
+            are replaced.
         replace: drop the file's earlier ``/landscape`` spawn rows measured with other
             settings (otherwise such a mix is refused).
         progress: a line per child (and per parent state) on stderr.
@@ -468,14 +476,21 @@ def spawn_children(run: Union[str, "os.PathLike[str]"], module: Any, *, datamodu
                                                 forward_fn=forward_fn))
             say(f"spawn at step {parent.step}: linearised network trained to step {target}: error "
                 f"{lin.linear_error:.4f} (real network {lin.real_error:.4f})")
+        cut = None
+        if slices is not None:
+            at_parent = _fresh_module(module)
+            at_parent.load_state_dict(parent_weights)
+            direction = filter_normalized_direction(at_parent, generator=int(seed))
+            cut = slice_1d(at_parent, eval_loader, direction, coords=slices, loss_fn=loss_fn, error_fn=error_fn,
+                           task=comparison.task, forward_fn=forward_fn)
         spawn = Spawn(step=parent.step, epoch=parent.epoch, seeds=seeds, until=target, comparison=comparison,
-                      linearized=lin, seconds=time.perf_counter() - started)
+                      linearized=lin, slice=cut, seconds=time.perf_counter() - started)
         result.spawns.append(spawn)
         say(f"spawn at step {parent.step}: error barrier {np.mean(comparison.error_barrier):.4f}, kernel distance "
             f"{np.mean(comparison.kernel_distance):.4f} (mean of {len(comparison.pairs)} pair(s)) on the "
             f"{eval_set} set")
         if write:
-            write_landscape(run_path, spawn_rows(spawn, eval_set=eval_set, probe_size=len(probe_set)),
+            write_landscape(run_path, spawn_rows(spawn, eval_set=eval_set, probe_size=len(probe_set), spawn_seed=seed),
                             replace=replace)
     return SpawnResult(run=result.run, spawns=result.spawns, eval_set=eval_set, probe=probe_set)
 
@@ -498,7 +513,7 @@ def _train_linearized(parent: ParentState, module: Any, data: SpawnData, until: 
                             real_error=real_error, parent_loss=parent_loss, parent_error=parent_error, seed=seed)
 
 
-def spawn_rows(spawn: Spawn, *, eval_set: str, probe_size: int) -> List[LandscapeRows]:
+def spawn_rows(spawn: Spawn, *, eval_set: str, probe_size: int, spawn_seed: int = 0) -> List[LandscapeRows]:
     """The ``/landscape`` rows of one spawn step (see :mod:`lightning_ntk.landscape_records`)."""
     c = spawn.comparison
     P, k = len(c.pairs), len(spawn.seeds)
@@ -528,6 +543,15 @@ def spawn_rows(spawn: Spawn, *, eval_set: str, probe_size: int) -> List[Landscap
             "linear_error": [lin.linear_error], "linear_loss": [lin.linear_loss], "real_error": [lin.real_error],
             "real_loss": [lin.real_loss], "parent_error": [lin.parent_error], "parent_loss": [lin.parent_loss]},
             key="step", row_dim="step", settings={"eval_set": eval_set, "task": c.task}, replaces=[spawn.step]))
+    if spawn.slice is not None:
+        cut = spawn.slice
+        coords = np.asarray(cut.coords[0], dtype=np.float64)
+        tables.append(LandscapeRows(SLICES, slice_fields(coords.size), {
+            "step": const(spawn.step, 1, np.int64), "epoch": const(spawn.epoch, 1, np.float64),
+            "loss": cut.loss[None], "error": cut.error[None]},
+            key="step", row_dim="step", coords={"coordinate": coords},
+            settings={"eval_set": eval_set, "task": cut.task, "direction": "filter_normalized", "seed": spawn_seed,
+                      "coordinates": coords.tolist()}, replaces=[spawn.step]))
     return tables
 
 
