@@ -138,6 +138,7 @@ class Monitor(Declared, *CALLBACK_BASES):  # type: ignore[misc]
     #: Sizing to the budget (:mod:`._sizing`): the smallest size a default may shrink to, and its name.
     size_floor: ClassVar[int] = 32
     size_name: ClassVar[str] = "probe size"
+    size_argument: ClassVar[str] = "probe=Probe(size=...)"  # the argument that gives a size of the user's
     #: The arguments that make a row of its table smaller (named when a row exceeds max_row_mb).
     smaller_rows: ClassVar[str] = "a smaller probe= (or k=)"
     #: Attributes rebuilt for each fit (:meth:`_reset_runtime`), never pickled (``log``: Lightning's).

@@ -31,6 +31,11 @@ if TYPE_CHECKING:  # pragma: no cover
 _log = logging.getLogger("lightning_ntk")
 
 
+class BudgetError(RuntimeError):
+    """A monitor's first and last snapshots at its smallest size are predicted over the
+    whole budget of the training: refused (the session records it and training goes on)."""
+
+
 def probe_head(probe: ProbeSet, n: int) -> ProbeSet:
     """The first ``n`` examples of a probe (for timing)."""
     rows = slice(0, n)
@@ -138,21 +143,31 @@ def _size(monitor: "Monitor", governor: Any, probe: ProbeSet, trainer: Any, pl_m
         monitor.sizing.update(cost_model=cost.to_config(), training=length.to_config())
     if not user_size:
         # every rank draws the same examples: rank 0's decision
-        size, fits, work = monitor._session.collectives.broadcast_object(
-            (size, monitor.sizing.get("fits", True), monitor.sizing.get("work") or {}))
+        size, fits, work, per_snapshot, seconds = monitor._session.collectives.broadcast_object(
+            (size, monitor.sizing.get("fits", True), monitor.sizing.get("work") or {},
+             monitor.sizing.get("predicted_seconds"), length.seconds))
         size = int(size)
         monitor.sizing["work"] = dict(work)
         monitor.apply_work(dict(work))
-        if not fits and cost is not None:
-            predicted = FORCED_SNAPSHOTS * float(monitor.sizing.get("predicted_seconds", cost.predict(size)))
-            needed = predicted / (FORCED_SHARE * float(length.seconds) / monitor._session.snapshot_monitors())
+        if not fits and per_snapshot is not None:
+            predicted, seconds = FORCED_SNAPSHOTS * float(per_snapshot), float(seconds)
+            needed = predicted / (FORCED_SHARE * seconds / monitor._session.snapshot_monitors())
+            smallest = f"its smallest {monitor.size_name} ({size}{''.join(f', {k}={v}' for k, v in work.items())})"
+            whole = governor.budget * seconds
+            if predicted > whole:
+                monitor.sizing["refused"] = True
+                raise BudgetError(
+                    f"{owner}: at {smallest} its first and last snapshots are predicted to take {predicted:.2f} s, more than "
+                    f"the whole budget of every monitor ({governor.budget:g} x a {seconds:.0f} s training = "
+                    f"{whole:.2f} s): it is off for this fit. Pass budget={min(needed, 1.0):.2g} (or budget=False) "
+                    f"to measure anyway, give a size of your own ({monitor.size_argument}), or leave it out of short "
+                    "trainings")
             warnings.warn(
-                f"{owner}: this training is short for it: at its smallest {monitor.size_name} ({size}"
-                f"{''.join(f', {k}={v}' for k, v in work.items())}) its first and "
-                f"last snapshots are predicted to take {predicted:.2f} s, over its share of the budget ({allowance:.2f} "
-                f"s of budget {governor.budget:g} x a {length.seconds:.0f} s training); they are taken all the same "
-                f"(they anchor its curves). Pass budget={min(needed, 1.0):.2g} to make room for them, or leave the "
-                "monitor out of short trainings", RuntimeWarning, stacklevel=2)
+                f"{owner}: this training is short for it: at {smallest} its first and last snapshots are predicted "
+                f"to take {predicted:.2f} s, over its share of the budget ({allowance:.2f} s of budget "
+                f"{governor.budget:g} x a {seconds:.0f} s training); they are taken all the same (they anchor "
+                f"its curves). Pass budget={min(needed, 1.0):.2g} to make room for them, or leave the monitor out of "
+                "short trainings", RuntimeWarning, stacklevel=2)
         if size < n or work:  # probes drawn again, tables worked out again (their attributes name the work)
             try:
                 monitor.resize_probes(trainer, pl_module, size)

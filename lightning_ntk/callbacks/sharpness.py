@@ -124,6 +124,7 @@ class SharpnessMonitor(Monitor):
     # ------------------------------------------------------------------ sizing
     size_floor = 64
     size_name = "sharpness set"
+    size_argument = "sharpness_set="
 
     def default_size(self) -> bool:
         return self._default_set
