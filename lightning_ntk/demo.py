@@ -113,8 +113,9 @@ def demo_monitors(path: str, overwrite: bool = True) -> List[Any]:
     monitors: List[Any] = [
         callbacks.ProbeMetricsMonitor(schedule=EveryNEpochs(1), **common),
         callbacks.NTKMonitor(schedule=LogSpacedSteps(per_decade=4), heldout=Probe(size=100, source="val"), **common),
-        callbacks.SharpnessMonitor(schedule=EveryNEpochs(4), trace=True, trace_queries=30, density=True,
-                                   density_steps=30, **common),
+        # the trace's 20 Hutch++ products beside Lanczos' ~40; the SLQ density (another Lanczos
+        # run per snapshot) would double a snapshot: a monitor of its own where wanted
+        callbacks.SharpnessMonitor(schedule=EveryNEpochs(4), trace=True, trace_queries=20, **common),
         callbacks.ForgettingMonitor(**common),
         callbacks.ActivationCodeMonitor(schedule=EveryNEpochs(10), **common),
         callbacks.RepresentationMonitor(schedule=EveryNEpochs(10), **common),
