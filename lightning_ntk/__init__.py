@@ -4,6 +4,13 @@ The functional core (this namespace) is plain PyTorch/NumPy; the Lightning callb
 in :mod:`lightning_ntk.callbacks`.
 """
 from ._version import __version__
+from .analytic import (
+                    AnalyticKernels,
+                    FiniteInfiniteGap,
+                    analytic_kernels,
+                    finite_infinite_gap,
+                    record_analytic_kernels,
+)
 from .codes import (
                     RELU_MODULE_TYPES,
                     ActivationCodes,
@@ -110,6 +117,8 @@ __all__ = [
     # eNTK
     "CurvatureMemoryError", "NTKMemoryError", "empirical_ntk", "empirical_ntk_reference", "estimate_ntk_memory",
     "SketchedNTK", "rademacher_projections", "sketched_ntk",
+    # infinite-width kernels (finite versus infinite)
+    "AnalyticKernels", "FiniteInfiniteGap", "analytic_kernels", "finite_infinite_gap", "record_analytic_kernels",
     # curvature
     "EdgeOfStability", "HessianDensityResult", "HessianEigenResult", "HessianTraceResult", "LossSet",
     "PreconditionedSharpnessResult", "SAMSharpnessResult", "edge_of_stability_threshold", "gradient_norm",
