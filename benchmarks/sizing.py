@@ -7,8 +7,10 @@
 Each case trains the same model from the same seed without monitors and with all six
 monitors given only ``path=`` (every default: the shared 5% governor, sizes chosen at train
 start), alternating (bare, monitored) pairs; the table gives the median wall time of
-``trainer.fit`` of each, the ratio of the medians and the ratio of each pair, and what the
-sizing chose for each monitor (size, predicted seconds per snapshot, its allowance).
+``trainer.fit`` of each, the ratio of the medians and the ratio of each pair, the same for
+the process's CPU seconds (a steadier measure when other jobs share the machine; with
+``--threads 1`` no thread waits spinning), and what the sizing chose for each monitor
+(size, lighter work, predicted seconds per snapshot, its allowance; refused monitors).
 
 Cases (CPU, 2 threads, ``deterministic=True``, no logger, checkpointing or progress bar):
 
@@ -89,7 +91,7 @@ def every_monitor(path: str) -> List[Any]:
             callbacks.RepresentationMonitor(path)]
 
 
-def fit(case: str, monitored: bool, epochs: int, tmp: str) -> Tuple[float, List[Any]]:
+def fit(case: str, monitored: bool, epochs: int, tmp: str) -> Tuple[float, float, List[Any]]:
     L = default_namespace()
     torch.manual_seed(0)
     path = os.path.join(tmp, f"{case}.h5")
@@ -108,9 +110,9 @@ def fit(case: str, monitored: bool, epochs: int, tmp: str) -> Tuple[float, List[
     trainer = L.Trainer(max_epochs=epochs, callbacks=monitors, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
                         deterministic=True)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     trainer.fit(module, DataLoader(train, batch_size=64, shuffle=True), DataLoader(val, batch_size=256))
-    return time.perf_counter() - started, monitors
+    return time.perf_counter() - started, time.process_time() - cpu, monitors
 
 
 def describe(monitors: List[Any]) -> List[str]:
@@ -118,11 +120,12 @@ def describe(monitors: List[Any]) -> List[str]:
     for m in monitors:
         sizing = getattr(m, "sizing", {}) or {}
         taken = m.timings["snapshots"]
-        if sizing.get("size") is not None:
-            lines.append(f"  {type(m).__name__:24s} size {sizing['size']:5d} (default {sizing.get('default', '-')}), "
+        if sizing.get("size") is not None and "predicted_seconds" in sizing:
+            work = "".join(f" {k}={v}" for k, v in (sizing.get("work") or {}).items())
+            lines.append(f"  {type(m).__name__:24s} size {sizing['size']:5d} (default {sizing.get('default', '-')}){work}, "
                          f"predicted {sizing['predicted_seconds']:.2f} s/snapshot, allowance "
                          f"{sizing['allowance_seconds']:.2f} s for two; {taken} snapshots, "
-                         f"{m.timings['snapshot_s']:.2f} s measured")
+                         f"{m.timings['snapshot_s']:.2f} s measured" + (" REFUSED" if sizing.get("refused") else ""))
         else:
             lines.append(f"  {type(m).__name__:24s} {taken} snapshots, {m.timings['snapshot_s']:.2f} s measured"
                          + (f" ({sizing.get('note')})" if sizing.get("note") else ""))
@@ -131,15 +134,17 @@ def describe(monitors: List[Any]) -> List[str]:
 
 def run_case(case: str, pairs: int, epochs: int, budget: Optional[float]) -> None:
     previous = set_default_budget(budget) if budget is not None else None
-    bare, monitored, ratios = [], [], []
+    bare, monitored, ratios, cpu_bare, cpu_monitored = [], [], [], [], []
     last: List[Any] = []
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(pairs):
-            b, _ = fit(case, False, epochs, tmp)
-            m, last = fit(case, True, epochs, tmp)
+            b, cb, _ = fit(case, False, epochs, tmp)
+            m, cm, last = fit(case, True, epochs, tmp)
             bare.append(b)
             monitored.append(m)
             ratios.append(m / b)
+            cpu_bare.append(cb)
+            cpu_monitored.append(cm)
     if budget is not None:
         set_default_budget(previous)
     mb, mm = statistics.median(bare), statistics.median(monitored)
@@ -147,6 +152,9 @@ def run_case(case: str, pairs: int, epochs: int, budget: Optional[float]) -> Non
     print(f"  bare      median {mb:7.2f} s   runs {', '.join(f'{t:.2f}' for t in bare)}")
     print(f"  monitored median {mm:7.2f} s   runs {', '.join(f'{t:.2f}' for t in monitored)}")
     print(f"  ratio of medians {mm / mb:.3f} (+{mm - mb:.2f} s); pair ratios {', '.join(f'{r:.3f}' for r in ratios)}")
+    cb, cm = statistics.median(cpu_bare), statistics.median(cpu_monitored)
+    print(f"  process CPU seconds: bare median {cb:.2f}, monitored {cm:.2f}, ratio {cm / cb:.3f} (less sensitive "
+          "to other jobs on the machine than wall time)")
     print("  what the sizing chose (last monitored run):")
     for line in describe(last):
         print(line)
