@@ -11,6 +11,7 @@ from .analytic import (
                     finite_infinite_gap,
                     record_analytic_kernels,
 )
+from .children import ChildrenComparison, compare_children
 from .codes import (
                     RELU_MODULE_TYPES,
                     ActivationCodes,
@@ -77,6 +78,7 @@ from .ntk import (
                     rademacher_projections,
                     sketched_ntk,
 )
+from .parent_states import ParentState, read_parent_states
 from .probe import BatchLayoutError, Probe, ProbeSet, draw_probe
 from .representations import FewShotResult, extract_features, few_shot_accuracy, linear_probe_accuracy
 from .schedule import EveryNEpochs, EveryNSteps, LogSpacedSteps, Schedule, StepList
@@ -145,4 +147,6 @@ __all__ = [
     # loss landscape: linear paths and barriers, slices, linearised networks
     "LinearPath", "interpolate_state", "linear_path", "reestimate_batchnorm", "LossSlice",
     "filter_normalized_direction", "hessian_directions", "slice_1d", "slice_2d", "Linearized", "linearize",
+    # spawning: parent states and what children become (Frankle et al. 2020; Fort et al. 2020)
+    "ChildrenComparison", "ParentState", "compare_children", "read_parent_states",
 ]
