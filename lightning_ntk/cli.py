@@ -130,6 +130,7 @@ _FACTORY_KEYS = ("module", "datamodule", "train_dataloaders", "val_dataloaders",
 def _cmd_spawn(args: argparse.Namespace) -> int:
     from .callbacks.children import SpawnError, setup_from_parent, spawn_children
     from .parent_states import read_parent_states
+    from .store import StoreError
 
     steps = None if args.at is None else [int(s) for s in args.at.split(",") if s.strip()]
     try:
@@ -144,7 +145,7 @@ def _cmd_spawn(args: argparse.Namespace) -> int:
                                 spawn_steps=steps, seed=args.seed, probe=args.probe, points=args.points,
                                 kernel=args.kernel, linearized=args.linearized, replace=args.replace,
                                 progress=not args.quiet, **setup)
-    except (SpawnError, ValueError, TypeError, FileNotFoundError, OSError, ImportError) as exc:
+    except (SpawnError, StoreError, ValueError, TypeError, FileNotFoundError, OSError, ImportError) as exc:
         print(f"lightning-ntk spawn: {exc}", file=sys.stderr)
         return 2
     print(f"{'step':>8} {'epoch':>8} {'error barrier':>14} {'loss barrier':>13} {'kernel dist':>12} "

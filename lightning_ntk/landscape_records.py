@@ -147,6 +147,9 @@ def _merged(rows: LandscapeRows, path: str, replace: bool) -> Dict[str, np.ndarr
 def write_landscape(path: "os.PathLike[str] | str", tables: Sequence[LandscapeRows], *, replace: bool = False) -> None:
     """Merge ``tables`` into the finished run file ``path`` (see the module docstring)."""
     path = os.fspath(path)
+    if RunStore.is_open(path):  # its training is still writing it in this process
+        raise StoreError(f"run file {path} is still open for writing in this process (its training has not "
+                         "ended); spawn children after Trainer.fit returns")
     merged = [(rows, _merged(rows, path, replace)) for rows in tables]  # checked before writing
     store = RunStore.acquire(path, owner=_OWNER, resume=True)
     try:

@@ -57,7 +57,7 @@ LAYERS = ["features.0", "features.2", "head.1"]
 
 
 # ---------------------------------------------------------------------------------------------------------- files
-EVERY_GROUP = ("probe_metrics", "ntk", "sharpness", "forgetting", "codes", "representations")
+EVERY_GROUP = ("probe_metrics", "ntk", "sharpness", "forgetting", "codes", "representations", "landscape")
 
 
 def write_full_run(path, seed=0, groups=EVERY_GROUP,
@@ -186,7 +186,58 @@ def write_full_run(path, seed=0, groups=EVERY_GROUP,
             store.flush()
     finally:
         store.release("synthetic")
+    if "landscape" in groups:  # written after training, as spawn_children does
+        write_synthetic_landscape(path, rng)
     return path
+
+
+def write_synthetic_landscape(path, rng, spawn_steps=(0, 5, 20), points=5, children=3):
+    """/landscape/... tables of `children` children per spawn step, seeded random values."""
+    from lightning_ntk.landscape_records import (
+        CHILDREN,
+        LINEARIZED,
+        PAIRS,
+        SLICES,
+        LandscapeRows,
+        child_fields,
+        linearized_fields,
+        pair_fields,
+        slice_fields,
+        write_landscape,
+    )
+
+    pairs = [(a, b) for a in range(children) for b in range(a + 1, children)]
+    S, P = len(spawn_steps), len(pairs)
+    step_p, step_c = np.repeat(spawn_steps, P), np.repeat(spawn_steps, children)
+    settings = {"points": points, "kernel": "trace", "eval_set": "validation", "probe_size": 16, "task": "multiclass"}
+    tables = [
+        LandscapeRows(PAIRS, pair_fields(points), {
+            "spawn_step": step_p, "spawn_epoch": step_p / 10.0, "trained_to": np.full(S * P, 40),
+            "child_a": np.tile([a for a, _ in pairs], S), "child_b": np.tile([b for _, b in pairs], S),
+            "seed_a": np.zeros(S * P), "seed_b": np.ones(S * P), "error_barrier": rng.uniform(0, 0.3, S * P),
+            "loss_barrier": rng.uniform(0, 1, S * P), "weight_distance": rng.uniform(1, 5, S * P),
+            "disagreement": rng.uniform(0, 0.2, S * P), "kernel_distance": rng.uniform(0, 0.1, S * P),
+            "path_error": rng.uniform(0, 0.5, (S * P, points)), "path_loss": rng.uniform(0, 2, (S * P, points))},
+            key="spawn_step", row_dim="pair", settings=settings),
+        LandscapeRows(CHILDREN, child_fields(), {
+            "spawn_step": step_c, "spawn_epoch": step_c / 10.0, "trained_to": np.full(S * children, 40),
+            "child": np.tile(np.arange(children), S), "seed": np.arange(S * children), "error": rng.uniform(0, 0.2, S * children),
+            "loss": rng.uniform(0, 1, S * children), "distance_to_parent": rng.uniform(1, 5, S * children),
+            "kernel_distance_to_parent": rng.uniform(0, 0.3, S * children), "parent_norm": np.full(S * children, 10.0)},
+            key="spawn_step", row_dim="child_row", settings=settings),
+        LandscapeRows(LINEARIZED, linearized_fields(), {
+            "step": np.asarray(spawn_steps), "epoch": np.asarray(spawn_steps) / 10.0, "trained_to": np.full(S, 40),
+            "seed": np.zeros(S), "linear_error": rng.uniform(0, 0.5, S), "linear_loss": rng.uniform(0, 2, S),
+            "real_error": rng.uniform(0, 0.2, S), "real_loss": rng.uniform(0, 1, S),
+            "parent_error": rng.uniform(0, 0.9, S), "parent_loss": rng.uniform(0, 2, S)},
+            key="step", row_dim="step", settings={"eval_set": "validation", "task": "multiclass"}),
+        LandscapeRows(SLICES, slice_fields(7), {
+            "step": np.asarray(spawn_steps), "epoch": np.asarray(spawn_steps) / 10.0,
+            "loss": rng.uniform(0, 3, (S, 7)), "error": rng.uniform(0, 1, (S, 7))},
+            key="step", row_dim="step", coords={"coordinate": np.linspace(-1, 1, 7)},
+            settings={"eval_set": "validation", "task": "multiclass"}),
+    ]
+    write_landscape(path, tables)
 
 
 @pytest.fixture(scope="module")
@@ -562,7 +613,9 @@ def test_csv_columns_equal_the_files_datasets(full_run, tmp_path):
     names = sorted(os.path.basename(p) for p in paths)
     assert names == sorted(["full.codes.csv", "full.forgetting.events.csv", "full.forgetting.examples.csv",
                             "full.ntk.csv", "full.probe_metrics.csv", "full.sharpness.csv", "full.probe.train.csv",
-                            "full.representations.csv", "full.probe_metrics.example_loss.csv"])
+                            "full.representations.csv", "full.probe_metrics.example_loss.csv",
+                            "full.landscape.spawn_pairs.csv", "full.landscape.spawn_children.csv",
+                            "full.landscape.linearized.csv", "full.landscape.slices.csv"])
     pd = pytest.importorskip("pandas")
     # nothing is dropped silently: every per-row field is a column, a long-form file, or named in the warning
     message = str(caught[0].message)

@@ -20,7 +20,7 @@ from lightning_ntk.callbacks import ParentStateMonitor, SpawnData, SpawnError, s
 from lightning_ntk.children import compare_children
 from lightning_ntk.landscape_records import CHILDREN, LINEARIZED, PAIRS, SLICES
 from lightning_ntk.parent_states import PARENT_KEY, read_parent_states, state_files
-from lightning_ntk.store import StoreError, check_run, open_run
+from lightning_ntk.store import RunStore, StoreError, check_run, open_run
 
 from .models import blob_data, namespace, tiny_net, trainer
 
@@ -340,6 +340,41 @@ class FixedOrder(Sampler):
         return len(self.order)
 
 
+class StatefulShuffle(Sampler):
+    """A shuffling sampler with a state of its own (state_dict), as stateful samplers have."""
+
+    def __init__(self, n):
+        self.n, self.epochs = n, 0
+
+    def __iter__(self):
+        self.epochs += 1
+        return iter(torch.randperm(self.n).tolist())
+
+    def __len__(self):
+        return self.n
+
+    def state_dict(self):
+        return {"epochs": self.epochs}
+
+
+def test_what_cannot_be_replayed_is_recorded(tmp_path):
+    L = namespace("lightning.pytorch")
+    for name, train in (("stateful", DataLoader(Indexed(), batch_size=BATCH, sampler=StatefulShuffle(N))),
+                        ("generator", DataLoader(Indexed(), batch_size=BATCH, shuffle=True,
+                                                 generator=torch.Generator().manual_seed(3)))):
+        run = str(tmp_path / f"{name}.h5")
+        torch.manual_seed(0)
+        t = trainer(L, [ParentStateMonitor(run, schedule=[2], on_error="raise")], max_epochs=-1, max_steps=4)
+        t.fit(make_module(L), train)
+        (state,) = read_parent_states(run, [2])
+        assert not state.can_replay
+        assert ("state of its own" if name == "stateful" else "generator of its own") in state.replayable
+        with pytest.raises(SpawnError, match="cannot be replayed"):
+            train_child(state, make_module(L), SpawnData(train_dataloaders=train), until=4, seed=None)
+        with open_run(run) as f:
+            assert f["parents"]["replayable"].tolist() == [False, False, False]
+
+
 class Stream(IterableDataset):
     def __iter__(self):
         return iter(Indexed())
@@ -374,6 +409,14 @@ def test_refusals(tmp_path):
     with pytest.raises(SpawnError, match="identical weights although their seeds differ"):  # no dropout either
         spawn_children(run, make_module(L, net=no_dropout()), train_dataloaders=fixed, steps=2, spawn_steps=[3], progress=False,
                        write=False)
+    # The run file still open for writing in this process (a training that has not ended).
+    store = RunStore.acquire(run, owner="still-training", resume=True)
+    try:
+        with pytest.raises(StoreError, match="still open for writing in this process"):
+            spawn_children(run, make_module(L), train_dataloaders=loaders()[0], steps=2, spawn_steps=[3],
+                           progress=False)
+    finally:
+        store.release("still-training")
     # A new run onto a folder of another run's states.
     other = str(tmp_path / "other.h5")
     os.makedirs(other + ".parents")

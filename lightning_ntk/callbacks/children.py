@@ -51,6 +51,7 @@ from ..landscape_records import (
 )
 from ..parent_states import ParentState, child_seed, read_parent_states, restore_rng, seed_rng
 from ..probe import ProbeSet, draw_probe
+from ..store import RunStore, StoreError
 from ._lightning import CALLBACK_BASES, NAMESPACES
 
 _log = logging.getLogger("lightning_ntk")
@@ -424,6 +425,9 @@ def spawn_children(run: Union[str, "os.PathLike[str]"], module: Any, *, datamodu
     if write and not os.path.exists(run_path):
         raise FileNotFoundError(f"{owner}: run file {run_path} does not exist; pass write=False to measure without "
                                 "writing")
+    if write and RunStore.is_open(run_path):  # refused now, not after training the children
+        raise StoreError(f"{owner}: run file {run_path} is still open for writing in this process (its training "
+                         "has not ended); spawn children after Trainer.fit returns")
     states = read_parent_states(run_path, spawn_steps)
     if until is not None:
         later = [s for s in states if s.step < until]

@@ -261,4 +261,9 @@ def _replay_notes(trainer: Any) -> List[str]:
             notes.append("the training loader draws its order from a generator of its own (generator=), not the "
                          "global RNG, whose state at each epoch start is not recorded")
             break
+        if any(callable(getattr(s, "state_dict", None)) for s in [*samplers, getattr(loader, "batch_sampler", None)]
+               if s is not None):
+            notes.append(f"the training sampler ({type(samplers[0]).__name__}) keeps a state of its own (state_dict), "
+                         "which a child does not restore: its position is set by skipping batches")
+            break
     return notes
