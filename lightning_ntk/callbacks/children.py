@@ -54,8 +54,6 @@ from ..probe import ProbeSet, draw_probe
 from ..store import RunStore, StoreError
 from ._lightning import CALLBACK_BASES, NAMESPACES
 
-_log = logging.getLogger("lightning_ntk")
-
 #: Trainer arguments a child's Trainer sets itself (a child is a fit of its own).
 _CHILD_TRAINER = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
                   "enable_model_summary": False}
@@ -440,7 +438,7 @@ def spawn_children(run: Union[str, "os.PathLike[str]"], module: Any, *, datamodu
     template = _fresh_module(module)
     _namespace(template, owner)
     data = SpawnData(datamodule, train_dataloaders, val_dataloaders)
-    result = SpawnResult(run=None if is_dir else run_path)
+    spawns: List[Spawn] = []
     say = (lambda text: print(text, file=sys.stderr, flush=True)) if progress else (lambda text: None)
     eval_loader, eval_set, probe_set, train_loader = None, "", None, None
     for parent in states:
@@ -489,14 +487,14 @@ def spawn_children(run: Union[str, "os.PathLike[str]"], module: Any, *, datamodu
                            task=comparison.task, forward_fn=forward_fn)
         spawn = Spawn(step=parent.step, epoch=parent.epoch, seeds=seeds, until=target, comparison=comparison,
                       linearized=lin, slice=cut, seconds=time.perf_counter() - started)
-        result.spawns.append(spawn)
+        spawns.append(spawn)
         say(f"spawn at step {parent.step}: error barrier {np.mean(comparison.error_barrier):.4f}, kernel distance "
             f"{np.mean(comparison.kernel_distance):.4f} (mean of {len(comparison.pairs)} pair(s)) on the "
             f"{eval_set} set")
         if write:
             write_landscape(run_path, spawn_rows(spawn, eval_set=eval_set, probe_size=len(probe_set), spawn_seed=seed),
                             replace=replace)
-    return SpawnResult(run=result.run, spawns=result.spawns, eval_set=eval_set, probe=probe_set)
+    return SpawnResult(run=None if is_dir else run_path, spawns=spawns, eval_set=eval_set, probe=probe_set)
 
 
 def _train_linearized(parent: ParentState, module: Any, data: SpawnData, until: int, seed: int, real: Any,
