@@ -16,10 +16,10 @@ own validation, and the data loading draws none in the main process (see docs/la
 """
 from __future__ import annotations
 
-import copy
 import os
 from typing import Any, Dict, List, Optional
 
+import torch
 from torch import nn
 
 from ..parent_states import PARENT_FORMAT, PARENT_KEY, capture_rng, parent_dir, state_files, state_path, write_atomic
@@ -176,14 +176,21 @@ class ParentStateMonitor(Monitor):
         self._last_step = step
 
     def _capture(self, trainer: Any, pl_module: nn.Module, step: int, epoch: float, started: float) -> None:
-        """The training's checkpoint now, copied (the next update must not reach it)."""
-        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        """The training's checkpoint now, as ``trainer.save_checkpoint`` writes it (a scratch
+        file read back: a copy the next update cannot reach)."""
+        scratch = os.path.join(self.directory, f".capture.{os.getpid()}.ckpt")
+        try:
+            trainer.save_checkpoint(scratch, weights_only=False)
+            checkpoint = torch.load(scratch, weights_only=False)
+        finally:
+            if os.path.exists(scratch):
+                os.remove(scratch)
         ours = {cb.state_key for cb in trainer.callbacks if isinstance(cb, Monitor)}
         if isinstance(checkpoint.get("callbacks"), dict):  # where the monitors' tables stand: nothing to continue
             checkpoint["callbacks"] = {k: v for k, v in checkpoint["callbacks"].items() if k not in ours}
         datamodule = getattr(trainer, "datamodule", None)
         self._pending = {
-            "checkpoint": copy.deepcopy(checkpoint), "step": step, "epoch": float(epoch), "started": started,
+            "checkpoint": checkpoint, "step": step, "epoch": float(epoch), "started": started,
             "batches_per_epoch": trainer.num_training_batches if isinstance(trainer.num_training_batches, int) else -1,
             "module": class_path(type(pl_module)),
             "datamodule": None if datamodule is None else class_path(type(datamodule)),
