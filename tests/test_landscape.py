@@ -404,3 +404,35 @@ def test_slice_along_hessian_eigenvector_is_the_quadratic_of_its_eigenvalue():
         residual = xt @ (theta + t * v) - y.numpy()[:, 0]
         assert got.loss[i] == pytest.approx(float(np.mean(residual ** 2)), rel=1e-9)
     assert np.isnan(got.error).all()
+
+
+def test_hessian_directions_use_the_running_statistics_the_slices_measure():
+    """With BatchNorm, the Hessian is of the loss the slices evaluate (eval mode, running
+    statistics), not of the batch-statistics loss: top eigenvalue vs a dense float64 Hessian."""
+    from torch.func import functional_call
+
+    from lightning_ntk.landscape import hessian_directions
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3)).double().eval()
+    model[1].running_mean.copy_(torch.tensor([0.5, -1.0, 0.2, 2.0]))
+    model[1].running_var.copy_(torch.tensor([0.3, 4.0, 1.5, 0.7]))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(24, 3, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 3, (24,), generator=g)
+    data = [(x[:12], y[:12]), (x[12:], y[12:])]
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    flat0 = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
+
+    def loss(flat):  # mean cross-entropy with BatchNorm on its running statistics, by hand
+        params, at = {}, 0
+        for n, s in zip(names, shapes):
+            params[n] = flat[at:at + s.numel()].reshape(s)
+            at += s.numel()
+        return F.cross_entropy(functional_call(model, params, (x,)), y)
+
+    dense = torch.autograd.functional.hessian(loss, flat0)
+    top = float(torch.linalg.eigvalsh(dense)[-1])
+    _, result = hessian_directions(model, data, k=1, tol=1e-8)
+    assert float(result.eigenvalues[0]) == pytest.approx(top, rel=1e-6)
+    assert model.training is False and model[1].running_mean[1].item() == -1.0

@@ -98,10 +98,12 @@ def hessian_directions(model: nn.Module, data: Data, k: int = 2, *, loss_fn: Opt
                        generator: GeneratorLike = None) -> Tuple[List[Direction], HessianEigenResult]:
     """The top-k Hessian eigenvectors at the model's weights, as slice directions.
 
-    The Hessian is of the mean loss over ``data`` (read once, kept in memory: a fixed set,
-    eval mode) with respect to every trainable parameter, the loss being the one the slices
-    measure: ``loss_fn``, or the task's default loss (cross-entropy for class labels; the
-    mean squared error only with ``task="regression"``; sequence tasks need ``loss_fn``).
+    The Hessian is of the mean loss over ``data`` (read once, kept in memory: a fixed set)
+    with respect to every trainable parameter, the loss being the one the slices measure:
+    in eval mode (BatchNorm on its running statistics, as the slices evaluate it, not
+    :func:`~lightning_ntk.hessian_eigs`' default ``mode="train"``), with ``loss_fn`` or the
+    task's default loss (cross-entropy for class labels; the mean squared error only with
+    ``task="regression"``; sequence tasks need ``loss_fn``).
     Eigenpairs by :func:`lightning_ntk.hessian_eigs` (Lanczos, residual stopping rule;
     ``which``, ``tol``, ``max_hvp``, ``dtype``, ``generator`` passed on).
 
@@ -120,7 +122,8 @@ def hessian_directions(model: nn.Module, data: Data, k: int = 2, *, loss_fn: Opt
         loss_fn = TASK_LOSSES[found.kind]
     with data_pass():  # the set read with the seed every pass of this package uses
         result = hessian_eigs(model, loss_fn, measure.data, k, which=which, tol=tol, max_hvp=max_hvp,
-                              return_eigenvectors=True, generator=generator, dtype=dtype, batch_format=batch_format)
+                              return_eigenvectors=True, generator=generator, dtype=dtype, batch_format=batch_format,
+                              mode="eval")
     params = dict(_trainable(model))
     directions = []
     for i in range(k):
