@@ -8,11 +8,12 @@ predicted from its number of steps and the measured time of one training step
 (:class:`TrainingLength`); :func:`choose_size` then halves a monitor's default size until
 its forced snapshots fit its share of the budget (:func:`forced_allowance`), down to a floor
 below which the quantity would mean little. When even the floor is predicted over the
-share, the monitor's lighter settings of the work it does per example (fewer few-shot
-episodes, fewer k-means restarts, a looser Lanczos tolerance: :class:`LighterWork`) are
-tried in turn at the floor; when none fits, the lightest is used and a warning gives the
-budget that would fit it (the first and last snapshots anchor every curve: the training
-pays for them however short it is).
+share, the monitor's lighter settings of the work it does per snapshot (fewer few-shot
+episodes, fewer k-means restarts: :class:`LighterWork`) are tried in turn at the floor;
+when none fits, the lightest is used and a warning gives the budget that would fit it
+(the first and last snapshots anchor every curve: the training pays for them however
+short it is), unless those two snapshots would take longer than the training itself:
+then the monitor is refused for that fit (the callbacks' ``BudgetError``).
 Sizes the user gave are never changed. Clocks are injectable for tests.
 """
 from __future__ import annotations
