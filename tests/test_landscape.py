@@ -436,3 +436,37 @@ def test_hessian_directions_use_the_running_statistics_the_slices_measure():
     _, result = hessian_directions(model, data, k=1, tol=1e-8)
     assert float(result.eigenvalues[0]) == pytest.approx(top, rel=1e-6)
     assert model.training is False and model[1].running_mean[1].item() == -1.0
+
+
+def test_linearized_nested_outputs_are_linearised_leaf_by_leaf():
+    """A dict of a tuple and a list: each leaf equals the float64 explicit-Jacobian model."""
+    from collections import namedtuple
+
+    from torch.nn.utils import parameters_to_vector as p2v
+
+    from lightning_ntk.landscape import Linearized
+    Pair = namedtuple("Pair", "logits doubled")
+
+    class Nested(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _small_net()
+
+        def forward(self, x):
+            out = self.net(x)
+            return {"pair": Pair(out, 2 * out), "list": [out[:, :1]]}
+
+    model = Nested()
+    x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    theta0 = p2v(model.parameters()).detach().clone()
+    lin = Linearized(model)
+    delta = 0.3 * torch.randn(theta0.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(theta0 + delta, model.parameters())
+    f0, jac = _explicit_jacobian(model.net, theta0, x)
+    expected = (f0 + jac @ delta).reshape(5, 2)
+    out = lin(x)
+    assert isinstance(out["pair"], Pair) and isinstance(out["list"], list)
+    torch.testing.assert_close(out["pair"].logits, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out["pair"].doubled, 2 * expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out["list"][0], expected[:, :1], rtol=1e-10, atol=1e-12)

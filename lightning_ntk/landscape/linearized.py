@@ -29,7 +29,6 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 
 
 class _Frozen(nn.Module):
@@ -108,7 +107,23 @@ class Linearized(nn.Module):
 
         with _batchnorm_eval(self.module):
             out0, dout = torch.func.jvp(f, theta0, tangents)
-        return tree_map(lambda a, b: a + b, out0, dout) if not isinstance(out0, torch.Tensor) else out0 + dout
+        return _add_outputs(out0, dout)
+
+
+def _add_outputs(out0: Any, dout: Any) -> Any:
+    """``out0 + dout`` leaf by leaf through tuples (named ones too), lists and dicts (the
+    output nestings :class:`Linearized` documents; torch's pytree helpers are private)."""
+    if isinstance(out0, torch.Tensor):
+        return out0 + dout
+    if isinstance(out0, dict):
+        added = {key: _add_outputs(value, dout[key]) for key, value in out0.items()}
+        return added if type(out0) is dict else type(out0)(added)
+    if isinstance(out0, tuple) and hasattr(out0, "_fields"):
+        return type(out0)(*(_add_outputs(a, b) for a, b in zip(out0, dout)))
+    if isinstance(out0, (tuple, list)):
+        return type(out0)(_add_outputs(a, b) for a, b in zip(out0, dout))
+    raise TypeError(f"Linearized: the module returned a {type(out0).__name__} among its outputs; outputs must be "
+                    "tensors or tuples, lists and dicts of them (wrap the module to return those)")
 
 
 def _network_attribute(module: nn.Module) -> str:
