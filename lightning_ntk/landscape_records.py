@@ -24,7 +24,6 @@ from typing import Any, Dict, List, Mapping, Sequence
 import numpy as np
 
 from .store import Field, RunStore, StoreError, open_run
-from .store._recover import remove_lock, writing_path
 
 GROUP = "landscape"
 PAIRS = "landscape/spawn_pairs"
@@ -168,19 +167,7 @@ def write_landscape(path: "os.PathLike[str] | str", tables: Sequence[LandscapeRo
                 table.extend(columns)
         store.flush()
     except BaseException:
-        _abandon(store)
+        store.abandon()  # the run file stays as it was
         raise
     store.release(_OWNER)
 
-
-def _abandon(store: RunStore) -> None:
-    """Close the rebuilt copy without putting it in place: the run file stays as it was."""
-    with RunStore._registry_lock:
-        RunStore._registry.pop(store.path, None)
-    try:
-        store.file.close()
-    finally:
-        tmp = writing_path(store.path)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        remove_lock(store.path)

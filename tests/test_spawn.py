@@ -543,3 +543,37 @@ def test_report_draws_the_landscape_tables(tmp_path):
     page = open(write_report(run, tmp_path / "report", progress=False, strict=True)).read()
     for anchor in ("spawn-barrier", "spawn-kernel", "spawn-paths", "linearized", "slices"):
         assert f'id="{anchor}"' in page
+
+
+def test_a_failed_landscape_write_leaves_the_run_file_as_it_was(tmp_path, monkeypatch):
+    from lightning_ntk.landscape_records import LandscapeRows, linearized_fields, write_landscape
+    from lightning_ntk.store import Field
+    from lightning_ntk.store._writer import Table
+
+    path = str(tmp_path / "run.h5")
+    store = RunStore.acquire(path, owner="m")
+    table = store.declare_table("ntk", [Field("step", (), "int64"), Field("trace")])
+    store.start_swmr()
+    table.append(step=0, trace=1.0)
+    store.release("m")
+    with open(path, "rb") as handle:
+        before = handle.read()
+    rows = LandscapeRows(LINEARIZED, linearized_fields(), {
+        "step": [0], "epoch": [0.0], "trained_to": [5], "seed": [0], "linear_error": [0.1], "linear_loss": [0.2],
+        "real_error": [0.1], "real_loss": [0.2], "parent_error": [0.9], "parent_loss": [2.3]},
+        key="step", row_dim="step", settings={"eval_set": "validation", "task": "multiclass"})
+
+    def full_disk(self, columns):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Table, "extend", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        write_landscape(path, [rows])
+    with open(path, "rb") as handle:
+        assert handle.read() == before
+    assert not os.path.exists(path + ".writing") and not os.path.exists(path + ".lock")
+    assert not RunStore.is_open(path)
+    monkeypatch.undo()
+    write_landscape(path, [rows])  # the file is free again
+    with open_run(path) as run:
+        assert run[LINEARIZED]["linear_error"].tolist() == [0.1]

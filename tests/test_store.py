@@ -370,3 +370,28 @@ def test_writer_thread_memory_is_bounded(run_path, monkeypatch):
     store.release("m")
     with open_run(run_path) as run:
         np.testing.assert_array_equal(run["ntk"]["step"], [0, 1])
+
+
+def test_abandon_leaves_the_file_as_it_was(run_path):
+    store, _ = _write(run_path)
+    store.release("m")
+    with open(run_path, "rb") as handle:
+        before = handle.read()
+    store = RunStore.acquire(run_path, owner="rewrite", resume=True)
+    store.declare_table("extra", [Field("step", (), "int64"), Field("value")])
+    store.file.attrs["note"] = "half-way"
+    store.abandon()
+    with open(run_path, "rb") as handle:
+        assert handle.read() == before  # byte for byte
+    assert not os.path.exists(run_path + ".writing") and not os.path.exists(run_path + ".lock")
+    assert not RunStore.is_open(run_path) and store.closed
+    again = RunStore.acquire(run_path, owner="rewrite", resume=True)  # free to be opened again
+    assert "extra" not in again.file
+    again.release("rewrite")
+
+
+def test_abandon_is_refused_once_the_file_is_in_place(run_path):
+    store, _ = _write(run_path)  # in SWMR: the new file already replaced the path
+    with pytest.raises(StoreError, match="cannot be abandoned"):
+        store.abandon()
+    store.release("m")

@@ -453,6 +453,29 @@ class RunStore:
             self._registry.pop(self.path, None)
         self.close()
 
+    def abandon(self) -> None:
+        """Close without putting the file being written in place (for a post-hoc rewrite that
+        failed half-way): the copy at ``<path>.writing`` is deleted, ``path`` stays as it was,
+        and every owner's share is dropped. Refused once the new file is in place (SWMR)."""
+        if self._published:
+            raise StoreError(f"run file {self.path} is already in place (its training started); it cannot be "
+                             "abandoned, only closed")
+        with self._registry_lock:
+            self._owners.clear()
+            if self._registry.get(self.path) is self:
+                del self._registry[self.path]
+        background, self._background = self._background, None
+        if background is not None:
+            background.stop()
+        try:
+            if self.file.id.valid:
+                self.file.close()
+        finally:
+            tmp = writing_path(self.path)
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            remove_lock(self.path)
+
     def close(self) -> None:
         """Flush and close. After a write error, closing still releases the file (and the
         error is logged, not raised again)."""
