@@ -37,6 +37,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .store._recover import fsync_directory
+
 #: The checkpoint entry holding what spawning needs besides Lightning's own state.
 PARENT_KEY = "lightning_ntk_parent"
 PARENT_FORMAT = 1
@@ -117,7 +119,7 @@ def write_atomic(path: PathLike, obj: Any, *, fsync: bool = True) -> int:
         if os.path.exists(tmp):
             os.remove(tmp)
     if fsync:
-        _fsync_dir(folder)
+        fsync_directory(path)  # the rename made durable
     return len(data)
 
 
@@ -126,19 +128,6 @@ def serialize(obj: Any) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
-
-
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platform-specific
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def state_files(directory: PathLike) -> Dict[int, str]:
