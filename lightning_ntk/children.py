@@ -8,7 +8,8 @@ per pair (i < j):
   statistics re-estimated at each point);
 * weight distance ‖θ_i − θ_j‖₂ over the trainable parameters;
 * disagreement: the fraction of probe examples whose predicted class differs (argmax; the
-  sign of the logit for binary tasks; per kept token for sequences);
+  sign of the logit for binary tasks; per position for sequences: the probe holds inputs only, so
+  every position counts, padding included);
 * kernel distance S(K_i, K_j) = 1 − ⟨K_i, K_j⟩_F / (‖K_i‖_F ‖K_j‖_F) of the eNTKs on the probe
   (Fort et al. 2020);
 
