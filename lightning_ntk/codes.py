@@ -423,20 +423,20 @@ def knn_accuracy(train_codes: Any, y_train: Any, test_codes: Any, y_test: Any, k
     Hamming distances come from packed bits by blocks of float32 products (exact), in chunks
     of test rows.
     """
-    ptr, n_train = _packed(train_codes)
-    pte, n_test = _packed(test_codes)
+    ptr, units = _packed(train_codes)
+    pte, units_test = _packed(test_codes)
     ytr = _labels(y_train, "y_train", ptr.shape[0])
     yte = _labels(y_test, "y_test", pte.shape[0])
     k = integer(int(k), "k", "knn_accuracy", minimum=1, maximum=ptr.shape[0],
                 hint="at most the number of training codes")
-    if n_test != n_train:
-        raise ValueError(f"train and test codes have different lengths: {n_train} and {n_test} units")
+    if units_test != units:
+        raise ValueError(f"train and test codes have different lengths: {units} and {units_test} units")
     classes, ytr_i = np.unique(ytr, return_inverse=True)
     pred = np.empty(pte.shape[0], dtype=np.int64)
     rows = max(1, _KNN_CHUNK_BYTES // max(1, 8 * ptr.shape[0]))  # distances of one chunk of test rows
     for s in range(0, pte.shape[0], rows):
         # scikit-learn's metric="hamming" gives the fraction of differing bits in float64
-        d = _hamming_packed(pte[s:s + rows], ptr, n_train, _KNN_CHUNK_BYTES) / max(n_train, 1)
+        d = _hamming_packed(pte[s:s + rows], ptr, units, _KNN_CHUNK_BYTES) / max(units, 1)
         nearest = np.argpartition(d, k - 1, axis=1)[:, :k]  # sklearn's _kneighbors_reduce_func
         votes = np.zeros((d.shape[0], classes.shape[0]), dtype=np.int64)
         np.add.at(votes, (np.repeat(np.arange(d.shape[0]), k), ytr_i[nearest].reshape(-1)), 1)
