@@ -147,18 +147,21 @@ def slot_cost(spec: "SlotSpec", kind: str, K: int, n1: int, n2: int, symmetric: 
     return min(c * EFFICIENCY[m] for m, c in opts.items())
 
 
-def flop_floor(plan: "Plan", kind: str, n1: int, n2: Optional[int] = None) -> Dict[str, float]:
+def flop_floor(plan: "Plan", kind: str, n1: int, n2: Optional[int] = None, K: Optional[int] = None) -> Dict[str, float]:
     """FLOPs (2 per multiply-add) of the cheapest exact structured computation.
 
     Forward pass of every example, one backward pass per output direction through the
     layers whose input needs a gradient (``K`` directions: C, or 1 for ``pseudo``), and for
     every slot the cheapest contraction order above (no efficiency factors). Only meaningful
-    when every parameter is covered by a rule (``plan.fallback`` empty).
+    when every parameter is covered by a rule (``plan.fallback`` empty). ``K`` overrides
+    the number of directions (e.g. m projections of a sketch, whose diagonal kernel is
+    taken on the model's outputs times S^T).
     Returns ``{"forward", "backward", "contraction", "total"}``.
     """
     symmetric = n2 is None
     n2_ = n1 if n2 is None else n2
-    K = 1 if kind == "pseudo" else plan.C
+    if K is None:
+        K = 1 if kind == "pseudo" else plan.C
     examples = n1 + (0 if symmetric else n2_)
     forward = examples * plan.macs_per_example
     backward = examples * K * plan.bwd_macs_per_example

@@ -49,8 +49,8 @@ class JacobianSource:
         (about two forward passes), then the Gram of the per-example Jacobians."""
         fwd = float(max(self.forward_macs, self.numel))
         if self.kind == "full":
-            return WorkModel(fwd, 2 * fwd, self.K * self.K * self.numel, 0.0)
-        return WorkModel(fwd, 2 * fwd, 0.0, float(self.numel))
+            return WorkModel(fwd, 2 * fwd, self.K * self.K * self.numel, 0.0, len(self.slots))
+        return WorkModel(fwd, 2 * fwd, 0.0, float(self.numel), len(self.slots))
 
     def feature_bytes(self, kd: int) -> int:
         return kd * self.numel * self.itemsize

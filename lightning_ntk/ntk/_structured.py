@@ -51,7 +51,7 @@ class StructuredSource:
             per_direction += sp.per_direction
             per_pair += sp.per_pair
             per_pair_direction += sp.per_pair_direction
-        return WorkModel(self.plan.macs_per_example, per_direction, per_pair, per_pair_direction)
+        return WorkModel(self.plan.macs_per_example, per_direction, per_pair, per_pair_direction, len(self.slots))
 
     def feature_bytes(self, kd: int) -> int:
         """Bytes of one example's features for ``kd`` output directions."""

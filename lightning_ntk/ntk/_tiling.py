@@ -42,6 +42,7 @@ class WorkModel:
     per_direction: float
     per_pair: float
     per_pair_direction: float
+    slots: int = 1  # contraction calls per block pair
 
 
 class Source(Protocol):
@@ -89,6 +90,9 @@ MAX_BLOCK = 256
 #: about 1 / (1 + ROW_OVERHEAD / r) of the GEMM rate
 PASS_OVERHEAD = 8
 ROW_OVERHEAD = 32
+#: fixed cost of one contraction call (one slot, one block pair) in multiply-adds: Python and
+#: dispatch overhead, which decides for small models
+CALL_OVERHEAD = 1e6
 
 
 def _chunk_sizes(K: int) -> List[int]:
@@ -123,7 +127,8 @@ def tiling_cost(
         pairs = float(n1 * n2)
     rows = sub * (kd if kind == "full" else 1)
     contraction = pairs * (chunks * w.per_pair + K * w.per_pair_direction) * (1 + ROW_OVERHEAD / rows)
-    return passes + contraction
+    calls = chunks * w.slots * pairs / (sub * sub)
+    return passes + contraction + calls * CALL_OVERHEAD
 
 
 def plan_tiling(
