@@ -833,10 +833,10 @@ def main() -> None:
     t0 = time.perf_counter()
     if "sweep" in sections:
         sweep(QUICK_CASES if args.quick else CNN_CASES + MLP_CASES, KINDS, args.stop, args.device, args.quick)
-    if "choices" in sections:
-        choices(args.device)
     if "resnet" in sections:
         resnet(args.device)
+    if "choices" in sections:
+        choices(args.device)
     if "memory" in sections:
         memory()
     print(f"# total {time.perf_counter() - t0:.0f} s", flush=True)

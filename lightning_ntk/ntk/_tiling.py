@@ -120,6 +120,8 @@ def tiling_cost(
     else:
         computed = n1 + nb1 * n2
     passes = computed * (chunks * w.forward + K * w.per_direction) * (1 + PASS_OVERHEAD / block)
+    # fixed cost of each forward and backward call (hooks, autograd dispatch)
+    passes += chunks * (computed / block) * (1 + kd) * 5 * CALL_OVERHEAD
     if symmetric:
         ns = -(-n1 // sub)  # contraction blocks along one side
         pairs = n1 * n1 * (ns + 1) / (2 * ns)
