@@ -16,9 +16,9 @@ safe to call in the middle of training:
 * the model's parameters are never written (a functional copy is used, via
   ``torch.func.functional_call``), so they are bit-identical afterwards;
 * ``.grad`` is never touched (``torch.autograd.grad`` / ``torch.func``, no ``.backward``);
-* by default (``mode="train"``, Cohen et al.'s HVPs in training mode) BatchNorm and
-  InstanceNorm layers normalise with the batch's statistics and every other module is in
-  eval mode (dropout off); ``mode="eval"`` puts every module in eval mode. Each module's
+* by default (``mode="train"``, Cohen et al.'s HVPs in training mode) BatchNorm layers
+  normalise with the batch's statistics and every other module is in eval mode (dropout
+  off; an InstanceNorm that tracks running statistics uses them); ``mode="eval"`` puts every module in eval mode. Each module's
   own train/eval flag is restored afterwards (PyHessian calls ``model.eval()`` and leaves
   it there); buffers are passed as copies, so running statistics never change;
 * the global RNG is forked around the computation, and random start vectors come from a
