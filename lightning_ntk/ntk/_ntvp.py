@@ -82,7 +82,8 @@ def ntvp_kernel(
             cot = torch.zeros(T, C, dtype=fm.dtype, device=device)
             cot[torch.arange(T, device=device), k_idx] = 1.0
         tangents = column_vectors(xs2[m_idx], cot)
-        row_end = int(m_idx.max()) + 1 if symmetric else x1.shape[0]
+        # the last column example of this chunk, from the indices' layout (no device sync)
+        row_end = (start + T - 1) // K + 1 if symmetric else x1.shape[0]
         for a in range(0, row_end, rows):
             b = min(a + rows, row_end)
             xr = x1[a:b]
