@@ -254,6 +254,12 @@ P12 = dict(probe=Probe(size=12), schedule=3, budget=False)
 PROBE30 = dict(probe=Probe(size=30), heldout=None, schedule=3, budget=False)
 
 REFUSALS = {
+    # ---- sharpness in train mode: batch statistics need two examples per chunk
+    "sharpness train-mode BatchNorm on one example": Refusal(
+        lambda p: callbacks.SharpnessMonitor(p, sharpness_set=1, schedule=3, budget=False),
+        lambda: (classifier(batchnorm=True), loader(blob_data())), "SharpnessMonitor",
+        r"mode='train' normalises the BatchNorm layers.*a chunk here holds 1 example",
+        r"sharpness_set= of at least 2 examples.*or mode='eval'"),
     # ---- the task: what outputs and targets mean
     "forgetting regression without tolerance": Refusal(
         lambda p: callbacks.ForgettingMonitor(p), regression, "ForgettingMonitor",

@@ -31,6 +31,10 @@ from ._base import Monitor
 from ._sizing import probe_head, timing_sizes
 from ._step_loss import StepLossError, TrainingStepLoss, check_step_loss, silenced_logging, step_loss_of
 
+#: BatchNorm layers (public classes; train mode normalises them with batch statistics).
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LazyBatchNorm1d,
+                nn.LazyBatchNorm2d, nn.LazyBatchNorm3d)
+
 #: ``sharpness_set="auto"``: the first this many training examples, fewer when the budget needs.
 DEFAULT_SHARPNESS_SET = 1024
 
@@ -173,6 +177,15 @@ class SharpnessMonitor(Monitor):
             check_step_loss(pl_module, type(self).__name__)
         elif probe is not None:  # the user's loss gets the predictions of a dict or .logits output
             self.sample_outputs(pl_module, probe.x[:1].to(module_device(pl_module)))
+        if self.mode == "train" and probe is not None and any(isinstance(m, _BATCH_NORMS) for m in pl_module.modules()):
+            share = self._dist.shard(len(probe))
+            if share.stop - share.start < 2 or self.batch_size < 2:
+                raise ValueError(
+                    f"{type(self).__name__}: mode='train' normalises the BatchNorm layers with each chunk's batch "
+                    f"statistics, and a chunk here holds {min(share.stop - share.start, self.batch_size)} example "
+                    "(this process's share of the sharpness set, at most batch_size): batch statistics of one example "
+                    "are undefined. Pass a sharpness_set= of at least 2 examples per process and batch_size >= 2, "
+                    "or mode='eval' (running statistics)")
         n_params = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
         self._k_eff = min(self.k, n_params)
         k = self._k_eff
