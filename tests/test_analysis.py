@@ -57,7 +57,7 @@ LAYERS = ["features.0", "features.2", "head.1"]
 
 
 # ---------------------------------------------------------------------------------------------------------- files
-EVERY_GROUP = ("probe_metrics", "ntk", "sharpness", "forgetting", "codes", "representations", "landscape")
+EVERY_GROUP = ("probe_metrics", "ntk", "sharpness", "forgetting", "codes", "representations", "landscape", "analytic")
 
 
 def write_full_run(path, seed=0, groups=EVERY_GROUP,
@@ -188,7 +188,20 @@ def write_full_run(path, seed=0, groups=EVERY_GROUP,
         store.release("synthetic")
     if "landscape" in groups:  # written after training, as spawn_children does
         write_synthetic_landscape(path, rng)
+    if "analytic" in groups:  # recorded after training, as record_analytic_kernels does
+        write_synthetic_analytic(path, rng)
     return path
+
+
+def write_synthetic_analytic(path, rng):
+    """/analytic/train: the analytic kernels of a small MLP on random probe inputs (the file stores no x)."""
+    import torch
+    from torch import nn
+
+    from lightning_ntk import record_analytic_kernels
+
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, C))
+    record_analytic_kernels(path, net, x=torch.as_tensor(rng.normal(size=(N, 4))), weight_var=1.0, bias_var=0.1)
 
 
 def write_synthetic_landscape(path, rng, spawn_steps=(0, 5, 20), points=5, children=3):

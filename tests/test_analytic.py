@@ -4,6 +4,7 @@ our eNTK over random initialisations."""
 from __future__ import annotations
 
 import math
+import os
 
 import h5py
 import numpy as np
@@ -420,9 +421,11 @@ def test_record_analytic_kernels_into_a_closed_run_file(tmp_path):
         attrs = view.attrs
         assert attrs["parameterization"] == "standard" and attrs["probe"] == "train"
         assert attrs["layers"][1]["fan_in"] == 64 and attrs["inputs"] == "/probe/train/x"
+        assert run.history[-1]["event"] == "analytic" and run.history[-1]["groups"] == ["analytic/train"]
         assert len(run["ntk"]) == 3  # the training's tables are intact
         np.testing.assert_array_equal(run["ntk"]["kernel"][0], kernels[0])
     assert check_run(path).ok
+    assert not os.path.exists(path + ".writing") and not os.path.exists(path + ".lock")
     torch.testing.assert_close(out.ntk, expected.ntk, rtol=0, atol=0)
     with pytest.raises(FileExistsError, match="overwrite=True"):
         record_analytic_kernels(path, init)

@@ -9,6 +9,7 @@ nothing else in the package imports this module.
 from .export import FORMATS as EXPORT_FORMATS
 from .export import ExportError, ExportWarning, export_run
 from .kernel_dynamics import EigenspaceTracking, KernelDynamics, eigenspace_tracking, kernel_dynamics
+from .plots_analytic import plot_distance_to_analytic, plot_scale_to_analytic
 from .plots_codes import plot_code_accuracy, plot_code_change, plot_code_redundancy
 from .plots_forgetting import plot_cartography, plot_forgetting_histogram
 from .plots_landscape import (
@@ -49,4 +50,5 @@ __all__ = [
     "plot_representation_accuracy", "plot_series", "plot_sharpness", "smoothed_density", "watch", "write_report",
     "plot_linearized_accuracy", "plot_loss_slices", "plot_spawn_barrier", "plot_spawn_disagreement",
     "plot_spawn_kernel_distance", "plot_spawn_loss_barrier", "plot_spawn_paths",
+    "plot_distance_to_analytic", "plot_scale_to_analytic",
 ]

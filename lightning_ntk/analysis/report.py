@@ -25,6 +25,7 @@ from typing import IO, Any, Callable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ._runs import RunsLike, _as_list, opened, run_labels, table
+from .plots_analytic import plot_distance_to_analytic, plot_scale_to_analytic
 from .plots_codes import plot_code_accuracy, plot_code_change, plot_code_redundancy
 from .plots_forgetting import plot_cartography, plot_forgetting_histogram
 from .plots_landscape import (
@@ -87,6 +88,10 @@ SECTIONS: Tuple[Section, ...] = (
     Section("NTK eigenfunctions on the probe", "ntk-eigenfunctions", (plot_eigenfunctions, plot_kernel_matrix),
             "Top eigenvectors of the last snapshot over the probe examples, sorted by label, and the kernel "
             "itself when the file stores it.", per_run=True),
+    Section("Finite vs infinite width", "analytic", (plot_distance_to_analytic, plot_scale_to_analytic),
+            "The eNTK snapshots against the analytic NTK of the architecture at infinite width, recorded after "
+            "training by lightning_ntk.record_analytic_kernels (Lee et al. 2020): kernel distance S to it (solid) "
+            "and to the first snapshot (dashed), and the trace ratio tr K_t / tr Θ."),
     Section("Sharpness and the edge of stability", "sharpness", (plot_sharpness,),
             "Top Hessian eigenvalue(s) of the training loss on a fixed set (Cohen et al. 2021) and the threshold "
             "2/η ((2 + 2β)/η with momentum β)."),

@@ -2,8 +2,9 @@
 
 The run file is written under SWMR during training, when no new object may be created; the
 analytic kernels are therefore added after the run is closed, the way the store resumes a
-file: the file is copied into ``<file>.writing``, the group is added there, and the copy
-atomically replaces the file (a crash leaves the previous file intact).
+file (``RunStore.acquire(resume=True)``): the file is copied into ``<file>.writing``, the
+group is added there, and the copy atomically replaces the file when the store closes (a
+crash leaves the previous file intact). The root ``history`` records the event.
 """
 from __future__ import annotations
 
@@ -12,15 +13,13 @@ import json
 import os
 from typing import Optional, Union
 
-import h5py
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .._version import __version__
-from ..store import RunStore, StoreError, chunk_shape, open_run
-from ..store._recover import fsync_directory, live_writer, rebuild, writing_path
-from ..store._writer import LIBVER
+from ..store import RunStore, StoreError, open_run
+from ..store._recover import live_writer, remove_lock, writing_path
 from ._convert import VarianceArg
 from ._kernels import AnalyticKernels, analytic_kernels
 
@@ -36,7 +35,7 @@ def record_analytic_kernels(
     path: "os.PathLike[str] | str",
     module: nn.Module,
     *,
-    probe: str = "train",
+    probe: Optional[str] = None,
     x: Optional[Tensor] = None,
     parameterization: str = "standard",
     weight_var: VarianceArg = None,
@@ -46,6 +45,8 @@ def record_analytic_kernels(
 ) -> AnalyticKernels:
     """Compute :func:`analytic_kernels` of ``module`` on the probe ``probe`` of the run file at
     ``path`` and store them as ``/analytic/<probe>/`` (``nngp``, ``ntk``; see docs/format.md).
+    ``probe=None``: the probe of the ``/ntk`` table (its ``probe`` attribute), else the file's
+    only probe.
 
     Call it after training (the run file must be closed: a file still open for writing, by
     this process or a live one, is refused). ``module``: the network at initialisation (its
@@ -66,6 +67,8 @@ def record_analytic_kernels(
         raise StoreError(f"{_OWNER}: {real} is being written by process {pid}; record the analytic kernels after "
                          "that training ends")
     with open_run(real) as run:
+        if probe is None:
+            probe = _default_probe(run, real)
         if probe not in run.probes:
             raise KeyError(f"{_OWNER}: {real} has no probe {probe!r}; probes: {run.probes}")
         stored = run.probe(probe)
@@ -107,33 +110,47 @@ def record_analytic_kernels(
     return kernels
 
 
+def _default_probe(run, real: str) -> str:
+    if "ntk" in run and run["ntk"].attrs.get("probe"):
+        return str(run["ntk"].attrs["probe"])
+    if len(run.probes) == 1:
+        return run.probes[0]
+    raise ValueError(f"{_OWNER}: {real} has no /ntk table naming its probe and {len(run.probes)} probes "
+                     f"{run.probes}; pass probe= one of them")
+
+
 def _write(real: str, probe: str, index: np.ndarray, kernels: AnalyticKernels, attrs: dict) -> None:
-    tmp = writing_path(real)
-    if os.path.exists(tmp):
-        os.remove(tmp)
+    """Rebuild the file with ``/analytic/<probe>`` added, as the store resumes a file: the
+    copy replaces the file when the store closes; on an error the copy is dropped."""
+    group = f"{GROUP}/{probe}"
+    store = RunStore.acquire(real, owner=_OWNER, resume=True)
     try:
-        rebuild(real, tmp)
-        with h5py.File(tmp, "r+", libver=LIBVER) as f:
-            parent = f.require_group(GROUP)
-            if probe in parent:
-                del parent[probe]
-            grp = parent.create_group(probe)
-            for dim in ("probe_i", "probe_j"):
-                grp.create_dataset(dim, data=index).make_scale(dim)
-            n = index.shape[0]
-            for name in ("nngp", "ntk"):
-                data = getattr(kernels, name).numpy()
-                ds = grp.create_dataset(name, data=data, chunks=(min(chunk_shape((n,), 8)[0], n), n),
-                                        compression="gzip", compression_opts=1, shuffle=True)
-                ds.dims[0].attach_scale(grp["probe_i"])
-                ds.dims[1].attach_scale(grp["probe_j"])
-            for key, value in attrs.items():
-                grp.attrs[key] = value
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, real)
-        fsync_directory(real)
+        history = json.loads(store.file.attrs.get("history", "[]"))
+        if history and history[-1].get("event") == "resumed":
+            history[-1] = {**history[-1], "event": "analytic", "groups": [group]}
+            store.file.attrs["history"] = json.dumps(history, sort_keys=True)
+        if group in store.file:
+            del store.file[group]
+        coords = {"probe_i": index, "probe_j": index}
+        for name in ("nngp", "ntk"):
+            store.write_static(group, name, getattr(kernels, name).numpy(), ("probe_i", "probe_j"), coords=coords)
+        for key, value in attrs.items():
+            store.file[group].attrs[key] = value
+        store.flush()
     except BaseException:
+        _abandon(store)
+        raise
+    store.release(_OWNER)
+
+
+def _abandon(store: RunStore) -> None:
+    """Close the rebuilt copy without putting it in place: the run file stays as it was."""
+    with RunStore._registry_lock:
+        RunStore._registry.pop(store.path, None)
+    try:
+        store.file.close()
+    finally:
+        tmp = writing_path(store.path)
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
+        remove_lock(store.path)
