@@ -318,6 +318,11 @@ def test_variances_read_checked_given_and_refused():
         analytic_kernels(model, x, weight_var=1.0, bias_var={"0": 0.1})
     with pytest.raises(ValueError, match="weight_var must be a finite number > 0"):
         analytic_kernels(model, x, weight_var=0.0, bias_var=0.0)
+    # A bare layer is its own root, named "" as in named_modules(): Σ = σ_w² x·x'/d + σ_b², Θ = x·x' + 1.
+    single = analytic_kernels(nn.Linear(4, 2), x, weight_var={"": 2.0}, bias_var={"": 0.1})
+    xd = x.double()
+    torch.testing.assert_close(single.nngp, 2.0 * xd @ xd.T / 4 + 0.1, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(single.ntk, xd @ xd.T + 1, rtol=1e-14, atol=1e-14)
 
 
 @pytest.mark.parametrize("model, match", [

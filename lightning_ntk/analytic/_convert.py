@@ -132,6 +132,8 @@ def _resolve(arg: VarianceArg, name: str, which: str, default: float) -> Tuple[O
                              f"numbers, got {arg!r}")
         return default, "pytorch default (assumed)"
     if isinstance(arg, Mapping):
+        if name == "<root>" and "" in arg:  # named_modules() calls the root ""
+            name = ""
         if name not in arg:
             raise ValueError(f"{_OWNER}: {which} has no entry for layer {name!r}; give one number per layer with "
                              f"weights (names as in module.named_modules()), or one number for all")
