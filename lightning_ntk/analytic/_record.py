@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .._version import __version__
 from ..store import RunStore, StoreError, open_run
-from ..store._recover import live_writer, remove_lock, writing_path
+from ..store._recover import live_writer
 from ._convert import VarianceArg
 from ._kernels import AnalyticKernels, analytic_kernels
 
@@ -138,19 +138,7 @@ def _write(real: str, probe: str, index: np.ndarray, kernels: AnalyticKernels, a
             store.file[group].attrs[key] = value
         store.flush()
     except BaseException:
-        _abandon(store)
+        store.abandon()  # the run file stays as it was
         raise
     store.release(_OWNER)
 
-
-def _abandon(store: RunStore) -> None:
-    """Close the rebuilt copy without putting it in place: the run file stays as it was."""
-    with RunStore._registry_lock:
-        RunStore._registry.pop(store.path, None)
-    try:
-        store.file.close()
-    finally:
-        tmp = writing_path(store.path)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        remove_lock(store.path)
