@@ -9,7 +9,8 @@ predicted from its number of steps and the measured time of one training step
 its forced snapshots fit its share of the budget (:func:`forced_allowance`), down to a floor
 below which the quantity would mean little. When even the floor is predicted over the
 share, the monitor's lighter settings of the work it does per snapshot (fewer few-shot
-episodes, fewer k-means restarts: :class:`LighterWork`) are tried in turn at the floor;
+episodes, fewer k-means restarts, a looser Lanczos tolerance: :class:`LighterWork`) are
+tried in turn at the floor;
 when none fits, the lightest is used and a warning gives the budget that would fit it
 (the first and last snapshots anchor every curve: the training pays for them however
 short it is), unless those two snapshots would take longer than the training itself:

@@ -541,3 +541,36 @@ def test_the_sharpness_cost_model_counts_hessian_vector_products():
         products = 32 + (60 if trace else 0)
         for n in (64, 1024):
             assert cost.predict(n) == pytest.approx(products * (1e-3 + 1e-4 * n))
+
+
+def test_the_sharpness_lighter_work_is_a_looser_tolerance_costed_by_its_own_count():
+    """Fake snapshots: 30 Lanczos products at tol 1e-3, 12 at 1e-2, each 1 ms + 0.1 ms per
+    example: the lighter work tol=1e-2 costs (12 + 2)/(30 + 2) of the default; a tolerance
+    the user gave offers none."""
+    import torch
+
+    from lightning_ntk.callbacks import SharpnessMonitor
+    from lightning_ntk.probe import ProbeSet
+
+    for given in (None, 1e-3):
+        clock = FakeClock()
+        monitor = SharpnessMonitor("unused.h5", budget=Governor(0.05, clock=clock), tol=given)
+
+        def measure(trainer, pl_module, probe, monitor=monitor, clock=clock):
+            n_hvp = monitor.max_hvp or (30 if monitor.tol == 1e-3 else 12)
+            clock.now += (n_hvp + 2) * (1e-3 + 1e-4 * len(probe))
+            return {"n_hvp": n_hvp}, {}
+
+        monitor.measure = measure
+        monitor._governor = Governor(0.05, clock=clock)
+        monitor._probe.drawn = ProbeSet("train", torch.zeros(64, 2), torch.zeros(64, dtype=torch.long),
+                                        torch.arange(64), "train")
+        cost = monitor.cost_model(None, torch.nn.Linear(2, 2), monitor._probe.drawn)
+        lighter = monitor.lighter_work(cost)
+        if given is not None:
+            assert lighter == []
+            continue
+        [option] = lighter
+        assert option.settings == {"tol": 1e-2} and monitor.tol == 1e-3  # offered, not taken
+        for n in (64, 1024):
+            assert option.cost.predict(n) == pytest.approx(14 * (1e-3 + 1e-4 * n))

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from .. import curvature
-from .._hygiene import module_device
+from .._hygiene import measurement_mode, module_device
 from .._losses import LossFn
 from ..probe import Probe, ProbeSet
-from ..sizing import CostModel
+from ..sizing import CostModel, LighterWork
 from ..store import Field
 from ._base import Monitor
 from ._sizing import probe_head, timing_sizes
@@ -34,6 +34,9 @@ from ._step_loss import StepLossError, TrainingStepLoss, check_step_loss, silenc
 #: BatchNorm layers (public classes; train mode normalises them with batch statistics).
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LazyBatchNorm1d,
                 nn.LazyBatchNorm2d, nn.LazyBatchNorm3d)
+
+#: Lanczos residual tolerance by default, and the looser one sizing may take at the floor.
+DEFAULT_TOL, LIGHTER_TOL = 1e-3, 1e-2
 
 #: ``sharpness_set="auto"``: the first this many training examples, fewer when the budget needs.
 DEFAULT_SHARPNESS_SET = 1024
@@ -48,7 +51,10 @@ class SharpnessMonitor(Monitor):
             :mod:`lightning_ntk.sizing`), an int n (the first n training examples; ``None``:
             the whole training set), a :class:`~lightning_ntk.probe.Probe`, a ProbeSet or a
             pair ``(x, y)``.
-        k: top eigenvalues (default 2). tol: Lanczos residual tolerance (relative).
+        k: top eigenvalues (default 2). tol: Lanczos residual tolerance (relative); default
+            (None) 1e-3, or 1e-2 when sizing to the budget needs it at the smallest set (an
+            eigenvalue then lies within 1% of its Ritz value, typically within ~1e-4 for a
+            separated one: residual²/gap; the residuals are stored either way).
         max_hvp: cap on Hessian-vector products per snapshot (default: Lanczos' own).
         trace: also estimate the Hessian trace (Hutch++ with ``trace_queries`` HVPs).
         sam_rho: also record SAM's ρ-sharpness for this radius (None: off).
@@ -77,7 +83,7 @@ class SharpnessMonitor(Monitor):
     default_probe_size = 1024
 
     def __init__(self, path: str, *, sharpness_set: Union[str, int, None, Probe, ProbeSet, Tuple[Any, Any]] = "auto",
-                 k: int = 2, tol: float = 1e-3, max_hvp: Optional[int] = None, trace: bool = False,
+                 k: int = 2, tol: Optional[float] = None, max_hvp: Optional[int] = None, trace: bool = False,
                  trace_queries: int = 60, sam_rho: Optional[float] = None, density: bool = False,
                  density_steps: int = 60, preconditioned: bool = False, loss_fn: Optional[LossFn] = None,
                  dtype: Optional[torch.dtype] = None, mode: str = "train", **kwargs: Any):
@@ -100,6 +106,8 @@ class SharpnessMonitor(Monitor):
         for name, value, low in (("k", k, 1), ("trace_queries", trace_queries, 3), ("density_steps", density_steps, 2)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"SharpnessMonitor: {name} must be an integer >= {low}, got {value!r}")
+        self._tol_given = tol is not None
+        tol = DEFAULT_TOL if tol is None else tol
         if not (isinstance(tol, (int, float)) and 0 < tol < 1):
             raise ValueError(f"SharpnessMonitor: tol must be in (0, 1), got {tol!r}")
         if max_hvp is not None and (isinstance(max_hvp, bool) or not isinstance(max_hvp, int) or max_hvp < 2 * k):
@@ -122,6 +130,7 @@ class SharpnessMonitor(Monitor):
         self.dtype = dtype
         self.mode = mode
         self._eigenvectors: Optional[torch.Tensor] = None
+        self._timing: Optional[Tuple[Any, nn.Module, int, int]] = None  # cost_model's run, for lighter_work
         self._eos_description = ""
         self._k_eff = k
 
@@ -129,6 +138,8 @@ class SharpnessMonitor(Monitor):
     size_floor = 64
     size_name = "sharpness set"
     size_argument = "sharpness_set="
+    per_fit = ("tol",)  # sizing may loosen it for one fit
+    runtime = Monitor.runtime + ("_timing",)  # the fit's trainer and module: never pickled
 
     def default_size(self) -> bool:
         return self._default_set
@@ -158,10 +169,32 @@ class SharpnessMonitor(Monitor):
                 products.append(int(row["n_hvp"]) + 2 + extra)
         finally:
             self._eigenvectors, self.max_hvp = saved, saved_cap
+        self._timing = (trainer, pl_module, products[0], extra)
         # Adam's preconditioned sharpness is NaN before the first step: its Lanczos comes later
         scale = products[0] + (products[0] - 2 - extra if self.preconditioned else 0)
         per_product = CostModel.from_timings(sizes, [t / p for t, p in zip(seconds, products)])
         return CostModel(scale * per_product.fixed, scale * per_product.per_example, 0.0)
+
+    def lighter_work(self, cost: CostModel) -> List[LighterWork]:
+        """A looser Lanczos tolerance (1e-2), when ``tol`` was left to the monitor: its HVP
+        count from one more Lanczos run from scratch on the set's first 16 examples (paid
+        only when the floor does not fit), the cost scaled by the counts."""
+        timing = getattr(self, "_timing", None)
+        if self._tol_given or timing is None or LIGHTER_TOL <= self.tol:
+            return []
+        trainer, pl_module, products, extra = timing
+        head = self._probe.on(pl_module)
+        saved, saved_tol = self._eigenvectors, self.tol
+        try:
+            self._eigenvectors, self.tol = None, LIGHTER_TOL
+            with measurement_mode(pl_module):
+                row, _ = self.measure(trainer, pl_module, probe_head(head, timing_sizes(len(head), 16)[0]))
+        finally:
+            self._eigenvectors, self.tol = saved, saved_tol
+        lighter = int(row["n_hvp"]) + 2 + extra
+        scale = lighter / products
+        return [LighterWork({"tol": LIGHTER_TOL}, CostModel(cost.fixed * scale, cost.per_example * scale,
+                                                             cost.per_pair * scale))]
 
     def config_extra(self) -> Dict[str, Any]:
         default = "the module's training_step loss"
