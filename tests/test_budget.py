@@ -574,3 +574,33 @@ def test_the_sharpness_lighter_work_is_a_looser_tolerance_costed_by_its_own_coun
         assert option.settings == {"tol": 1e-2} and monitor.tol == 1e-3  # offered, not taken
         for n in (64, 1024):
             assert option.cost.predict(n) == pytest.approx(14 * (1e-3 + 1e-4 * n))
+
+
+def test_a_stall_during_the_first_timing_does_not_refuse_a_monitor(L, run_path, one_second_steps):
+    """The first cost timing (two snapshots) runs at 0.5 s per example, as if the machine
+    stalled: its floor's first and last snapshots look like 32 s, longer than the 30 s
+    training. The refusal is confirmed by timing again, now at 0.01 s per example (0.32 s
+    a snapshot): no refusal, the confirmed prediction recorded, first and last taken."""
+    from lightning_ntk.callbacks import ProbeMetricsMonitor
+    from lightning_ntk.store import open_run
+
+    from .models import blob_data, loader, make_module, tiny_net, trainer
+
+    clock = FakeClock()
+    calls = []
+
+    class Stalled(ProbeMetricsMonitor):
+        def measure(self, trainer, pl_module, probe):
+            calls.append(len(probe))
+            clock.now += (0.5 if len(calls) <= 2 else 0.01) * len(probe)
+            return super().measure(trainer, pl_module, probe)
+
+    monitor = Stalled(run_path, schedule=5, budget=Governor(0.05, clock=clock), on_error="raise")
+    t = trainer(L, [monitor], max_epochs=10)
+    t.fit(with_timed_steps(make_module(L, tiny_net()), clock), loader(blob_data(n=48)))
+    assert not monitor.disabled and calls[:4] == [16, 32, 16, 32]
+    assert monitor.sizing["predicted_seconds"] == pytest.approx(0.32)
+    assert monitor.sizing["fits"] and monitor.sizing["training"]["confirmed"]
+    with open_run(run_path) as run:
+        steps = run["probe_metrics"]["step"]
+        assert steps[0] == 0 and steps[-1] == 30

@@ -141,11 +141,14 @@ def _size(monitor: "Monitor", governor: Any, probe: ProbeSet, trainer: Any, pl_m
                   governor.budget)
     if cost is not None:
         monitor.sizing.update(cost_model=cost.to_config(), training=length.to_config())
+    refuse = False
+    if not user_size and cost is not None and not monitor.sizing.get("fits", True):
+        refuse = _outlasts_training(monitor, trainer, pl_module, probe, cost, length, governor)
     if not user_size:
         # every rank draws the same examples: rank 0's decision
-        size, fits, work, per_snapshot, seconds = monitor._session.collectives.broadcast_object(
+        size, fits, work, per_snapshot, seconds, refuse = monitor._session.collectives.broadcast_object(
             (size, monitor.sizing.get("fits", True), monitor.sizing.get("work") or {},
-             monitor.sizing.get("predicted_seconds"), length.seconds))
+             monitor.sizing.get("predicted_seconds"), monitor.sizing.get("training", {}).get("seconds"), refuse))
         size = int(size)
         monitor.sizing["work"] = dict(work)
         monitor.apply_work(dict(work))
@@ -153,7 +156,7 @@ def _size(monitor: "Monitor", governor: Any, probe: ProbeSet, trainer: Any, pl_m
             predicted, seconds = FORCED_SNAPSHOTS * float(per_snapshot), float(seconds)
             needed = predicted / (FORCED_SHARE * seconds / monitor._session.snapshot_monitors())
             smallest = f"its smallest {monitor.size_name} ({size}{''.join(f', {k}={v}' for k, v in work.items())})"
-            if predicted > seconds:  # it would more than double the training: a margin for a low prediction
+            if refuse:
                 monitor.sizing["refused"] = True
                 raise BudgetError(
                     f"{owner}: at {smallest} its first and last snapshots are predicted to take {predicted:.2f} s, "
@@ -173,6 +176,28 @@ def _size(monitor: "Monitor", governor: Any, probe: ProbeSet, trainer: Any, pl_m
                 _log.warning("%s: the probes at %d examples do not serve it (%s); keeping %d", owner, size, exc, n)
                 monitor.resize_probes(trainer, pl_module, n)
                 monitor.sizing.update(size=n, note=f"sized {size} refused by the monitor: {exc}")
+
+
+def _outlasts_training(monitor: "Monitor", trainer: Any, pl_module: Any, probe: ProbeSet, cost: CostModel,
+                       length: TrainingLength, governor: Any) -> bool:
+    """Whether the first and last snapshots sizing chose would take longer than the training
+    itself (it would more than double it: a margin for the training's low prediction),
+    confirmed by timing both once more, so that a stall of the machine during one timing
+    does not switch the monitor off: the smaller snapshot cost and the longer training
+    count. ``monitor.sizing`` keeps the confirmed prediction."""
+    sizing = monitor.sizing
+    predicted = FORCED_SNAPSHOTS * float(sizing["predicted_seconds"])
+    if predicted <= float(length.seconds):
+        return False
+    with measurement_mode(pl_module):
+        fresh = monitor.cost_model(trainer, pl_module, probe)
+    again = training_length(trainer, pl_module, probe, governor.clock)
+    scale = 1.0 if fresh is None else min(1.0, fresh.predict(sizing["size"]) / max(cost.predict(sizing["size"]), 1e-12))
+    seconds = max(float(length.seconds), float(again.seconds or 0.0))
+    per_snapshot = float(sizing["predicted_seconds"]) * scale
+    sizing.update(predicted_seconds=per_snapshot, fits=FORCED_SNAPSHOTS * per_snapshot <= sizing["allowance_seconds"],
+                  training=dict(sizing["training"], seconds=seconds, confirmed=True))
+    return FORCED_SNAPSHOTS * per_snapshot > seconds
 
 
 def linear_cost(measure: Any, probe: ProbeSet, small: int = 8, fixed: float = 0.0, pairs: bool = False,
