@@ -1,7 +1,9 @@
 """Kernel dynamics of the demo CNN on digits: do the seed papers' claims show at this scale?
 
-    .venv/bin/python benchmarks/repro_dynamics.py                 # noisy digits, cross-entropy, 3 seeds, ~8 min
-    .venv/bin/python benchmarks/repro_dynamics.py --loss mse      # squared loss (Kopitkov & Indelman's residual)
+    .venv/bin/python benchmarks/repro_dynamics.py                 # noisy digits, cross-entropy, 3 seeds, ~9 min
+    .venv/bin/python benchmarks/repro_dynamics.py --loss mse --no-krr   # squared loss (Kopitkov & Indelman), ~4 min
+    .venv/bin/python benchmarks/repro_dynamics.py --no-krr --epochs 40  # the late phase (Fort et al.), ~8 min
+    .venv/bin/python benchmarks/repro_dynamics.py --section kernels     # NNGP vs NTK (Lee et al.), ~2 min
     .venv/bin/python benchmarks/repro_dynamics.py --task digits --seeds 0 --epochs 10
 
 Claims checked (the papers' definitions, as in ../shared/DESIGN.md):
@@ -206,7 +208,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--velocity-dt", type=int, default=4, help="steps between a snapshot and its partner")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--section", choices=["all", "dynamics", "kernels"], default="all")
+    parser.add_argument("--section", choices=["all", "dynamics", "kernels"], default="dynamics")
     parser.add_argument("--no-krr", action="store_true",
                         help="no held-out probe: no kernel regression, float32 kernels (cheaper snapshots)")
     args = parser.parse_args()
