@@ -6,7 +6,8 @@ and vs the FLOP floor of the shapes, over widths, probe sizes and kinds.
     .venv/bin/python benchmarks/ntk.py --only sweep choices resnet memory
     .venv/bin/python benchmarks/ntk.py --device cuda # the same on a GPU (sweep and ResNet-18)
 
-Sweep cases (2 CPU threads, float32, x2 = x1, inputs ~ N(0, 1), 10 classes):
+Sweep cases (2 CPU threads, ``--threads`` to change, float32, x2 = x1, inputs ~ N(0, 1),
+10 classes):
 
 * CNN of width w (widening, like the torch.func tutorial's network but strided):
   Conv2d(3, w, 3, padding 1) -> ReLU -> Conv2d(w, 2w, 3, stride 2, padding 1) -> ReLU ->
@@ -26,12 +27,15 @@ Methods:
   the model times S^T, then mean and standard error over the m kernels).
 * func-ntvp: the tutorial's ``empirical_ntk_ntk_vps`` (vjp then jvp, vmapped over output
   basis vectors and all example pairs; the outer vmap given a ``chunk_size`` that bounds its
-  N*N*C*P intermediate near 2 GB). It costs N^2 C passes: it is run where its time,
-  predicted from its measured rate on the smallest case of the same architecture (FLOPs:
-  N^2 C (vjp + jvp)), is under twice the best other anchor's; otherwise "not run".
+  N*N*C*P intermediate near 2 GB).
 * nngeometry 0.4 (if installed): ``GramMatrix(model, loader)`` with the whole probe as one
   batch, ``.to_torch()`` (C, N, C, N); it always computes the full kernel (also for the
   trace and sketch rows, where it is given the projected model).
+
+func-ntvp and nngeometry are run on the smallest case of each architecture (N = 16) and
+elsewhere only where their time, predicted from their FLOP rate measured there (FLOP
+models: ``anchor_flops``), is under twice the time of an anchor already measured in the
+row (func-jac); otherwise the row says "not run" with the prediction.
 
 An anchor whose Jacobians alone would exceed 6 GB is not run; a call is stopped after
 ``--stop`` seconds (default 90; a stop takes effect between operations).
@@ -83,7 +87,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-THREADS = 2
+THREADS = int(os.environ.get("NTK_BENCH_THREADS", "2"))  # set by --threads for the children
 ADDRESS_LIMIT = 14 * 2**30
 JACOBIAN_LIMIT = 6 * 2**30
 PROJECTIONS = 4
@@ -362,6 +366,17 @@ def ntvp_flops(plan, kind: str, n: int) -> float:
     return 2 * n * n * outputs * 4 * max(plan.macs_per_example, sum(plan.numel.values()))
 
 
+def anchor_flops(method: str, model: nn.Module, plan, kind: str, n: int) -> float:
+    """FLOP model of an anchor, to predict its time at other sizes from its measured rate:
+    NTK-vector products as above; nngeometry (full kernel always): per-example Jacobians
+    (forward and C backward passes with weight gradients) and their N^2 C^2 P Gram."""
+    if method == "func-ntvp":
+        return ntvp_flops(plan, kind, n)
+    outputs = PROJECTIONS if kind == "sketch" else C
+    p = sum(q.numel() for q in model.parameters())
+    return 2 * (n * (1 + 2 * outputs) * plan.macs_per_example + n * n * outputs * outputs * p)
+
+
 def jacobian_bytes(model: nn.Module, kind: str, n: int) -> int:
     outputs = PROJECTIONS if kind == "sketch" else C
     return 2 * n * outputs * sum(p.numel() for p in model.parameters()) * 4
@@ -435,13 +450,15 @@ def sweep_child(arch: str, width: int, n: int, kinds, ntvp_rate: dict, stop: flo
                 why = f"not run: its Jacobians need {jacobian_bytes(model, kind, n) / 2**30:.1f} GB"
             if method == "func-ntvp" and quick:
                 why = "not run with --quick (N^2 C passes: the slowest anchor in every full-sweep row)"
-            elif method == "func-ntvp":
-                rate = ntvp_rate.get(arch)
+            elif method == "nngeometry" and quick and arch == "cnn":
+                why = "not run with --quick (on CNNs 10-150x slower than func-jac in the full sweep)"
+            elif method in ("func-ntvp", "nngeometry"):
+                rate = ntvp_rate.get(f"{arch}:{method}:{kind}")
                 best = min([row["first"][m] for m in ok if m != "ours"], default=None)
                 if rate is not None and best is not None:
-                    guess = ntvp_flops(plan, kind, n) / rate
+                    guess = anchor_flops(method, model, plan, kind, n) / rate
                     if guess > 2 * best:
-                        why = f"not run: ~{guess:.0f} s predicted"
+                        why = f"not run: ~{guess:.0f} s predicted from its rate on the smallest {arch} case"
             if why:
                 row["notes"][method] = why
                 continue
@@ -465,8 +482,8 @@ def sweep_child(arch: str, width: int, n: int, kinds, ntvp_rate: dict, stop: flo
             row["err"][method] = float((k.double() - ref).abs().max() / ref.abs().max())
             del k
             ok.append(method)
-            if method == "func-ntvp" and arch not in ntvp_rate:
-                row["ntvp_rate"] = ntvp_flops(plan, kind, n) / dt
+            if method in ("func-ntvp", "nngeometry"):
+                row.setdefault("anchor_rates", {})[f"{arch}:{method}:{kind}"] = anchor_flops(method, model, plan, kind, n) / dt
         round_time = sum(row["first"].values())
         rounds = 5 if round_time < 10 else (3 if round_time < 60 else 1)
         times: dict = {m: [] for m in ok}
@@ -548,8 +565,8 @@ def sweep(cases, kinds, stop: float, device: str, quick: bool = False) -> None:
             if "error" in row:
                 print(f"{arch} w={width} N={n}: failed: {row['error']}", flush=True)
                 continue
-            if "ntvp_rate" in row:
-                ntvp_rate.setdefault(arch, row["ntvp_rate"])
+            for key, rate in row.get("anchor_rates", {}).items():
+                ntvp_rate.setdefault(key, rate)
             print_row(row)
     print(f"# load average at end: {os.getloadavg()[0]:.2f}", flush=True)
 
@@ -820,8 +837,15 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the N=2000 max_memory section")
     parser.add_argument("--stop", type=float, default=90.0, help="seconds after which an anchor's call is stopped")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch threads (1 on a machine loaded by other jobs: see benchmarks/README.md)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global THREADS
+    if not args.child:
+        THREADS = args.threads
+        os.environ["NTK_BENCH_THREADS"] = str(args.threads)
     if args.child:
         child(json.loads(args.child))
         return

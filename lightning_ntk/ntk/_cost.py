@@ -36,9 +36,11 @@ from typing import TYPE_CHECKING, Dict, Optional
 if TYPE_CHECKING:  # pragma: no cover
     from ._plan import Plan, SlotSpec
 
-#: throughput of each contraction relative to a plain GEMM, measured on x86 CPUs (2 threads)
-#: with ``benchmarks/ntk.py --choices``: the patch orders run partly as batched small GEMMs
-#: and entrywise products
+#: cost multiplier of each contraction order relative to per-example gradients (the patch
+#: orders add entrywise products, permuted copies and batched small GEMMs). Conservative:
+#: ``benchmarks/ntk.py --choices`` measured the patch orders at 0.7-1.0 of their modelled
+#: time relative to per_example (CPU, one thread), and the model's choice was the fastest
+#: measured order (or within 1 %) for every layer timed there
 EFFICIENCY = {"per_example": 1.0, "patch": 1.3, "patch_h": 1.5, "vec": 1.0}
 
 
