@@ -451,7 +451,7 @@ def sweep_child(arch: str, width: int, n: int, kinds, ntvp_rate: dict, stop: flo
             if method == "func-ntvp" and quick:
                 why = "not run with --quick (N^2 C passes: the slowest anchor in every full-sweep row)"
             elif method == "nngeometry" and quick and arch == "cnn":
-                why = "not run with --quick (on CNNs 10-150x slower than func-jac in the full sweep)"
+                why = "not run with --quick (on CNNs 3-6x slower than func-jac at N = 16 in the full sweep)"
             elif method in ("func-ntvp", "nngeometry"):
                 rate = ntvp_rate.get(f"{arch}:{method}:{kind}")
                 best = min([row["first"][m] for m in ok if m != "ours"], default=None)
