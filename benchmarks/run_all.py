@@ -1,13 +1,14 @@
 """Every benchmark table of the package, from one command.
 
-    .venv/bin/python benchmarks/run_all.py            # everything (about 30-40 min on 2 CPU cores)
+    .venv/bin/python benchmarks/run_all.py            # everything (over an hour on 2 CPU cores: ntk.py alone ~40 min)
     .venv/bin/python benchmarks/run_all.py --quick    # smaller cases (about 12 min)
     .venv/bin/python benchmarks/run_all.py --only store overhead
 
 Runs, one after the other (each in its own process, so one does not warm or load the next):
 
 1. ``ntk.py``: eNTK vs the torch.func tutorial's Jacobian contraction and NTK-vector
-   products and nngeometry, and the N = 2000 memory-bound run;
+   products and nngeometry over a width/N/kind sweep with the FLOP floor, the ResNet-18
+   trace kernel and the N = 2000 memory-bound run;
 2. ``sharpness.py``: Hessian eigenvalues and trace vs PyHessian and hessian-eigenthings;
 3. ``store.py``: run-store throughput vs plain h5py;
 4. ``overhead.py``: the demo training with each monitor alone and all together, with and
