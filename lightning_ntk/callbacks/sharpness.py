@@ -24,16 +24,13 @@ from torch import nn
 from .. import curvature
 from .._hygiene import measurement_mode, module_device
 from .._losses import LossFn
+from .._modules import BATCH_NORMS
 from ..probe import Probe, ProbeSet
 from ..sizing import CostModel, LighterWork
 from ..store import Field
 from ._base import Monitor
 from ._sizing import probe_head, timing_sizes
 from ._step_loss import StepLossError, TrainingStepLoss, check_step_loss, silenced_logging, step_loss_of
-
-#: BatchNorm layers (public classes; train mode normalises them with batch statistics).
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LazyBatchNorm1d,
-                nn.LazyBatchNorm2d, nn.LazyBatchNorm3d)
 
 #: Lanczos residual tolerance by default, and the looser one sizing may take at the floor.
 DEFAULT_TOL, LIGHTER_TOL = 1e-3, 1e-2
@@ -210,7 +207,7 @@ class SharpnessMonitor(Monitor):
             check_step_loss(pl_module, type(self).__name__)
         elif probe is not None:  # the user's loss gets the predictions of a dict or .logits output
             self.sample_outputs(pl_module, probe.x[:1].to(module_device(pl_module)))
-        if self.mode == "train" and probe is not None and any(isinstance(m, _BATCH_NORMS) for m in pl_module.modules()):
+        if self.mode == "train" and probe is not None and any(isinstance(m, BATCH_NORMS) for m in pl_module.modules()):
             share = self._dist.shard(len(probe))
             if share.stop - share.start < 2 or self.batch_size < 2:
                 raise ValueError(

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .._hygiene import _cuda_devices, measurement_mode
+from .._modules import BATCH_NORMS, DROPOUTS
 
 Tensor = torch.Tensor
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -54,7 +55,7 @@ def _make_generator(generator: GeneratorLike) -> torch.Generator:
 #: ``mode=`` of a LossSet: which modules run in training mode during the measurement.
 MODES = ("train", "eval", "current")
 #: Normalisation layers that switch between batch and running statistics with their mode.
-_BATCH_STATISTICS = nn.modules.batchnorm._BatchNorm
+_BATCH_STATISTICS = BATCH_NORMS
 
 
 def _check_mode(mode: Any) -> str:
@@ -100,7 +101,7 @@ def _hygiene(model: nn.Module, mode: str) -> Iterator[None]:
 def _check_dropout(model: nn.Module, mode: str) -> None:
     if mode != "current":
         return
-    drop = [n for n, m in model.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
+    drop = [n for n, m in model.named_modules() if isinstance(m, DROPOUTS) and m.training]
     if drop:
         raise ValueError(
             f"mode='current' but dropout is active in {drop[:3]}: the loss would be random and its "

@@ -22,14 +22,15 @@ import torch
 from torch import nn
 
 from .._hygiene import measurement_mode, module_device
+from .._modules import BATCH_NORMS
 from ..probe import BatchFormat, batch_to_xy
 from ._evaluate import Data, ForwardFn, as_reiterable, data_pass, forward, to_device
 
 
-def batchnorm_layers(model: nn.Module) -> List[nn.modules.batchnorm._BatchNorm]:
+def batchnorm_layers(model: nn.Module) -> List[nn.Module]:
     """The BatchNorm layers (1d/2d/3d, lazy, synchronised) that keep running statistics."""
     return [m for m in model.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+            if isinstance(m, BATCH_NORMS) and m.track_running_stats]
 
 
 def reestimate_batchnorm(model: nn.Module, data: Data, *, batch_format: BatchFormat = None,

@@ -30,6 +30,8 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 from torch import nn
 
+from .._modules import BATCH_NORMS
+
 
 class _Frozen(nn.Module):
     """Buffers holding θ₀ and the buffers at θ₀ (in the wrapper's state_dict, so a checkpoint
@@ -48,7 +50,7 @@ class _Frozen(nn.Module):
 
 @contextlib.contextmanager
 def _batchnorm_eval(module: nn.Module) -> Iterator[None]:
-    layers = [(m, m.training) for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    layers = [(m, m.training) for m in module.modules() if isinstance(m, BATCH_NORMS)]
     for m, _ in layers:
         m.training = False
     try:

@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .._modules import BATCH_NORMS, DROPOUTS
+
 ParamsArg = Optional[Iterable[Union[str, nn.Parameter]]]
 
 
@@ -94,7 +96,7 @@ def check_modes(model: nn.Module) -> bool:
     per-example Jacobian) and each forward pass would update the running statistics.
     """
     for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, BATCH_NORMS):
             if m.training or m.running_mean is None:
                 why = "is in training mode" if m.training else "has track_running_stats=False"
                 raise ValueError(
@@ -104,7 +106,7 @@ def check_modes(model: nn.Module) -> bool:
                     "for you and restores the mode afterwards)."
                 )
     for name, m in model.named_modules():
-        if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
+        if isinstance(m, DROPOUTS) and m.training and m.p > 0:
             warnings.warn(
                 f"empirical_ntk: dropout module {name!r} is in training mode, so the kernel is random; call "
                 "model.eval() first for the deterministic eNTK",

@@ -24,6 +24,7 @@ from typing import Dict, List, Set, Tuple
 import torch
 from torch import Tensor, nn
 
+from .._modules import CONVOLUTIONS
 from ._model import FunctionalModel, layer_name
 from ._rules import LinearRule, Rule, rule_for
 
@@ -97,7 +98,7 @@ def _dense_macs(m: nn.Module, x: Tensor, y: Tensor) -> float:
     """Multiply-adds of one Linear / Conv / Bilinear call (per batch)."""
     if isinstance(m, nn.Linear):
         return float(y.numel()) * m.in_features
-    if isinstance(m, nn.modules.conv._ConvNd):
+    if isinstance(m, CONVOLUTIONS):
         k = 1
         for s in m.kernel_size:
             k *= s
@@ -190,7 +191,7 @@ def make_plan(fm: FunctionalModel, x1: Tensor, check_independence: bool = True) 
         if any(id(m._parameters.get(r)) in name_of for r in rule.roles if m._parameters.get(r) is not None):
             candidates[m] = rule
 
-    dense = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    dense = [m for m in model.modules() if isinstance(m, (nn.Linear, *CONVOLUTIONS))]
     idx = torch.arange(3, device=x1.device) % x1.shape[0]
     out2, calls2, saved2, macs2 = _traced_forward(fm, x1[idx[:2]], candidates, dense)
     C = out2.shape[1]

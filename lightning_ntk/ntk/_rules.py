@@ -221,7 +221,7 @@ class BatchNormRule(_AffineNormRule):
 
     def applies(self, m):
         return (
-            _forward_is(m, nn.modules.batchnorm._BatchNorm)
+            _forward_is(m, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
             and m.affine
             and not m.training
             and m.running_mean is not None
