@@ -40,6 +40,16 @@ def analytic_ntk(run: Any, group: str = GROUP) -> Optional[np.ndarray]:
     return np.asarray(run[name]["ntk"], dtype=np.float64)
 
 
+def _with_analytic(runs: Sequence[Any], labels: Optional[Sequence[str]], group: str, field: str):
+    """(label, colour, analytic NTK, table view) of each run whose table ``group`` has
+    ``field`` and whose probe has recorded analytic kernels."""
+    for one, tag, color in zip(runs, run_labels(runs, labels), run_colors(len(runs))):
+        theta = analytic_ntk(one, group)
+        view = table(one, group)
+        if theta is not None and field in view:
+            yield tag, color, theta, view
+
+
 def _has(field: str):
     def predicate(run: Any, group: str) -> bool:
         with opened(run) as runs:
@@ -56,13 +66,7 @@ def plot_distance_to_analytic(run: RunsLike, ax: Any = None, *, group: str = GRO
     ax = new_axes(ax)
     drawn = 0
     with opened(run) as runs:
-        tags = run_labels(runs, labels)
-        palette = run_colors(len(runs))
-        for one, tag, color in zip(runs, tags, palette):
-            theta = analytic_ntk(one, group)
-            view = table(one, group)
-            if theta is None or "kernel" not in view:
-                continue
+        for tag, color, theta, view in _with_analytic(runs, labels, group, "kernel"):
             kernels = np.asarray(view["kernel"], dtype=np.float64)
             if kernels.shape[1:] != theta.shape:
                 raise ValueError(f"/{group} kernels have shape {kernels.shape[1:]} but the analytic NTK of its probe "
@@ -94,13 +98,7 @@ def plot_scale_to_analytic(run: RunsLike, ax: Any = None, *, group: str = GROUP,
     ax = new_axes(ax)
     drawn = 0
     with opened(run) as runs:
-        tags = run_labels(runs, labels)
-        palette = run_colors(len(runs))
-        for one, tag, color in zip(runs, tags, palette):
-            theta = analytic_ntk(one, group)
-            view = table(one, group)
-            if theta is None or "trace" not in view:
-                continue
+        for tag, color, theta, view in _with_analytic(runs, labels, group, "trace"):
             xs, xlabel = x_values(view, x)
             (line,) = ax.plot(xs, np.asarray(view["trace"], dtype=np.float64) / np.trace(theta), color=color,
                               marker=".", label=tag)

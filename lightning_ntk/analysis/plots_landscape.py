@@ -83,31 +83,31 @@ def _suffix(sets: List[str]) -> str:
     return f" ({', '.join(named)} set)" if named else ""
 
 
+def _barrier(run: RunsLike, ax: Any, group: str, labels: Optional[Sequence[str]], what: str, title: str) -> Any:
+    """``<what>_barrier`` between children against the spawn step: mean over pairs, band
+    from the smallest to the largest pair, a line at 0."""
+    ax = new_axes(ax)
+    sets = _per_step_lines(run, ax, group, [(f"{what}_barrier", f"{what} barrier", "-")], labels, f"{what} barriers")
+    ax.axhline(0.0, color="0.6", lw=0.8)
+    ax.set_ylabel(f"{what} barrier" + _suffix(sets))
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    return ax
+
+
 @available(has_fields(("error_barrier",)), PAIRS)
 def plot_spawn_barrier(run: RunsLike, ax: Any = None, *, group: str = PAIRS,
                        labels: Optional[Sequence[str]] = None) -> Any:
     """Error barrier between children against the spawn step (Frankle et al. 2020's
     instability): mean over pairs, band from the smallest to the largest pair."""
-    ax = new_axes(ax)
-    sets = _per_step_lines(run, ax, group, [("error_barrier", "error barrier", "-")], labels, "error barriers")
-    ax.axhline(0.0, color="0.6", lw=0.8)
-    ax.set_ylabel("error barrier" + _suffix(sets))
-    ax.set_title("Barrier between children")
-    ax.legend(fontsize="small")
-    return ax
+    return _barrier(run, ax, group, labels, "error", "Barrier between children")
 
 
 @available(has_fields(("loss_barrier",)), PAIRS)
 def plot_spawn_loss_barrier(run: RunsLike, ax: Any = None, *, group: str = PAIRS,
                             labels: Optional[Sequence[str]] = None) -> Any:
     """Loss barrier between children against the spawn step (mean over pairs, band: range)."""
-    ax = new_axes(ax)
-    sets = _per_step_lines(run, ax, group, [("loss_barrier", "loss barrier", "-")], labels, "loss barriers")
-    ax.axhline(0.0, color="0.6", lw=0.8)
-    ax.set_ylabel("loss barrier" + _suffix(sets))
-    ax.set_title("Loss barrier between children")
-    ax.legend(fontsize="small")
-    return ax
+    return _barrier(run, ax, group, labels, "loss", "Loss barrier between children")
 
 
 @available(has_fields(("kernel_distance",)), PAIRS)

@@ -154,23 +154,22 @@ def _variances(name: str, module: nn.Module, weight_var: VarianceArg, bias_var: 
     has_bias = module.bias is not None
     w, w_source = _resolve(weight_var, name, "weight_var", 1.0 / 3.0)
     b, b_source = _resolve(bias_var, name, "bias_var", 1.0 / (3.0 * fan_in)) if has_bias else (None, "no bias")
-    meta = module.weight.is_meta
     problems = []
-    if w is None:
-        if meta:
-            problems.append(f"layer {name!r} ({kind}) is on the meta device, so its initial weights cannot be read")
+
+    def pytorch_default(tensor: Tensor, what: str) -> None:
+        """Check ``tensor`` is at PyTorch's default initialisation (noting what is not)."""
+        if tensor.is_meta:
+            problems.append(f"layer {name!r} ({kind}) is on the meta device, so its initial {what} cannot be read")
         else:
-            found = _check_default_init(name, kind, module.weight, fan_in, "weights")
+            found = _check_default_init(name, kind, tensor, fan_in, what)
             if found:
                 problems.append(found)
+
+    if w is None:
+        pytorch_default(module.weight, "weights")
         w, w_source = 1.0 / 3.0, "pytorch default (checked)"
     if has_bias and b is None:
-        if meta:
-            problems.append(f"layer {name!r} ({kind}) is on the meta device, so its initial biases cannot be read")
-        else:
-            found = _check_default_init(name, kind, module.bias, fan_in, "biases")
-            if found:
-                problems.append(found)
+        pytorch_default(module.bias, "biases")
         b, b_source = 1.0 / (3.0 * fan_in), "pytorch default (checked)"
     if problems:
         raise ValueError(

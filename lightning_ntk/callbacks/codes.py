@@ -354,7 +354,6 @@ class ActivationCodeMonitor(HeldoutProbeMonitor):
         self._kmeans_given = kmeans_n_init is not None
         self.kmeans_n_init = DEFAULT_KMEANS_N_INIT if kmeans_n_init is None else \
             _args.positive_int(kmeans_n_init, "kmeans_n_init", owner)
-        self._kmeans_seconds: List[float] = []  # one k-means restart, timed by the cost model
         self._timed: Optional[Tuple[CostModel, CostModel, Optional[CostModel]]] = None  # (snapshot, forward, restart)
         needs = [m for m in self.measures if m in _SKLEARN_CODE_MEASURES]
         if needs:
@@ -382,14 +381,14 @@ class ActivationCodeMonitor(HeldoutProbeMonitor):
         if not self._classifies or self._sequence is not None:
             return self._forward_cost(pl_module, probe, lambda sub: self._codes(pl_module, sub.x))
         labels, forward_seconds = self.labels("probe", "the classifiers"), []
-        self._kmeans_seconds = []
+        kmeans_seconds: List[float] = []  # one restart per timed snapshot
 
         def snapshot(sub: ProbeSet) -> None:
             started = self.clock()
             codes, y = self._codes(pl_module, sub.x), labels[:len(sub)]
             forward_seconds.append(self.clock() - started)
             half = len(sub) // 2
-            self._classify(codes[:half], y[:half], codes[half:], y[half:], codes, y, timing=True)
+            self._classify(codes[:half], y[:half], codes[half:], y[half:], codes, y, timing=kmeans_seconds)
 
         total = linear_cost(snapshot, self._probe.on(pl_module), small=32, clock=self.clock)
         if total is None:
@@ -397,7 +396,7 @@ class ActivationCodeMonitor(HeldoutProbeMonitor):
         # the held-out probe's forward passes on top of the timed snapshot (classifiers included)
         sizes = timing_sizes(len(probe), 32)
         forward = CostModel.from_timings(sizes, forward_seconds)
-        restart = CostModel.from_timings(sizes, self._kmeans_seconds) if len(self._kmeans_seconds) == 2 else None
+        restart = CostModel.from_timings(sizes, kmeans_seconds) if len(kmeans_seconds) == 2 else None
         self._timed = (total, forward, restart)
         return self._cost_with(self.kmeans_n_init)
 
@@ -418,23 +417,24 @@ class ActivationCodeMonitor(HeldoutProbeMonitor):
                 if n < self.kmeans_n_init]
 
     def _classify(self, fit: Any, y_fit: np.ndarray, evaluate: Any, y_eval: np.ndarray, train: Any,
-                  y_train: np.ndarray, timing: bool = False) -> Dict[str, float]:
+                  y_train: np.ndarray, timing: Optional[List[float]] = None) -> Dict[str, float]:
         """The classifiers' scores: k-NN and logistic regression fitted on ``fit``, scored on
         ``evaluate``; k-means on the training codes. ``timing``: on a few examples for the
-        cost model (k clipped to them; no logistic fit on a single class)."""
+        cost model (k clipped to them; no logistic fit on a single class; one k-means
+        restart, its seconds appended to the list)."""
         row: Dict[str, float] = {}
         with limited_threads(self.classifier_threads):
             if "knn" in self.measures:
-                k = min(self.k, len(y_fit)) if timing else self.k
+                k = min(self.k, len(y_fit)) if timing is not None else self.k
                 row["knn_accuracy"] = knn_accuracy(fit, y_fit, evaluate, y_eval, k=k)
-            if "logistic" in self.measures and not (timing and len(np.unique(y_fit)) < 2):
+            if "logistic" in self.measures and not (timing is not None and len(np.unique(y_fit)) < 2):
                 row["logistic_accuracy"] = logistic_accuracy(fit, y_fit, evaluate, y_eval, seed=self.seed)
             if "kmeans" in self.measures:
                 started = self.clock()
                 ids = kmeans_clusters(train, int(np.unique(y_train).shape[0]), seed=self.seed,
-                                      n_init=1 if timing else self.kmeans_n_init)
-                if timing:
-                    self._kmeans_seconds.append(self.clock() - started)
+                                      n_init=1 if timing is not None else self.kmeans_n_init)
+                if timing is not None:
+                    timing.append(self.clock() - started)
                 row["kmeans_accuracy_hungarian"] = cluster_accuracy(ids, y_train, mapping="hungarian")
                 row["kmeans_accuracy_greedy"] = cluster_accuracy(ids, y_train, mapping="greedy")
         return row

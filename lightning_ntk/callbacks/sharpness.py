@@ -154,18 +154,13 @@ class SharpnessMonitor(Monitor):
             return None
         extra = (self.trace_queries if self.trace else 0) + (self.density_steps if self.density else 0) + \
             (2 if self.sam_rho is not None else 0)  # SAM: an ascent gradient and the loss there
-        saved, saved_cap = self._eigenvectors, self.max_hvp
-        try:
-            seconds, products = [], []
-            for n, cap in zip(sizes, (saved_cap, self._k_eff)):
-                self._eigenvectors, self.max_hvp = None, cap
-                started = self.clock()
-                row, _ = self.measure(trainer, pl_module, probe_head(head, n))
-                seconds.append(self.clock() - started)
-                # + the gradient graph, + the loss and gradient, + the optional estimates' products
-                products.append(int(row["n_hvp"]) + 2 + extra)
-        finally:
-            self._eigenvectors, self.max_hvp = saved, saved_cap
+        seconds, products = [], []
+        for n, cap in zip(sizes, (self.max_hvp, self._k_eff)):
+            started = self.clock()
+            n_hvp = self._products_from_scratch(trainer, pl_module, n, max_hvp=cap)
+            seconds.append(self.clock() - started)
+            # + the gradient graph, + the loss and gradient, + the optional estimates' products
+            products.append(n_hvp + 2 + extra)
         self._timing = (trainer, pl_module, products[0], extra)
         # Adam's preconditioned sharpness is NaN before the first step: its Lanczos comes later
         scale = products[0] + (products[0] - 2 - extra if self.preconditioned else 0)
@@ -180,18 +175,26 @@ class SharpnessMonitor(Monitor):
         if self._tol_given or timing is None or LIGHTER_TOL <= self.tol:
             return []
         trainer, pl_module, products, extra = timing
-        head = self._probe.on(pl_module)
-        saved, saved_tol = self._eigenvectors, self.tol
-        try:
-            self._eigenvectors, self.tol = None, LIGHTER_TOL
-            with measurement_mode(pl_module):
-                row, _ = self.measure(trainer, pl_module, probe_head(head, timing_sizes(len(head), 16)[0]))
-        finally:
-            self._eigenvectors, self.tol = saved, saved_tol
-        lighter = int(row["n_hvp"]) + 2 + extra
+        n = timing_sizes(len(self._probe.on(pl_module)), 16)[0]
+        with measurement_mode(pl_module):
+            lighter = self._products_from_scratch(trainer, pl_module, n, tol=LIGHTER_TOL) + 2 + extra
         scale = lighter / products
         return [LighterWork({"tol": LIGHTER_TOL}, CostModel(cost.fixed * scale, cost.per_example * scale,
                                                              cost.per_pair * scale))]
+
+    def _products_from_scratch(self, trainer: Any, pl_module: nn.Module, n: int, **settings: Any) -> int:
+        """Lanczos HVPs of a snapshot on the set's first ``n`` examples, from scratch (no warm
+        start, as the first snapshot), with ``settings`` (``tol``, ``max_hvp``) for this
+        call only."""
+        saved = {name: getattr(self, name) for name in (*settings, "_eigenvectors")}
+        try:
+            for name, value in dict(settings, _eigenvectors=None).items():
+                setattr(self, name, value)
+            row, _ = self.measure(trainer, pl_module, probe_head(self._probe.on(pl_module), n))
+        finally:
+            for name, value in saved.items():
+                setattr(self, name, value)
+        return int(row["n_hvp"])
 
     def config_extra(self) -> Dict[str, Any]:
         default = "the module's training_step loss"
